@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Sets up mixmalmm on a fresh Debian machine: a virtual environment in .venv with the pinned CPU torch
+# and the project. With --test it also installs the test tools and the system packages the tests use
+# (GStreamer's RTSP server, driven by Debian's /usr/bin/python3).
+# Usage: bash scripts/setup.sh [--test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+if [ "$want_test" = 1 ]; then
+    need_apt=0
+    /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0")' 2>/dev/null || need_apt=1
+    if [ "$need_apt" = 1 ]; then
+        echo "setup: installing GStreamer's RTSP server for the tests (apt-get)"
+        SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+            python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good gstreamer1.0-plugins-base \
+            gstreamer1.0-plugins-bad >/dev/null
+    fi
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+py=.venv/bin/python
+$py -m pip install -q --upgrade pip 2>/dev/null || true
+# The pinned CPU build first: a bare "torch" requirement would pull a multi-GB CUDA build.
+$py -c 'import torch' 2>/dev/null || $py -m pip install -q torch==2.13.0
+if [ "$want_test" = 1 ]; then
+    $py -m pip install -q -e '.[test]'
+else
+    $py -m pip install -q -e .
+fi
+echo "setup: ready ($($py -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,1 @@
+"""mixmalmm.streamer."""
