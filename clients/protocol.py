@@ -1,0 +1,567 @@
+"""The mixmalmm wire protocol: typed messages shared by the engine's server and every client.
+
+Transport (shared/DESIGN.md §6):
+
+* Requests go to a ZeroMQ ROUTER socket (default ``tcp://127.0.0.1:5555``). A client sends one JSON
+  body, either as a REQ socket does (an empty delimiter frame, then the body) or from a DEALER as a
+  single frame; the reply comes back with the same envelope.
+* Events come from a PUB socket (default ``tcp://127.0.0.1:5556``) as two frames: the stream id
+  (UTF-8) as the topic, then the JSON body. Every event carries a per-stream sequence number ``seq``
+  that starts at 1 and grows by one per event of that stream, so a subscriber can notice a gap.
+
+Bodies are UTF-8 JSON objects. Requests and events are tagged unions on the field ``type``. Every
+request carries a client-chosen ``id`` (a string of at most ``MAX_ID_CHARS`` characters, or an
+integer); every reply carries that id (``null`` when the request was too broken to read one), ``ok``,
+and either ``result`` (ok) or ``error`` = ``{"code", "message"}`` (not ok). Requests reject unknown
+fields (a misspelt option is an error, not silently ignored); replies and events are read leniently
+so that an older client keeps working against a newer server.
+
+Nothing here unpickles anything: decoding is ``msgspec.json`` into the structs below, and
+``decode_request`` turns every malformed input into a ``RequestError`` with a code from ``ErrorCode``.
+
+This module imports only the standard library and msgspec (``zmq`` lazily, for the CURVE key
+helpers), so a client in another language can be written from it and the README alone.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+# ----------------------------------------------------------------------------------------------------
+# Limits (the server's are configurable through ``Limits``; these are the defaults)
+# ----------------------------------------------------------------------------------------------------
+
+#: Largest request body the server accepts, in bytes (ZMQ_MAXMSGSIZE: a peer that sends a bigger
+#: message is disconnected by ZeroMQ before the server sees it; the client reconnects).
+MAX_MESSAGE_BYTES = 1 << 20
+#: Longest question or standing-question text the server accepts, in characters.
+MAX_QUESTION_CHARS = 1000
+#: Longest request id, in characters (when the id is a string).
+MAX_ID_CHARS = 128
+#: Longest stream URI, in characters.
+MAX_URI_CHARS = 4096
+#: Stream ids and standing-question ids: 1-64 characters, letters, digits and ``_ . : -``, starting
+#: with a letter or digit. Stream ids are the PUB topic, so they are kept plain.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, description="stream or question id")]
+RequestId = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)] | int
+Text = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """Bounds a server enforces on requests.
+
+    max_message_bytes: largest request body in bytes (also set as the socket's ZMQ_MAXMSGSIZE).
+    max_question_chars: longest question text (``ask.question``, ``add_question.text``) in characters.
+    """
+
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_question_chars: int = MAX_QUESTION_CHARS
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes < 256:
+            raise ValueError(f"Limits.max_message_bytes must be at least 256 bytes, got {self.max_message_bytes}")
+        if self.max_question_chars < 1:
+            raise ValueError(f"Limits.max_question_chars must be at least 1, got {self.max_question_chars}")
+
+
+DEFAULT_LIMITS = Limits()
+
+# ----------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------
+
+
+class ErrorCode(str, enum.Enum):
+    """Why a request failed. The set is fixed; a reply's ``error.code`` is one of these strings."""
+
+    BAD_REQUEST = "bad_request"  # not JSON, not an object, a field missing or of the wrong type
+    UNKNOWN_TYPE = "unknown_type"  # "type" names no request of this protocol
+    TOO_LARGE = "too_large"  # a question longer than the server's limit
+    UNKNOWN_STREAM = "unknown_stream"  # no stream with that id
+    UNKNOWN_QUESTION = "unknown_question"  # no standing question with that id on that stream
+    ALREADY_EXISTS = "already_exists"  # a stream or standing question with that id exists
+    BUSY = "busy"  # too many requests in flight; retry later
+    UNAVAILABLE = "unavailable"  # the engine cannot do it now (shutting down, model not loaded)
+    INTERNAL = "internal"  # a bug in the engine; the message says what
+
+
+class Error(msgspec.Struct, frozen=True):
+    """The ``error`` member of a failed reply."""
+
+    code: ErrorCode
+    message: str
+
+
+class RequestError(Exception):
+    """A request that cannot be served; the server turns it into an error reply.
+
+    The engine's handler raises it for errors it detects (``ErrorCode.UNKNOWN_STREAM`` ...);
+    ``decode_request`` raises it for malformed input. ``request_id`` is the request's id when known.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, request_id: Any = None) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = ErrorCode(code)
+        self.message = message
+        self.request_id = request_id
+
+
+# ----------------------------------------------------------------------------------------------------
+# Requests
+# ----------------------------------------------------------------------------------------------------
+
+
+class Request(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    """Base of every request: ``id`` is chosen by the client and echoed in the reply."""
+
+    id: RequestId
+
+
+class Ping(Request, tag="ping"):
+    """Liveness check, answered by the server's IO thread itself. ``{"type":"ping","id":"1"}``"""
+
+
+class Ask(Request, tag="ask"):
+    """Ask a question about everything the stream has shown so far.
+
+    If ``question`` is the text of a standing question registered on the stream, the engine answers it
+    from that question's own memory (exact MA-LMM semantics); otherwise it is answered ad hoc.
+    ``max_new_tokens`` / ``num_beams``: generation options; ``null`` means the engine's defaults.
+    """
+
+    stream: Name
+    question: Text
+    max_new_tokens: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
+    num_beams: Annotated[int, msgspec.Meta(ge=1, le=16)] | None = None
+
+
+class Status(Request, tag="status"):
+    """Engine and stream status; ``stream`` narrows it to one stream (``null``: all streams)."""
+
+    stream: Name | None = None
+
+
+class ListStreams(Request, tag="list_streams"):
+    """The streams the engine runs, with their standing questions."""
+
+
+class ActionShotSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """ActionShot options for one stream (shared/DESIGN.md §5).
+
+    enabled: blend similar consecutive frames into composites (false: every sampled frame is a Shot).
+    step: sample every ``step``-th decoded frame.
+    threshold: mean absolute difference (0-255 pixel levels) above which a new composite starts.
+    max_frames: most frames one composite may hold (a count of frames, not seconds).
+    """
+
+    enabled: bool = True
+    step: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
+    threshold: Annotated[float, msgspec.Meta(ge=0.0, le=255.0)] = 127.5
+    max_frames: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 120
+
+
+class AddStream(Request, tag="add_stream"):
+    """Start ingesting a source.
+
+    uri: a file path, ``rtsp://``, ``http(s)://`` (HLS) URL, or ``webcam:N``.
+    mode: ``live`` drops the oldest frames when the model falls behind (counted); ``replay`` blocks
+      instead (nothing dropped); ``auto`` picks replay for files and live otherwise.
+    pace: for replay, ``realtime`` follows the file's own timestamps, ``fast`` runs as fast as possible.
+    actionshot: ActionShot settings; ``null`` means the engine's defaults.
+    """
+
+    stream: Name
+    uri: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_URI_CHARS)]
+    mode: Literal["auto", "live", "replay"] = "auto"
+    pace: Literal["realtime", "fast"] = "realtime"
+    actionshot: ActionShotSettings | None = None
+
+
+class RemoveStream(Request, tag="remove_stream"):
+    """Stop a stream and forget it (its saved snapshot, if any, is left on disk)."""
+
+    stream: Name
+
+
+class AddQuestion(Request, tag="add_question"):
+    """Register a standing question on a stream, with its own query memory.
+
+    period_s: answer it every ``period_s`` seconds (wall clock) and publish each answer as an
+      ``answer`` event; ``null`` means only on request (an ``ask`` with the same text).
+    """
+
+    stream: Name
+    question_id: Name
+    text: Text
+    period_s: Annotated[float, msgspec.Meta(gt=0.0, le=86_400.0)] | None = None
+
+
+class RemoveQuestion(Request, tag="remove_question"):
+    """Unregister a standing question."""
+
+    stream: Name
+    question_id: Name
+
+
+class SaveSnapshot(Request, tag="save_snapshot"):
+    """Write the state of one stream (``stream``) or of all streams (``null``) to the state directory now."""
+
+    stream: Name | None = None
+
+
+AnyRequest = Ping | Ask | Status | ListStreams | AddStream | RemoveStream | AddQuestion | RemoveQuestion | SaveSnapshot
+REQUEST_TYPES: dict[str, type[Request]] = {
+    cls.__struct_config__.tag: cls  # type: ignore[misc]
+    for cls in (Ping, Ask, Status, ListStreams, AddStream, RemoveStream, AddQuestion, RemoveQuestion, SaveSnapshot)
+}
+
+# ----------------------------------------------------------------------------------------------------
+# Results (the ``result`` member of an ok reply)
+# ----------------------------------------------------------------------------------------------------
+
+StreamState = Literal["connecting", "live", "reconnecting", "finished", "failed", "stopped"]
+
+
+class PingResult(msgspec.Struct, kw_only=True):
+    """server: always "mixmalmm"; protocol: PROTOCOL_VERSION; time_s: server clock (Unix seconds);
+    uptime_s: seconds since the server started."""
+
+    server: str = "mixmalmm"
+    protocol: int = PROTOCOL_VERSION
+    time_s: float
+    uptime_s: float
+
+
+class AskResult(msgspec.Struct, kw_only=True):
+    """An answer.
+
+    standing: true when answered from a standing question's own memory (then ``question_id`` names it).
+    span_start_s / span_end_s: the stretch of the stream (stream time, seconds) that the memory covered
+      when the answer was made; ``null`` before the first Shot.
+    latency_s: seconds from the request's arrival at the engine to the answer.
+    """
+
+    stream: str
+    question: str
+    answer: str
+    standing: bool = False
+    question_id: str | None = None
+    span_start_s: float | None = None
+    span_end_s: float | None = None
+    latency_s: float = 0.0
+
+
+class StandingQuestion(msgspec.Struct, kw_only=True):
+    """A registered standing question; period_s in seconds (``null``: on request only)."""
+
+    stream: str
+    question_id: str
+    text: str
+    period_s: float | None = None
+
+
+class StreamInfo(msgspec.Struct, kw_only=True):
+    """One stream as the engine runs it."""
+
+    stream: str
+    uri: str
+    state: StreamState
+    mode: Literal["live", "replay"]
+    questions: list[StandingQuestion] = []
+
+
+class StreamStatus(msgspec.Struct, kw_only=True):
+    """Counters of one stream.
+
+    fps_in: decoded frames per second; fps_out: Shots per second into the model (both over the last
+    few seconds). shots: Shots emitted; drops: frames dropped by a live queue; reconnects: times the
+    source reconnected. memory_entries / memory_capacity: visual memory bank entries held / bank length
+    M. span_start_s / span_end_s: stream time (seconds) that memory covers. last_error: last source
+    error text.
+    """
+
+    stream: str
+    uri: str
+    state: StreamState
+    fps_in: float = 0.0
+    fps_out: float = 0.0
+    frames: int = 0
+    shots: int = 0
+    drops: int = 0
+    reconnects: int = 0
+    memory_entries: int = 0
+    memory_capacity: int = 0
+    span_start_s: float | None = None
+    span_end_s: float | None = None
+    queue_depth: int = 0
+    last_error: str | None = None
+
+
+class EngineStatus(msgspec.Struct, kw_only=True):
+    """The engine as a whole: model and device names, seconds running, questions answered, and
+    question latency percentiles in seconds (``null`` before the first question)."""
+
+    model: str = ""
+    device: str = ""
+    uptime_s: float = 0.0
+    questions_answered: int = 0
+    question_latency_p50_s: float | None = None
+    question_latency_p99_s: float | None = None
+    requests_in_flight: int = 0
+
+
+class StatusResult(msgspec.Struct, kw_only=True):
+    engine: EngineStatus
+    streams: list[StreamStatus] = []
+
+
+class ListStreamsResult(msgspec.Struct, kw_only=True):
+    streams: list[StreamInfo] = []
+
+
+class SavedSnapshot(msgspec.Struct, kw_only=True):
+    """One snapshot written: its path on the server, its size in bytes, and when (Unix seconds)."""
+
+    stream: str
+    path: str
+    size_bytes: int
+    time_s: float
+
+
+class SaveSnapshotResult(msgspec.Struct, kw_only=True):
+    saved: list[SavedSnapshot] = []
+
+
+#: The result type each request's ok reply carries.
+RESULT_TYPES: dict[type[Request], type[msgspec.Struct]] = {
+    Ping: PingResult,
+    Ask: AskResult,
+    Status: StatusResult,
+    ListStreams: ListStreamsResult,
+    AddStream: StreamInfo,
+    RemoveStream: StreamInfo,
+    AddQuestion: StandingQuestion,
+    RemoveQuestion: StandingQuestion,
+    SaveSnapshot: SaveSnapshotResult,
+}
+
+# ----------------------------------------------------------------------------------------------------
+# Replies
+# ----------------------------------------------------------------------------------------------------
+
+
+class Reply(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A reply as the server encodes it: exactly one of ``result`` (ok) and ``error`` (not ok)."""
+
+    id: RequestId | None
+    ok: bool
+    result: Any = None
+    error: Error | None = None
+
+
+class WireReply(msgspec.Struct, kw_only=True):
+    """A reply as a client decodes it: ``result`` is left raw so it can be decoded into the result
+    type of the request that was sent (``RESULT_TYPES``)."""
+
+    id: Any = None
+    ok: bool
+    result: msgspec.Raw = msgspec.Raw(b"null")
+    error: Error | None = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Events (PUB: topic frame = stream id)
+# ----------------------------------------------------------------------------------------------------
+
+
+class Event(msgspec.Struct, tag_field="type", kw_only=True):
+    """Base of every event.
+
+    stream: the stream id (also the topic frame). seq: per-stream sequence number, assigned by the
+    server when it sends the event (1, 2, 3, ...). time_s: when the event happened (Unix seconds).
+    """
+
+    stream: str
+    seq: int = 0
+    time_s: float = msgspec.field(default_factory=time.time)
+
+
+class StreamStateEvent(Event, tag="stream_state"):
+    """A stream changed state (added -> connecting -> live, reconnecting, finished, failed, stopped).
+    ``previous`` is ``null`` for a newly added stream; ``message`` explains failures."""
+
+    state: StreamState
+    previous: StreamState | None = None
+    message: str | None = None
+
+
+class AnswerEvent(Event, tag="answer"):
+    """A standing question answered on its schedule; span_*_s as in ``AskResult`` (seconds)."""
+
+    question_id: str
+    question: str
+    answer: str
+    span_start_s: float | None = None
+    span_end_s: float | None = None
+
+
+AnyEvent = StreamStateEvent | AnswerEvent
+
+# ----------------------------------------------------------------------------------------------------
+# Encoding and decoding
+# ----------------------------------------------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+_request_decoder = msgspec.json.Decoder(AnyRequest)
+_reply_decoder = msgspec.json.Decoder(WireReply)
+_event_decoder = msgspec.json.Decoder(AnyEvent)
+
+
+class _Envelope(msgspec.Struct):
+    """The two members read from a request that failed validation, to classify the failure."""
+
+    id: Any = None
+    type: Any = None
+
+
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """Encode any protocol struct (request, reply, event) as UTF-8 JSON bytes."""
+    return _encoder.encode(message)
+
+
+def _usable_id(value: Any) -> RequestId | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) or (isinstance(value, str) and len(value) <= MAX_ID_CHARS):
+        return value
+    return None
+
+
+def decode_request(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> AnyRequest:
+    """Decode and validate one request body.
+
+    Raises only ``RequestError`` (with the request's id when one could be read): ``too_large`` for a
+    body over ``limits.max_message_bytes`` bytes or a question over ``limits.max_question_chars``
+    characters, ``unknown_type`` for a ``type`` this protocol lacks, ``bad_request`` for anything else
+    malformed (invalid UTF-8 or JSON, not an object, missing or wrongly typed fields, unknown fields).
+    """
+    if len(data) > limits.max_message_bytes:
+        raise RequestError(
+            ErrorCode.TOO_LARGE, f"message is {len(data)} bytes; the limit is {limits.max_message_bytes} bytes"
+        )
+    try:
+        request = _request_decoder.decode(data)
+    except Exception as exc:  # DecodeError, ValidationError, UnicodeDecodeError, RecursionError, ...
+        raise _classify_failure(data, exc) from None
+    check_limits(request, limits)
+    return request
+
+
+def _classify_failure(data: Any, exc: Exception) -> RequestError:
+    if isinstance(exc, msgspec.ValidationError):
+        try:
+            envelope = _envelope_decoder.decode(data)
+        except Exception:
+            return RequestError(ErrorCode.BAD_REQUEST, f"a request must be a JSON object: {exc}")
+        request_id = _usable_id(envelope.id)
+        kind = envelope.type
+        if kind is None:
+            return RequestError(ErrorCode.BAD_REQUEST, 'missing the "type" field', request_id)
+        if not isinstance(kind, str) or kind not in REQUEST_TYPES:
+            known = ", ".join(sorted(REQUEST_TYPES))
+            shown = repr(kind)[:80]
+            return RequestError(ErrorCode.UNKNOWN_TYPE, f"unknown request type {shown}; known: {known}", request_id)
+        return RequestError(ErrorCode.BAD_REQUEST, f"invalid {kind!r} request: {exc}", request_id)
+    if isinstance(exc, UnicodeDecodeError):
+        return RequestError(ErrorCode.BAD_REQUEST, f"the body is not valid UTF-8: {exc.reason} at byte {exc.start}")
+    if isinstance(exc, RecursionError):
+        return RequestError(ErrorCode.BAD_REQUEST, "the JSON is nested too deeply")
+    if isinstance(exc, msgspec.DecodeError):
+        return RequestError(ErrorCode.BAD_REQUEST, f"the body is not valid JSON: {exc}")
+    return RequestError(ErrorCode.BAD_REQUEST, f"undecodable request ({type(exc).__name__}: {exc})")
+
+
+def check_limits(request: Request, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Raise ``RequestError(too_large)`` when a question is longer than ``limits.max_question_chars``."""
+    text = None
+    if isinstance(request, Ask):
+        text = request.question
+    elif isinstance(request, AddQuestion):
+        text = request.text
+    if text is not None and len(text) > limits.max_question_chars:
+        raise RequestError(
+            ErrorCode.TOO_LARGE,
+            f"the question is {len(text)} characters; the limit is {limits.max_question_chars}",
+            request.id,
+        )
+
+
+def ok_reply(request_id: RequestId | None, result: msgspec.Struct) -> bytes:
+    """Encode an ok reply carrying ``result``."""
+    return encode(Reply(id=request_id, ok=True, result=result))
+
+
+def error_reply(request_id: RequestId | None, code: ErrorCode, message: str) -> bytes:
+    """Encode an error reply."""
+    return encode(Reply(id=request_id, ok=False, error=Error(ErrorCode(code), message)))
+
+
+def decode_reply(data: bytes | bytearray | memoryview) -> WireReply:
+    """Decode a reply envelope (raises ``msgspec.DecodeError`` / ``ValidationError`` when malformed)."""
+    reply = _reply_decoder.decode(data)
+    if not reply.ok and reply.error is None:
+        raise msgspec.ValidationError('a reply with "ok": false must carry "error"')
+    return reply
+
+
+def decode_result(reply: WireReply, result_type: type[msgspec.Struct]) -> Any:
+    """Decode an ok reply's raw ``result`` into ``result_type``."""
+    return msgspec.json.decode(reply.result, type=result_type)
+
+
+def decode_event(data: bytes | bytearray | memoryview) -> AnyEvent:
+    """Decode one event body (raises ``msgspec.DecodeError`` / ``ValidationError`` when malformed)."""
+    return _event_decoder.decode(data)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CURVE keys (pyzmq's zmq.auth; imported lazily so the schemas need only msgspec)
+# ----------------------------------------------------------------------------------------------------
+
+
+def create_keypair(directory: str, name: str) -> tuple[str, str]:
+    """Create a CURVE key pair as ZeroMQ certificate files ``NAME.key`` (public, safe to share) and
+    ``NAME.key_secret`` (keep private) in ``directory`` (created if missing). Returns both paths.
+    The server's allowed-clients directory holds the clients' ``.key`` files."""
+    import os
+
+    import zmq.auth
+
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"a key name must be a plain file name, got {name!r}")
+    os.makedirs(directory, exist_ok=True)
+    public_file, secret_file = zmq.auth.create_certificates(directory, name)
+    os.chmod(secret_file, 0o600)
+    return str(public_file), str(secret_file)
+
+
+def load_keypair(path: str) -> tuple[bytes, bytes | None]:
+    """Read a certificate file made by ``create_keypair``: (public key, secret key or None), Z85 bytes."""
+    import zmq.auth
+
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read CURVE certificate {path!r}: {exc}") from exc
+    return public, secret
