@@ -47,29 +47,39 @@ class BankShape:
         return self.capacity + 1
 
 
-def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t [B, S, N, ...] gathered at per-column slots idx [B, N] -> [B, N, ...]."""
-    index = idx.unsqueeze(1)
-    if t.dim() == 4:
-        index = index.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])
-    return t.gather(1, index).squeeze(1)
-
-
 def _const(like: torch.Tensor, value: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.full(like.shape, value, dtype=dtype, device=like.device)
 
 
-def _put(t: torch.Tensor, idx: torch.Tensor, value: torch.Tensor, where: torch.Tensor | None = None) -> None:
-    """t[b, idx[b, n], n] = value[b, n] in place, only where `where` [B, N] holds (when given)."""
-    if where is not None:
-        safe = torch.where(where, idx, torch.zeros_like(idx))
-        # Columns that must not change write back what their (dummy) slot 0 holds right now.
-        value = torch.where(where.view(where.shape + (1,) * (value.dim() - 2)), value, _take(t, safe))
-        idx = safe
-    index = idx.unsqueeze(1)
-    if t.dim() == 4:
-        index = index.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])
-    t.scatter_(1, index, value.unsqueeze(1).to(t.dtype))
+class _Columns:
+    """Per-column slot addressing for [B, S, N, ...] tensors viewed as rows [B·S·N, ...].
+
+    Gathering and scattering whole rows with index_select / index_copy_ costs O(B·N) indices, where
+    an expanded gather index would cost O(B·N·C).
+    """
+
+    def __init__(self, B: int, S: int, N: int, device: torch.device):
+        self.N = N
+        b = torch.arange(B, device=device).view(B, 1)
+        n = torch.arange(N, device=device).view(1, N)
+        self.base = (b * S * N + n).view(-1)  # slot 0 of every column, [B·N]
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.base + idx.reshape(-1) * self.N
+
+    def take(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """t [B, S, N, ...] at per-column slots idx [B, N] -> [B, N, ...]."""
+        flat = t.view(-1, *t.shape[3:])
+        return flat.index_select(0, self.rows(idx)).view(*idx.shape, *t.shape[3:])
+
+    def put(self, t: torch.Tensor, idx: torch.Tensor, value: torch.Tensor, where: torch.Tensor | None = None):
+        """t[b, idx[b, n], n] = value[b, n] in place, only where `where` [B, N] holds (when given)."""
+        if where is not None:
+            # Columns that must not change write back what their slot 0 holds right now.
+            idx = torch.where(where, idx, torch.zeros_like(idx))
+            value = torch.where(where.view(*where.shape, *(1,) * (value.dim() - 2)), value, self.take(t, idx))
+        flat = t.view(-1, *t.shape[3:])
+        flat.index_copy_(0, self.rows(idx), value.reshape(-1, *t.shape[3:]).to(t.dtype))
 
 
 class StreamingMemoryBank:
@@ -114,6 +124,7 @@ class StreamingMemoryBank:
         self.next = torch.full((B, S, N), -1, dtype=torch.int64, **kw)
         self.tail = torch.full((B, N), -1, dtype=torch.int64, **kw)
         self.free = torch.zeros(B, N, dtype=torch.int64, **kw)
+        self._cols = _Columns(B, S, N, self.device)
         self.count = 0  # entries held, the same in every column
         self.frames = 0  # entries ever appended: the next entry's sequence number
         self.merged = False  # False while entries fill slots 0..count-1 in order
@@ -183,58 +194,60 @@ class StreamingMemoryBank:
         return True
 
     def _append_torch(self, x: torch.Tensor, t: float) -> None:
+        cols = self._cols
         slot = self.free.clone()
         tail = self.tail
         has_prev = self.count > 0  # (a merge just before leaves M >= 1 entries)
-        _put(self.data, slot, x)
+        cols.put(self.data, slot, x)
         ones = torch.ones_like(slot)
-        _put(self.sizes, slot, ones)
-        _put(self.seq, slot, ones * self.frames)
-        _put(self.t_first, slot, _const(slot, t, torch.float64))
-        _put(self.t_last, slot, _const(slot, t, torch.float64))
-        _put(self.sim, slot, _const(slot, float("-inf"), torch.float32))
-        _put(self.next, slot, -ones)
+        cols.put(self.sizes, slot, ones)
+        cols.put(self.seq, slot, ones * self.frames)
+        cols.put(self.t_first, slot, _const(slot, t, torch.float64))
+        cols.put(self.t_last, slot, _const(slot, t, torch.float64))
+        cols.put(self.sim, slot, _const(slot, float("-inf"), torch.float32))
+        cols.put(self.next, slot, -ones)
         if has_prev:
-            _put(self.prev, slot, tail)
-            _put(self.next, tail, slot)
-            _put(self.sim, tail, cosine(_take(self.data, tail), _take(self.data, slot)))
+            cols.put(self.prev, slot, tail)
+            cols.put(self.next, tail, slot)
+            cols.put(self.sim, tail, cosine(cols.take(self.data, tail), x))
         else:
-            _put(self.prev, slot, -ones)
+            cols.put(self.prev, slot, -ones)
         self.tail = slot
         # Without merges the entries fill the slots in order; once all are full no slot is free
         # until the next merge frees one.
         self.free = slot + 1 if self.count + 1 < self.slots else torch.full_like(slot, -1)
 
     def _merge_torch(self) -> None:
+        cols = self._cols
         sim = self.sim
         best = sim.amax(dim=1, keepdim=True)  # [B, 1, N]
         # Among equally similar pairs, the earliest in time (smallest sequence number), as argmax does.
         key = torch.where(sim == best, self.seq, torch.full_like(self.seq, FREE_SEQ))
         k = key.argmin(dim=1)  # [B, N]
-        j = _take(self.next, k)
-        n2 = _take(self.next, j)
-        p = _take(self.prev, k)
-        s_k, s_j = _take(self.sizes, k), _take(self.sizes, j)
-        merged = merge_pair(_take(self.data, k), s_k, _take(self.data, j), s_j, self.dtype)
-        _put(self.data, k, merged)
-        _put(self.sizes, k, s_k + s_j)
-        _put(self.t_last, k, _take(self.t_last, j))
+        j = cols.take(self.next, k)
+        n2 = cols.take(self.next, j)
+        p = cols.take(self.prev, k)
+        s_k, s_j = cols.take(self.sizes, k), cols.take(self.sizes, j)
+        merged = merge_pair(cols.take(self.data, k), s_k, cols.take(self.data, j), s_j, self.dtype)
+        cols.put(self.data, k, merged)
+        cols.put(self.sizes, k, s_k + s_j)
+        cols.put(self.t_last, k, cols.take(self.t_last, j))
         # Unlink j: k's successor becomes j's successor.
         has_n2 = n2 >= 0
-        _put(self.next, k, n2)
-        _put(self.prev, n2, k, where=has_n2)
+        cols.put(self.next, k, n2)
+        cols.put(self.prev, n2, k, where=has_n2)
         self.tail = torch.where(has_n2, self.tail, k)
-        n2_data = _take(self.data, n2.clamp_min(0))
+        n2_data = cols.take(self.data, n2.clamp_min(0))
         inf = _const(k, float("-inf"), torch.float32)
-        _put(self.sim, k, torch.where(has_n2, cosine(merged, n2_data), inf))
+        cols.put(self.sim, k, torch.where(has_n2, cosine(merged, n2_data), inf))
         has_p = p >= 0
-        _put(self.sim, p, cosine(_take(self.data, p.clamp_min(0)), merged), where=has_p)
+        cols.put(self.sim, p, cosine(cols.take(self.data, p.clamp_min(0)), merged), where=has_p)
         # Free j.
-        _put(self.sizes, j, torch.zeros_like(s_j))
-        _put(self.seq, j, torch.full_like(j, FREE_SEQ))
-        _put(self.sim, j, inf)
-        _put(self.prev, j, -torch.ones_like(j))
-        _put(self.next, j, -torch.ones_like(j))
+        cols.put(self.sizes, j, torch.zeros_like(s_j))
+        cols.put(self.seq, j, torch.full_like(j, FREE_SEQ))
+        cols.put(self.sim, j, inf)
+        cols.put(self.prev, j, -torch.ones_like(j))
+        cols.put(self.next, j, -torch.ones_like(j))
         self.free = j
 
     # ---------------------------------------------------------------- reading
