@@ -1,1 +1,24 @@
-"""mixmalmm.model."""
+"""mixmalmm.model: MA-LMM (memory-augmented InstructBLIP) as a streaming model on transformers' modules.
+
+Public API: `MALMM` (from_pretrained / tiny / save_pretrained, create_state, encode_frames, step,
+register_question, remove_question, answer, restore, clip_query_output, clip_loss), `StreamConfig`,
+`StreamState` (snapshot), `StateSnapshot` (save / load), `Answer`, and the LAVIS checkpoint loader.
+"""
+
+from .lavis import CheckpointMismatchError, LavisLoadReport, lavis_state_dict, load_lavis_checkpoint
+from .malmm import MALMM, Answer, StreamConfig, default_dtype
+from .state import QuestionState, StateSnapshot, StreamState
+
+__all__ = [
+    "MALMM",
+    "Answer",
+    "CheckpointMismatchError",
+    "LavisLoadReport",
+    "QuestionState",
+    "StateSnapshot",
+    "StreamConfig",
+    "StreamState",
+    "default_dtype",
+    "lavis_state_dict",
+    "load_lavis_checkpoint",
+]

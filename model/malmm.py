@@ -1,0 +1,685 @@
+"""Streaming MA-LMM: memory-augmented InstructBLIP on transformers' modules (shared/DESIGN.md §3).
+
+`MALMM` composes transformers' InstructBLIP modules — vision encoder (its `post_layernorm` is LAVIS's
+`ln_vision`), query tokens, Q-Former, language projection, causal LLM — with MA-LMM's frame position
+embedding and the memory-augmented Q-Former of `qformer.py`. Per-stream memory lives in a `StreamState`
+passed to every call; the model holds weights only.
+
+Streaming, one frame at a time (the engine batches the vision encoder across streams):
+
+    model = MALMM.from_pretrained("path/to/instructblip-folder", device="cuda", dtype=torch.float16)
+    state = model.create_state("cam1")
+    model.register_question(state, "what is the man holding?")      # standing: exact MA-LMM
+    feats = model.encode_frames(pixels)                             # [B, 3, H, W] -> [B, N, C]
+    model.step([state], feats, [t_seconds])
+    model.answer(state, "what is the man holding?").text           # standing question
+    model.answer(state, "is there a dog?")                          # ad hoc: one extra Q-Former pass
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+from mixmalmm.kernels import StreamingMemoryBank
+
+from .qformer import BankMemory, ConcatMemory, MemoryQFormer, ReadOnlyMemory, VisualContext
+from .state import QuestionState, StateSnapshot, StreamState
+
+MALMM_WEIGHTS = "malmm.safetensors"
+MALMM_CONFIG = "malmm_config.json"
+
+FramePositionPolicy = Literal["clamp", "cycle"]
+
+
+@dataclass
+class StreamConfig:
+    """Streaming options (saved beside the weights as malmm_config.json).
+
+    memory_bank_length: M, entries per bank (0 disables memory: each step sees its frame only and the
+    answer the newest frame only, as MA-LMM without banks). max_num_frames: rows of the frame position
+    table (MA-LMM: 120). frame_position_policy: row used for frame index t >= max_num_frames —
+    "clamp" (default) uses the last row, "cycle" uses t mod max_num_frames; never an error.
+    prompt_template: the text both the Q-Former and the LLM read for a question (MA-LMM's QA prompt).
+    default_question: the question whose query banks serve ad-hoc questions.
+    max_instruction_tokens: Q-Former instruction tokens kept (MA-LMM's max_txt_len, truncating left).
+    freeze_vision / freeze_llm: keep these modules frozen in training, as MA-LMM does.
+    """
+
+    memory_bank_length: int = 10
+    max_num_frames: int = 120
+    frame_position_policy: FramePositionPolicy = "clamp"
+    prompt_template: str = "Question: {} Short answer:"
+    default_question: str = "what is happening in the video?"
+    max_instruction_tokens: int = 128
+    freeze_vision: bool = True
+    freeze_llm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.memory_bank_length < 0:
+            raise ValueError(f"memory_bank_length must be >= 0, got {self.memory_bank_length}")
+        if self.max_num_frames < 1:
+            raise ValueError(f"max_num_frames must be >= 1, got {self.max_num_frames}")
+        if self.frame_position_policy not in ("clamp", "cycle"):
+            raise ValueError(f"frame_position_policy must be 'clamp' or 'cycle', got {self.frame_position_policy!r}")
+        if "{}" not in self.prompt_template:
+            raise ValueError(f"prompt_template needs a '{{}}' for the question, got {self.prompt_template!r}")
+
+
+@dataclass
+class Answer:
+    """An answer: text, generated token ids, the seconds the memory covers, and how it was produced.
+
+    mode: "standing" (the question's own query banks, exact MA-LMM) or "adhoc" (one extra Q-Former
+    pass over banks built with the default question).
+    """
+
+    question: str
+    text: str
+    token_ids: list[int]
+    time_span: tuple[float, float]
+    frames: int
+    mode: Literal["standing", "adhoc"]
+
+
+def _span(time: float | tuple[float, float]) -> tuple[float, float]:
+    if isinstance(time, (tuple, list)):
+        if len(time) != 2:
+            raise ValueError(f"a frame's time is seconds or (start, end) seconds, got {time!r}")
+        start, end = float(time[0]), float(time[1])
+    else:
+        start = end = float(time)
+    if end < start:
+        raise ValueError(f"a frame's time span ends before it starts: ({start}, {end})")
+    return start, end
+
+
+class MALMM(nn.Module):
+    """MA-LMM (memory-augmented InstructBLIP) over a transformers `InstructBlipForConditionalGeneration`.
+
+    The modules are taken from `blip` (not copied); parameter names equal transformers' plus
+    `frame_position.weight` ([max_num_frames, C_vis], LAVIS's `image_pe.weight`).
+    """
+
+    def __init__(
+        self,
+        blip: InstructBlipForConditionalGeneration,
+        processor: InstructBlipProcessor,
+        config: StreamConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or StreamConfig()
+        self.blip_config: InstructBlipConfig = blip.config
+        self.vision_model = blip.vision_model
+        self.query_tokens = blip.query_tokens  # [1, Q, C_q]
+        self.qformer = MemoryQFormer(blip.qformer)
+        self.language_projection = blip.language_projection
+        self.language_model = blip.language_model
+        vision_hidden = self.blip_config.vision_config.hidden_size
+        self.frame_position = nn.Embedding(self.config.max_num_frames, vision_hidden)
+        nn.init.zeros_(self.frame_position.weight)  # zero: InstructBLIP weights work zero-shot
+        self.frame_position.to(device=self.query_tokens.device, dtype=self.vision_model.dtype)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.qformer_tokenizer = processor.qformer_tokenizer
+        self.is_encoder_decoder = not self.blip_config.use_decoder_only_language_model
+        self._freeze()
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        *,
+        config: StreamConfig | None = None,
+        lavis_checkpoint: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> MALMM:
+        """Load a folder written by `InstructBlipForConditionalGeneration.save_pretrained` and its processor.
+
+        Offline (local files only). A folder written by `MALMM.save_pretrained` also restores the frame
+        position table and the stream config (unless `config` is given). `lavis_checkpoint`: an MA-LMM /
+        LAVIS `.pth` loaded on top, strictly (see `lavis.load_lavis_checkpoint`). dtype defaults to
+        float32 on CPU and float16 on CUDA.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no model folder at '{folder}'")
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"'{folder}' has no config.json: not a transformers save_pretrained folder")
+        device = torch.device(device)
+        dtype = dtype or default_dtype(device)
+        blip_cfg = InstructBlipConfig.from_pretrained(folder, local_files_only=True)
+        if blip_cfg.model_type != "instructblip":
+            raise ValueError(f"'{folder}' holds a {blip_cfg.model_type!r} model, expected 'instructblip'")
+        try:
+            processor = InstructBlipProcessor.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, TypeError) as err:
+            raise FileNotFoundError(
+                f"'{folder}' lacks a loadable InstructBLIP processor (tokenizer, qformer_tokenizer/, "
+                f"image processor): {err}"
+            ) from err
+        blip = InstructBlipForConditionalGeneration.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        saved_cfg = folder / MALMM_CONFIG
+        if config is None and saved_cfg.is_file():
+            config = StreamConfig(**json.loads(saved_cfg.read_text()))
+        model = cls(blip, processor, config)
+        weights = folder / MALMM_WEIGHTS
+        if weights.is_file():
+            from safetensors.torch import load_file
+
+            extra = load_file(str(weights))
+            table = extra.get("frame_position.weight")
+            if table is None or set(extra) != {"frame_position.weight"}:
+                raise ValueError(f"'{weights}' must hold exactly 'frame_position.weight', has {sorted(extra)}")
+            if table.shape != model.frame_position.weight.shape:
+                raise ValueError(
+                    f"'{weights}': frame_position.weight is {tuple(table.shape)}, the model needs "
+                    f"{tuple(model.frame_position.weight.shape)} (max_num_frames, vision hidden)"
+                )
+            with torch.no_grad():
+                model.frame_position.weight.copy_(table)
+        if lavis_checkpoint is not None:
+            from .lavis import load_lavis_checkpoint
+
+            load_lavis_checkpoint(model, lavis_checkpoint)
+        return model.to(device).eval()
+
+    @classmethod
+    def tiny(cls, config: StreamConfig | None = None, seed: int = 0, **tiny_kwargs) -> MALMM:
+        """A tiny random model with in-code tokenizers (no download), for tests and benchmarks."""
+        from .tiny import tiny_instructblip
+
+        blip, processor = tiny_instructblip(seed=seed, **tiny_kwargs)
+        return cls(blip, processor, config).eval()
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write a transformers InstructBLIP folder (weights, config, processor) plus malmm.safetensors
+        (the frame position table) and malmm_config.json; `from_pretrained` reads it back."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("frame_position.")}
+        with torch.device("meta"):
+            skeleton = InstructBlipForConditionalGeneration(self.blip_config)
+        skeleton.save_pretrained(folder, state_dict=state)
+        self.processor.save_pretrained(folder)
+        table = self.frame_position.weight.detach().cpu().contiguous()
+        save_file({"frame_position.weight": table}, str(folder / MALMM_WEIGHTS))
+        (folder / MALMM_CONFIG).write_text(json.dumps(asdict(self.config), indent=2))
+
+    def _freeze(self) -> None:
+        if self.config.freeze_vision:
+            self.vision_model.requires_grad_(False)
+        if self.config.freeze_llm:
+            self.language_model.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> MALMM:
+        """Frozen modules stay in eval mode (no dropout), as in MA-LMM."""
+        super().train(mode)
+        if self.config.freeze_vision:
+            self.vision_model.eval()
+        if self.config.freeze_llm:
+            self.language_model.eval()
+        return self
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The vision encoder's dtype (frames and the visual bank use it)."""
+        return self.vision_model.embeddings.patch_embedding.weight.dtype
+
+    @property
+    def num_queries(self) -> int:
+        return self.query_tokens.shape[1]
+
+    @property
+    def vision_tokens(self) -> int:
+        """Tokens per frame N (257 for EVA ViT-g/14 at 224 px)."""
+        v = self.blip_config.vision_config
+        return (v.image_size // v.patch_size) ** 2 + 1
+
+    @property
+    def image_size(self) -> int:
+        return self.blip_config.vision_config.image_size
+
+    # ------------------------------------------------------------ text
+
+    def prompt(self, question: str) -> str:
+        return self.config.prompt_template.format(question)
+
+    def _qformer_ids(self, text: str) -> torch.Tensor:
+        tok = self.qformer_tokenizer
+        side = tok.truncation_side
+        tok.truncation_side = "left"  # MA-LMM keeps the end of long instructions
+        try:
+            ids = tok(text, truncation=True, max_length=self.config.max_instruction_tokens, return_tensors="pt")
+        finally:
+            tok.truncation_side = side
+        return ids.input_ids.to(self.device)
+
+    # ------------------------------------------------------------ states
+
+    def create_state(self, stream_id: str = "", default_question: str | None = None) -> StreamState:
+        """A fresh state for one stream; its default question's banks serve ad-hoc questions."""
+        M = self.config.memory_bank_length
+        visual = None
+        if M > 0:
+            C = self.blip_config.vision_config.hidden_size
+            visual = StreamingMemoryBank(M, 1, self.vision_tokens, C, dtype=self.dtype, device=self.device)
+        default = self._question_state(default_question or self.config.default_question)
+        return StreamState(stream_id=stream_id, memory_bank_length=M, visual_bank=visual, default=default)
+
+    def _question_state(self, question: str) -> QuestionState:
+        text = self.prompt(question)
+        ids = self._qformer_ids(text)
+        banks = []
+        if self.config.memory_bank_length > 0:
+            banks = self._query_banks(ids.shape[1])
+        return QuestionState(text=text, input_ids=ids, banks=banks)
+
+    def _query_banks(self, tokens: int) -> list[StreamingMemoryBank]:
+        """One bank per Q-Former layer for an instruction of `tokens` tokens: entries [1, Q+tokens, C_q]."""
+        shape = (self.config.memory_bank_length, 1, self.num_queries + tokens, self.qformer.hidden_size)
+        return [
+            StreamingMemoryBank(*shape, dtype=self.qformer_dtype, device=self.device)
+            for _ in range(self.qformer.num_layers)
+        ]
+
+    @property
+    def qformer_dtype(self) -> torch.dtype:
+        return self.qformer.embeddings.layernorm.weight.dtype
+
+    def register_question(self, state: StreamState, question: str) -> QuestionState:
+        """Add a standing question with its own query banks (exact MA-LMM from the next frame on).
+
+        Registering an existing question is a no-op. Until its first frame, it is answered ad hoc.
+        """
+        if not question.strip():
+            raise ValueError("a standing question must not be empty")
+        if question not in state.standing:
+            state.standing[question] = self._question_state(question)
+        return state.standing[question]
+
+    def remove_question(self, state: StreamState, question: str) -> None:
+        if question not in state.standing:
+            raise KeyError(f"stream {state.stream_id!r} has no standing question {question!r}")
+        del state.standing[question]
+
+    def frame_index(self, t: int) -> int:
+        """Row of the frame position table for the t-th frame of a stream (0-based), per the policy."""
+        rows = self.config.max_num_frames
+        if self.config.frame_position_policy == "cycle":
+            return t % rows
+        return min(t, rows - 1)
+
+    # ------------------------------------------------------------ streaming
+
+    @torch.inference_mode()
+    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Vision encoder (with LAVIS's ln_vision = transformers' post_layernorm), batched.
+
+        pixels: [B, 3, H, W] normalised as the InstructBLIP processor does (H = W = image_size).
+        Returns [B, N, C_vis] in the model's dtype, N = vision_tokens.
+        """
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be [B, 3, H, W], got shape {tuple(pixels.shape)}")
+        if pixels.shape[-1] != self.image_size or pixels.shape[-2] != self.image_size:
+            raise ValueError(
+                f"frames must be {self.image_size}x{self.image_size} pixels, got {pixels.shape[-2]}x{pixels.shape[-1]}"
+            )
+        pixels = pixels.to(device=self.device, dtype=self.dtype)
+        return self.vision_model(pixel_values=pixels).last_hidden_state
+
+    @torch.inference_mode()
+    def step(
+        self,
+        states: Sequence[StreamState],
+        features: torch.Tensor,
+        times: Sequence[float | tuple[float, float]],
+    ) -> None:
+        """Fold one frame into each state: frame position, visual bank, one Q-Former step per question.
+
+        features: [B, N, C_vis] from `encode_frames` (row b belongs to states[b]); times: per row, the
+        frame's time in seconds or a Shot's (start, end) seconds. States stepped together are batched
+        where their shapes allow (same bank fill and instruction length).
+        """
+        if isinstance(states, StreamState):
+            raise TypeError("step takes a sequence of states (one per feature row)")
+        if features.dim() != 3 or features.shape[0] != len(states) or len(times) != len(states):
+            raise ValueError(
+                f"need features [B, N, C] and B times for B={len(states)} states, got features "
+                f"{tuple(features.shape)} and {len(times)} times"
+            )
+        if features.shape[1:] != (self.vision_tokens, self.blip_config.vision_config.hidden_size):
+            raise ValueError(
+                f"features must be [B, {self.vision_tokens}, {self.blip_config.vision_config.hidden_size}], "
+                f"got {tuple(features.shape)}"
+            )
+        if len({id(s) for s in states}) != len(states):
+            raise ValueError("a state appears twice in one step")
+        features = features.to(device=self.device, dtype=self.dtype)
+        spans = [_span(t) for t in times]
+        visual: list[torch.Tensor] = []
+        for b, state in enumerate(states):
+            self._check_state(state)
+            row = self.frame_index(state.frames)
+            x = features[b : b + 1] + self.frame_position.weight[row].to(features.dtype)  # [1, N, C]
+            start, end = spans[b]
+            if state.visual_bank is not None:
+                state.visual_bank.append(x, start)
+                entries, _ = state.visual_bank.view()  # <= M past frames + this one, mask-free
+                visual.append(entries.reshape(1, -1, entries.shape[-1]))
+            else:
+                state.last_frame = x.clone()
+                visual.append(x)
+            state.frames += 1
+            state.first_time = start if state.first_time is None else state.first_time
+            state.last_time = end if state.last_time is None else max(state.last_time, end)
+        # One Q-Former pass per (state, question); batch rows of equal shapes.
+        groups: dict[tuple[int, int, int], list[tuple[int, QuestionState]]] = defaultdict(list)
+        for b, state in enumerate(states):
+            for q in state.questions():
+                held = q.banks[0].count if q.banks else 0
+                groups[(visual[b].shape[1], q.tokens, held)].append((b, q))
+        for rows in groups.values():
+            self._qformer_rows(rows, visual, [spans[b][0] for b, _ in rows])
+
+    def _qformer_rows(
+        self, rows: list[tuple[int, QuestionState]], visual: list[torch.Tensor], times: list[float]
+    ) -> None:
+        members = sorted({b for b, _ in rows})
+        slot = {b: i for i, b in enumerate(members)}
+        context = VisualContext(
+            states=torch.cat([visual[b] for b in members], dim=0),
+            index=torch.tensor([slot[b] for b, _ in rows], device=self.device),
+        )
+        questions = [q for _, q in rows]
+        ids = torch.cat([q.input_ids for q in questions], dim=0)
+        queries = self.query_tokens.expand(len(rows), -1, -1)
+        memories = None
+        if self.config.memory_bank_length > 0:
+            memories = [BankMemory([q.banks[i] for q in questions], times) for i in range(self.qformer.num_layers)]
+        hidden = self.qformer(queries, ids, None, context, memories)
+        for r, q in enumerate(questions):
+            q.output = hidden[r : r + 1, : self.num_queries].clone()
+            q.steps += 1
+
+    def _check_state(self, state: StreamState) -> None:
+        if state.memory_bank_length != self.config.memory_bank_length:
+            raise ValueError(
+                f"stream {state.stream_id!r} was made with memory_bank_length={state.memory_bank_length}, "
+                f"this model uses {self.config.memory_bank_length}"
+            )
+
+    def step_frame(self, state: StreamState, pixels: torch.Tensor, time: float | tuple[float, float]) -> None:
+        """Encode one preprocessed frame [3, H, W] (or [1, 3, H, W]) and step one state with it."""
+        if pixels.dim() == 3:
+            pixels = pixels.unsqueeze(0)
+        self.step([state], self.encode_frames(pixels), [time])
+
+    # ------------------------------------------------------------ answering
+
+    @torch.inference_mode()
+    def query_output(self, state: StreamState, question: str | None = None, *, adhoc: bool = False):
+        """The Q-Former query outputs [1, Q, C_q] the LLM would see for a question, and the mode.
+
+        A standing question (or the default one) that has seen a frame uses its own banks' latest
+        output; any other question (or adhoc=True) gets one extra Q-Former pass over the visual bank
+        and the default question's query banks.
+        """
+        if state.frames == 0:
+            raise ValueError(f"stream {state.stream_id!r} has seen no frame yet: nothing to answer about")
+        question = question if question is not None else self._default_question(state)
+        own = state.standing.get(question)
+        if own is None and self.prompt(question) == state.default.text:
+            own = state.default
+        if own is not None and own.steps > 0 and not adhoc:
+            return own.output, "standing"
+        return self._adhoc_output(state, question), "adhoc"
+
+    def _default_question(self, state: StreamState) -> str:
+        # Recover the question from its prompt (the template wraps it).
+        head, _, tail = self.config.prompt_template.partition("{}")
+        return state.default.text[len(head) : len(state.default.text) - len(tail)]
+
+    def _adhoc_output(self, state: StreamState, question: str) -> torch.Tensor:
+        ids = self._qformer_ids(self.prompt(question))
+        if state.visual_bank is not None:
+            entries, valid = state.visual_bank.view()
+            context = VisualContext(
+                states=entries.reshape(1, -1, entries.shape[-1]),
+                mask=None if valid is None else valid.reshape(1, -1),
+            )
+            memories = []
+            for bank in state.default.banks:
+                past = None
+                if bank.count > 1:
+                    ordered, _ = bank.ordered()
+                    past = ordered[:, :-1]  # drop the newest step: the ad-hoc pass stands in for it
+                memories.append(ReadOnlyMemory(past))
+        else:
+            context = VisualContext(states=state.last_frame)
+            memories = None
+        hidden = self.qformer(self.query_tokens, ids, None, context, memories)
+        return hidden[:, : self.num_queries]
+
+    @torch.inference_mode()
+    def llm_inputs(self, query_output: torch.Tensor, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLM input: projected query outputs then the prompt's token embeddings.
+
+        query_output: [B, Q, C_q]. Returns (inputs_embeds [B, Q+P, D], attention_mask [B, Q+P]).
+        """
+        proj = self.language_projection(query_output.to(self.language_projection.weight.dtype))
+        ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+        ids = ids.expand(proj.shape[0], -1)
+        embed = self.language_model.get_input_embeddings()
+        text = embed(ids)
+        embeds = torch.cat([proj.to(text.dtype), text], dim=1)
+        return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def answer(
+        self,
+        state: StreamState,
+        question: str | None = None,
+        *,
+        max_new_tokens: int = 30,
+        num_beams: int = 1,
+        adhoc: bool = False,
+        length_penalty: float = 1.0,
+    ) -> Answer:
+        """Answer a question about everything the stream has shown (greedy, or beam search if num_beams > 1).
+
+        question: None for the default question. Returns an `Answer` with the time span covered.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        question = question if question is not None else self._default_question(state)
+        output, mode = self.query_output(state, question, adhoc=adhoc)
+        tokens = self.generate_tokens(
+            output, self.prompt(question), max_new_tokens=max_new_tokens, num_beams=num_beams,
+            length_penalty=length_penalty,
+        )
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        return Answer(
+            question=question, text=text, token_ids=tokens, time_span=state.time_span(),
+            frames=state.frames, mode=mode,
+        )
+
+    @torch.inference_mode()
+    def generate_tokens(
+        self, query_output: torch.Tensor, prompt: str, *, max_new_tokens: int, num_beams: int = 1,
+        length_penalty: float = 1.0,
+    ) -> list[int]:
+        """Generated token ids (new tokens only) for query outputs [1, Q, C_q] and a prompt."""
+        embeds, mask = self.llm_inputs(query_output, prompt)
+        tok = self.tokenizer
+        out = self.language_model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            length_penalty=length_penalty,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        return out[0].tolist()
+
+    # ------------------------------------------------------------ snapshots
+
+    @torch.inference_mode()
+    def restore(self, snapshot: StateSnapshot) -> StreamState:
+        """A fresh state equal to the snapshotted one (continues the stream identically)."""
+        meta, tensors = snapshot.meta, snapshot.tensors
+        if meta.get("version") != 1:
+            raise ValueError(f"unsupported stream snapshot version {meta.get('version')!r}")
+        if meta["memory_bank_length"] != self.config.memory_bank_length:
+            raise ValueError(
+                f"snapshot has memory_bank_length={meta['memory_bank_length']}, this model "
+                f"{self.config.memory_bank_length}"
+            )
+        questions = meta["questions"]
+        if not questions or questions[0]["standing"]:
+            raise ValueError("snapshot lacks its default question")
+        state = self.create_state(meta["stream_id"])
+        for i, info in enumerate(questions):
+            ids = tensors[f"q{i}.input_ids"].to(self.device)
+            output = tensors.get(f"q{i}.output")
+            q = QuestionState(
+                text=info["text"],
+                input_ids=ids,
+                banks=self._query_banks(ids.shape[1]) if self.config.memory_bank_length > 0 else [],
+                output=None if output is None else output.to(self.device, self.qformer_dtype),
+                steps=int(info["steps"]),
+            )
+            for layer, bank in enumerate(q.banks):
+                bank.load_state_dict(_bank_state(meta, tensors, f"q{i}.layer{layer}"))
+            if i == 0:
+                state.default = q
+            else:
+                state.standing[self._question_of(info["text"])] = q
+        if state.visual_bank is not None:
+            state.visual_bank.load_state_dict(_bank_state(meta, tensors, "visual"))
+        if "last_frame" in tensors:
+            state.last_frame = tensors["last_frame"].to(self.device, self.dtype)
+        state.frames = int(meta["frames"])
+        state.first_time, state.last_time = meta["first_time"], meta["last_time"]
+        return state
+
+    def _question_of(self, prompt: str) -> str:
+        head, _, tail = self.config.prompt_template.partition("{}")
+        if not (prompt.startswith(head) and prompt.endswith(tail)):
+            raise ValueError(f"snapshot prompt {prompt!r} does not follow the template {self.config.prompt_template!r}")
+        return prompt[len(head) : len(prompt) - len(tail)]
+
+    # ------------------------------------------------------------ offline clip pass (evaluation, training)
+
+    def clip_query_output(self, pixels: torch.Tensor, questions: Sequence[str]) -> torch.Tensor:
+        """MA-LMM over whole clips: every frame in order, one question per clip, memory as in MA-LMM.
+
+        pixels: [B, T, 3, H, W]; questions: B strings (formatted with the prompt template).
+        Returns the last step's query outputs [B, Q, C_q]. Gradients flow into the Q-Former, query
+        tokens and frame position table (the vision encoder runs without gradients when frozen).
+        """
+        if pixels.dim() != 5 or pixels.shape[2] != 3:
+            raise ValueError(f"clips must be [B, T, 3, H, W], got shape {tuple(pixels.shape)}")
+        B, T = pixels.shape[:2]
+        if len(questions) != B:
+            raise ValueError(f"need one question per clip: {B} clips, {len(questions)} questions")
+        text = self.qformer_tokenizer(
+            [self.prompt(q) for q in questions], padding="longest", truncation=True,
+            max_length=self.config.max_instruction_tokens, return_tensors="pt",
+        )
+        ids, text_mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
+        M = self.config.memory_bank_length
+        visual_memory = ConcatMemory(M) if M > 0 else None
+        memories = [ConcatMemory(M) for _ in range(self.qformer.num_layers)] if M > 0 else None
+        queries = self.query_tokens.expand(B, -1, -1)
+        hidden = None
+        for t in range(T):
+            frame = pixels[:, t].to(device=self.device, dtype=self.dtype)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
+                feats = self.vision_model(pixel_values=frame).last_hidden_state  # [B, N, C_vis]
+            feats = feats + self.frame_position.weight[self.frame_index(t)].to(feats.dtype)
+            if visual_memory is not None:
+                source, _ = visual_memory.exchange(feats, None)  # [B, (<=M+1)*N, C_vis]
+            else:
+                source = feats
+            hidden = self.qformer(queries, ids, text_mask, VisualContext(states=source), memories)
+        return hidden[:, : self.num_queries]
+
+    def clip_loss(self, pixels: torch.Tensor, questions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+        """MA-LMM's training loss: LLM cross-entropy of each answer given the clip and its question.
+
+        pixels: [B, T, 3, H, W]; questions, answers: B strings. Returns a scalar (mean over answer tokens).
+        """
+        if len(answers) != len(questions):
+            raise ValueError(f"need one answer per question: {len(questions)} questions, {len(answers)} answers")
+        output = self.clip_query_output(pixels, questions)
+        proj = self.language_projection(output)  # [B, Q, D]
+        tok = self.tokenizer
+        eos = tok.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        embed = self.language_model.get_input_embeddings()
+        if self.is_encoder_decoder:
+            enc = tok([self.prompt(q) for q in questions], padding="longest", return_tensors="pt").to(self.device)
+            lab = tok(list(answers), padding="longest", return_tensors="pt").to(self.device)
+            labels = lab.input_ids.masked_fill(lab.attention_mask == 0, -100)
+            embeds = torch.cat([proj.to(embed.weight.dtype), embed(enc.input_ids)], dim=1)
+            mask = torch.cat([torch.ones(proj.shape[:2], dtype=torch.long, device=self.device), enc.attention_mask], 1)
+            return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        rows, targets = [], []
+        for q, a in zip(questions, answers, strict=True):
+            p_ids = tok(self.prompt(q)).input_ids
+            a_ids = tok(a, add_special_tokens=False).input_ids + [eos]
+            rows.append(p_ids + a_ids)
+            targets.append([-100] * len(p_ids) + a_ids)
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        att = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, t) in enumerate(zip(rows, targets, strict=True)):  # right padding, as MA-LMM
+            ids[i, : len(r)] = torch.tensor(r)
+            labels[i, : len(t)] = torch.tensor(t)
+            att[i, : len(r)] = 1
+        ids, labels, att = ids.to(self.device), labels.to(self.device), att.to(self.device)
+        Q = proj.shape[1]
+        embeds = torch.cat([proj.to(embed.weight.dtype), embed(ids)], dim=1)
+        mask = torch.cat([torch.ones(len(rows), Q, dtype=torch.long, device=self.device), att], dim=1)
+        labels = torch.cat([torch.full((len(rows), Q), -100, dtype=torch.long, device=self.device), labels], dim=1)
+        return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+
+def _bank_state(meta: dict, tensors: dict[str, torch.Tensor], prefix: str) -> dict:
+    if prefix not in meta["banks"]:
+        raise ValueError(f"snapshot lacks bank {prefix!r}")
+    state = dict(meta["banks"][prefix])
+    for k, v in tensors.items():
+        if k.startswith(prefix + "."):
+            state[k[len(prefix) + 1 :]] = v
+    return state
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """float16 on CUDA, float32 elsewhere (MPS included: its float16 generate is not reliable)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32

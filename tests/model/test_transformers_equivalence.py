@@ -1,0 +1,76 @@
+"""One frame with the zero frame position embedding is plain InstructBLIP: compare with transformers."""
+
+import numpy as np
+import pytest
+import torch
+
+from mixmalmm.model import MALMM, StreamConfig
+from mixmalmm.model.tiny import tiny_instructblip
+
+QUESTION = "what is the man holding?"
+
+
+def hf_llm_inputs(blip, inputs) -> torch.Tensor:
+    """The inputs_embeds transformers' InstructBLIP hands its language model, captured by a hook."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"].clone()
+
+    handle = blip.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            blip(**inputs)
+    finally:
+        handle.remove()
+    return seen["embeds"]
+
+
+@pytest.mark.parametrize("memory_bank_length", [0, 3])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_one_frame_equals_transformers_generate(memory_bank_length, num_beams):
+    blip, processor = tiny_instructblip(seed=1)
+    model = MALMM(blip, processor, StreamConfig(memory_bank_length=memory_bank_length)).eval()
+    assert torch.count_nonzero(model.frame_position.weight) == 0  # MA-LMM's zero initialisation
+    image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    prompt = model.prompt(QUESTION)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+
+    with torch.no_grad():
+        ref = blip.generate(**inputs, max_new_tokens=8, num_beams=num_beams, do_sample=False)
+    ref_new = ref[0, inputs["input_ids"].shape[1] :].tolist()
+    ref_embeds = hf_llm_inputs(blip, inputs)
+
+    state = model.create_state("cam")
+    model.register_question(state, QUESTION)
+    model.step_frame(state, inputs["pixel_values"][0], 12.5)
+    answer = model.answer(state, QUESTION, max_new_tokens=8, num_beams=num_beams)
+    assert answer.mode == "standing"
+    ours_embeds, _ = model.llm_inputs(state.standing[QUESTION].output, prompt)
+
+    assert ours_embeds.shape == ref_embeds.shape
+    torch.testing.assert_close(ours_embeds, ref_embeds, rtol=1e-5, atol=1e-5)
+    assert answer.token_ids == ref_new
+    assert answer.text == processor.tokenizer.decode(ref_new, skip_special_tokens=True).strip()
+    assert answer.time_span == (12.5, 12.5)
+    # With one frame there is nothing to remember: ad hoc and standing see the same thing.
+    adhoc = model.answer(state, QUESTION, max_new_tokens=8, num_beams=num_beams, adhoc=True)
+    assert adhoc.mode == "adhoc" and adhoc.token_ids == ref_new
+
+
+def test_without_memory_each_step_is_instructblip_on_its_frame():
+    """memory_bank_length 0: every step is InstructBLIP on the newest frame (plus its position row)."""
+    blip, processor = tiny_instructblip(seed=2)
+    model = MALMM(blip, processor, StreamConfig(memory_bank_length=0)).eval()
+    state = model.create_state()
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    for t in range(4):
+        model.step_frame(state, pixels[t], float(t))
+    text = processor.qformer_tokenizer(state.default.text, return_tensors="pt")
+    with torch.no_grad():
+        ref = blip.get_image_features(
+            pixels[3:], qformer_input_ids=text.input_ids, qformer_attention_mask=text.attention_mask
+        ).qformer_outputs.last_hidden_state[:, : model.num_queries]
+    torch.testing.assert_close(state.default.output, ref, rtol=1e-5, atol=1e-5)
+    assert state.visual_bank is None and state.default.banks == []
+    assert state.time_span() == (0.0, 3.0)
