@@ -20,12 +20,13 @@ from transformers import (
 )
 
 # A small English vocabulary: enough for prompts such as "Question: what is the man doing? Short answer:".
-WORDS = (
+_WORD_LIST = (
     "the a an is are was what who where when how why which video frame scene man woman person people "
     "dog cat car ball red blue green white black walking running sitting standing jumping playing "
     "cooking eating talking holding doing happening question short answer describe in on of and to "
     "with at it this that there yes no one two three left right up down first then now"
-).split()
+)
+WORDS = _WORD_LIST.split()
 PUNCTUATION = list("?:.,!")
 
 QFORMER_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
