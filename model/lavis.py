@@ -227,9 +227,9 @@ def load_lavis_checkpoint(model, source: str | Path | dict[str, torch.Tensor]) -
         group = _group(key)
         if group in required and key not in mapped and key not in tied:
             lavis = ours_to_lavis(key)
-            if lavis is None:  # a fused qkv bias
+            if lavis is None:  # a fused qkv bias: name the halves the checkpoint lacks
                 i = key.split(".")[3]
-                missing.extend(f"visual_encoder.blocks.{i}.attn.{p}_bias" for p in "qv")
+                missing.extend(f"visual_encoder.blocks.{i}.attn.{p}_bias" for p in "qv" if p not in qkv.get(i, {}))
             else:
                 missing.append(lavis)
     if missing or unexpected or mismatched:
