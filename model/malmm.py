@@ -543,7 +543,10 @@ class MALMM(nn.Module):
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
             eos_token_id=tok.eos_token_id,
         )
-        return out[0].tolist()
+        tokens = out[0].tolist()
+        if self.is_encoder_decoder and tokens and tokens[0] == self.language_model.config.decoder_start_token_id:
+            tokens = tokens[1:]  # the decoder's start token is not part of the answer
+        return tokens
 
     # ------------------------------------------------------------ snapshots
 

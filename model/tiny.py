@@ -17,6 +17,7 @@ from transformers import (
     InstructBlipVisionConfig,
     LlamaConfig,
     PreTrainedTokenizerFast,
+    T5Config,
 )
 
 # A small English vocabulary: enough for prompts such as "Question: what is the man doing? Short answer:".
@@ -89,8 +90,12 @@ def tiny_config(
     llm_hidden: int = 32,
     num_query_tokens: int = 4,
     qformer_layers: int = 2,
+    llm: str = "llama",
 ) -> InstructBlipConfig:
-    """InstructBlipConfig of a few thousand parameters per module: (image_size / patch_size)² + 1 vision tokens."""
+    """InstructBlipConfig of a few thousand parameters per module: (image_size / patch_size)² + 1 vision tokens.
+
+    llm: "llama" (decoder-only, as Vicuna) or "t5" (encoder-decoder, as Flan-T5).
+    """
     llm_tok = processor.tokenizer
     vision = InstructBlipVisionConfig(
         hidden_size=vision_hidden,
@@ -111,7 +116,19 @@ def tiny_config(
         encoder_hidden_size=vision_hidden,
         pad_token_id=processor.qformer_tokenizer.pad_token_id,
     )
-    text = LlamaConfig(
+    if llm not in ("llama", "t5"):
+        raise ValueError(f"llm must be 'llama' or 't5', got {llm!r}")
+    text = T5Config(
+        vocab_size=len(llm_tok),
+        d_model=llm_hidden,
+        d_kv=llm_hidden // 4,
+        d_ff=2 * llm_hidden,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=llm_tok.pad_token_id,
+        pad_token_id=llm_tok.pad_token_id,
+        eos_token_id=llm_tok.eos_token_id,
+    ) if llm == "t5" else LlamaConfig(
         vocab_size=len(llm_tok),
         hidden_size=llm_hidden,
         intermediate_size=2 * llm_hidden,
@@ -151,5 +168,7 @@ def tiny_instructblip(seed: int = 0, **config_kwargs) -> tuple[InstructBlipForCo
             elif "norm" in name.lower():
                 p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.05)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+                # T5 has no 1/sqrt(d) attention scaling: smaller weights keep its answers varied.
+                t5 = config_kwargs.get("llm") == "t5" and name.startswith("language_model.")
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if t5 else 0.2))
     return model.eval(), processor

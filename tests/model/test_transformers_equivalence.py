@@ -10,7 +10,7 @@ from mixmalmm.model.tiny import tiny_instructblip
 QUESTION = "what is the man holding?"
 
 
-def hf_llm_inputs(blip, inputs) -> torch.Tensor:
+def hf_llm_inputs(blip, inputs, llm) -> torch.Tensor:
     """The inputs_embeds transformers' InstructBLIP hands its language model, captured by a hook."""
     seen = {}
 
@@ -18,18 +18,23 @@ def hf_llm_inputs(blip, inputs) -> torch.Tensor:
         seen["embeds"] = kwargs["inputs_embeds"].clone()
 
     handle = blip.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    extra = {}
+    if llm == "t5":
+        extra["decoder_input_ids"] = torch.tensor([[blip.language_model.config.decoder_start_token_id]])
     try:
         with torch.no_grad():
-            blip(**inputs)
+            blip(**inputs, **extra)
     finally:
         handle.remove()
     return seen["embeds"]
 
 
-@pytest.mark.parametrize("memory_bank_length", [0, 3])
-@pytest.mark.parametrize("num_beams", [1, 3])
-def test_one_frame_equals_transformers_generate(memory_bank_length, num_beams):
-    blip, processor = tiny_instructblip(seed=1)
+@pytest.mark.parametrize(
+    ("memory_bank_length", "num_beams", "llm"),
+    [(0, 1, "llama"), (3, 1, "llama"), (0, 3, "llama"), (3, 3, "llama"), (3, 1, "t5"), (3, 3, "t5")],
+)
+def test_one_frame_equals_transformers_generate(memory_bank_length, num_beams, llm):
+    blip, processor = tiny_instructblip(seed=1, llm=llm)
     model = MALMM(blip, processor, StreamConfig(memory_bank_length=memory_bank_length)).eval()
     assert torch.count_nonzero(model.frame_position.weight) == 0  # MA-LMM's zero initialisation
     image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
@@ -38,8 +43,15 @@ def test_one_frame_equals_transformers_generate(memory_bank_length, num_beams):
 
     with torch.no_grad():
         ref = blip.generate(**inputs, max_new_tokens=8, num_beams=num_beams, do_sample=False)
-    ref_new = ref[0, inputs["input_ids"].shape[1] :].tolist()
-    ref_embeds = hf_llm_inputs(blip, inputs)
+    if llm == "t5":  # encoder-decoder: the output is the decoder's, after its start token
+        assert ref[0, 0] == blip.language_model.config.decoder_start_token_id
+        ref_new = ref[0, 1:].tolist()
+    else:
+        ref_new = ref[0, inputs["input_ids"].shape[1] :].tolist()
+    # A real answer: words, not one special token (a random tiny T5 tends to repeat its first word).
+    assert ref_new[0] not in processor.tokenizer.all_special_ids
+    assert llm == "t5" or len(set(ref_new)) > 1
+    ref_embeds = hf_llm_inputs(blip, inputs, llm)
 
     state = model.create_state("cam")
     model.register_question(state, QUESTION)
