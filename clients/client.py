@@ -25,6 +25,7 @@ from typing import Any, Literal
 import msgspec
 import zmq
 import zmq.asyncio
+
 from mixmalmm.clients.protocol import (
     RESULT_TYPES,
     ActionShotSettings,

@@ -37,6 +37,8 @@ from typing import Any, Protocol
 import msgspec
 import zmq
 import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
 from mixmalmm.clients.protocol import (
     DEFAULT_LIMITS,
     RESULT_TYPES,
@@ -55,7 +57,6 @@ from mixmalmm.clients.protocol import (
     load_keypair,
     ok_reply,
 )
-from zmq.auth.thread import ThreadAuthenticator
 
 log = logging.getLogger("mixmalmm.server")
 
@@ -286,7 +287,8 @@ class Server:
     def stats(self) -> dict[str, int]:
         """Counters: requests, error_replies, replies_dropped (client gone or not reading), busy,
         events_published, in_flight."""
-        out = dict(self._stats)
+        out = {key: 0 for key in ("requests", "error_replies", "replies_dropped", "busy", "events_published")}
+        out.update(self._stats)
         out["in_flight"] = self._in_flight
         return out
 
