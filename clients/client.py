@@ -3,9 +3,10 @@
 
 Requests use the ZeroMQ guide's "Lazy Pirate" pattern: send, wait up to ``timeout_s`` for the reply,
 and on a timeout throw the socket away, open a new one, and send again, at most ``retries`` more times;
-then raise ``EngineTimeout``. A retried request keeps its id, so the reply to any attempt is accepted
-and replies to older requests are skipped. A request that times out may still have been carried out
-once per attempt (for example ``add_stream``: a second attempt then answers ``already_exists``).
+then raise ``EngineTimeout``. A retried request keeps its id and body, so the reply to any attempt is
+accepted, replies to older requests are skipped, and the mixmalmm server handles the request only once
+(a retry joins the running request, or gets the same reply again once it is done). Request ids are
+unique per process run (a random prefix and a counter).
 
 Only the standard library, pyzmq and msgspec are imported here.
 """

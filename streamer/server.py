@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import os
@@ -166,6 +167,10 @@ class Server:
     reply_hwm / event_hwm: send high-water marks (messages) of the ROUTER (per client) and PUB
       (per subscriber); beyond them replies are dropped (counted) and events are dropped by ZeroMQ.
     linger_s: seconds ``stop`` lets queued outgoing messages flush before the sockets close.
+    replay_s: a request identical to an earlier one (same id, same body: a client's retry) is not
+      handled twice. While the first is being handled the retry waits for its reply; for ``replay_s``
+      seconds after (at most 1024 replies kept) it gets the same reply again. Clients must therefore
+      choose ids that are unique per request (the Python clients do).
     """
 
     def __init__(
@@ -183,6 +188,7 @@ class Server:
         reply_hwm: int = 1000,
         event_hwm: int = 10_000,
         linger_s: float = 0.2,
+        replay_s: float = 60.0,
     ) -> None:
         if ask_workers < 1 or control_workers < 1 or max_in_flight < 1:
             raise ValueError("ask_workers, control_workers and max_in_flight must be at least 1")
@@ -215,6 +221,11 @@ class Server:
         self._control_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._seq: dict[str, int] = collections.defaultdict(int)
         self._in_flight = 0
+        # Retries (same id, same body) are answered once: joined while running, replayed after.
+        self._pending: dict[bytes, list[list[bytes]]] = {}
+        self._recent: collections.OrderedDict[bytes, tuple[float, bytes]] = collections.OrderedDict()
+        self._replay_s = replay_s
+        self._replay_entries = 1024
         self._started_at = time.time()
         self._stats = collections.Counter()
         self.request_address: str | None = None
@@ -286,8 +297,11 @@ class Server:
 
     def stats(self) -> dict[str, int]:
         """Counters: requests, error_replies, replies_dropped (client gone or not reading), busy,
-        events_published, in_flight."""
-        out = {key: 0 for key in ("requests", "error_replies", "replies_dropped", "busy", "events_published")}
+        events_published, retries_joined / retries_replayed (duplicates answered without handling them
+        again), in_flight."""
+        keys = ("requests", "error_replies", "replies_dropped", "busy", "events_published", "retries_joined",
+                "retries_replayed")
+        out = {key: 0 for key in keys}
         out.update(self._stats)
         out["in_flight"] = self._in_flight
         return out
@@ -390,14 +404,16 @@ class Server:
     def _send_outbox(self, router: zmq.Socket, pub: zmq.Socket | None) -> None:
         while True:
             try:
-                kind, envelope, payload = self._outbox.get_nowait()
+                kind, key, payload = self._outbox.get_nowait()
             except queue.Empty:
                 return
             if kind == "reply":
                 self._in_flight -= 1
                 body, failed = payload
                 self._stats["error_replies"] += failed
-                self._send_reply(router, envelope, body)
+                self._remember(key, body)
+                for envelope in self._pending.pop(key, []):
+                    self._send_reply(router, envelope, body)
             elif pub is not None:
                 self._send_event(pub, payload)
 
@@ -445,6 +461,15 @@ class Server:
             now = time.time()
             self._send_reply(router, envelope, ok_reply(request.id, PingResult(time_s=now, uptime_s=now - self._started_at)))
             return
+        key = hashlib.blake2b(body, digest_size=16).digest()
+        if key in self._pending:  # a retry of a request still being handled: answer it when done
+            self._stats["retries_joined"] += 1
+            self._pending[key].append(envelope)
+            return
+        if key in self._recent:  # a retry of a request already handled: the same reply again
+            self._stats["retries_replayed"] += 1
+            self._send_reply(router, envelope, self._recent[key][1])
+            return
         if self._in_flight >= self._max_in_flight:
             self._stats["busy"] += 1
             self._reply_error(
@@ -455,11 +480,20 @@ class Server:
         pool = self._slow_pool if isinstance(request, SLOW_REQUESTS) else self._control_pool
         assert pool is not None
         try:
-            pool.submit(self._work, envelope, request)
+            pool.submit(self._work, key, request)
         except RuntimeError:  # the pool was shut down: we are stopping
             self._reply_error(router, envelope, request.id, ErrorCode.UNAVAILABLE, "the server is shutting down")
             return
         self._in_flight += 1
+        self._pending[key] = [envelope]
+
+    def _remember(self, key: bytes, body: bytes) -> None:
+        now = time.monotonic()
+        self._recent[key] = (now, body)
+        while self._recent and (
+            len(self._recent) > self._replay_entries or next(iter(self._recent.values()))[0] < now - self._replay_s
+        ):
+            self._recent.popitem(last=False)
 
     def _reply_error(self, router: zmq.Socket, envelope: list[bytes], request_id: Any, code: ErrorCode, message: str) -> None:
         self._stats["error_replies"] += 1
@@ -469,7 +503,7 @@ class Server:
     # Worker threads
     # ------------------------------------------------------------------------------------------------
 
-    def _work(self, envelope: list[bytes], request: AnyRequest) -> None:
+    def _work(self, key: bytes, request: AnyRequest) -> None:
         kind = type(request).__struct_config__.tag
         failed = True
         try:
@@ -489,5 +523,5 @@ class Server:
         except Exception as exc:
             log.exception("the handler failed on %r request %r", kind, request.id)
             body = error_reply(request.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-        self._outbox.put(("reply", envelope, (body, failed)))
+        self._outbox.put(("reply", key, (body, failed)))
         self._wake()

@@ -347,6 +347,28 @@ def test_too_many_requests_in_flight_get_busy(serve, zctx):
         assert sock.poll(5000) and json.loads(sock.recv_multipart()[1])["ok"] is True
 
 
+def test_retries_of_a_slow_request_are_handled_once(serve, zctx):
+    engine = EchoEngine(delay_s=0.8)
+    server = serve(engine)
+    with Client(server.request_address, timeout_s=0.25, retries=5) as client:
+        assert client.ask("s", "only once").answer == "ecno ylno"
+        assert client.reconnects >= 2  # it did retry, on fresh sockets ...
+    asks = [r for r in engine.seen if isinstance(r, p.Ask)]
+    assert len(asks) == 1  # ... but the engine answered the question once
+    stats = server.stats()
+    assert stats["retries_joined"] >= 1
+    assert stats["retries_joined"] + stats["retries_replayed"] == client.reconnects
+    # The same request again after it was answered: the same reply, without asking the engine again.
+    body = p.encode(asks[0])
+    reply = _reply(_dealer(zctx, server.request_address), body)
+    assert reply["result"]["answer"] == "ecno ylno" and reply["id"] == asks[0].id
+    assert len([r for r in engine.seen if isinstance(r, p.Ask)]) == 1
+    assert server.stats()["retries_replayed"] == stats["retries_replayed"] + 1
+    # A new id is a new request.
+    other = _reply(_dealer(zctx, server.request_address), body.replace(asks[0].id.encode(), b"fresh-id"))
+    assert other["id"] == "fresh-id" and len([r for r in engine.seen if isinstance(r, p.Ask)]) == 2
+
+
 def test_a_vanished_client_never_blocks_the_server(serve, zctx):
     server = serve(EchoEngine(delay_s=0.3))
     for n in range(5):
