@@ -195,6 +195,8 @@ class Server:
         endpoints = [request_endpoint] + ([event_endpoint] if event_endpoint is not None else [])
         for endpoint in endpoints:
             check_bind_security(endpoint, curve, insecure)
+            if curve is None and not is_local_endpoint(endpoint):
+                log.warning("binding %s with insecure=True: no authentication, no encryption", endpoint)
         self._handler = handler
         self._request_endpoint = request_endpoint
         self._event_endpoint = event_endpoint
