@@ -307,7 +307,9 @@ class StreamStatus(msgspec.Struct, kw_only=True):
 
 class EngineStatus(msgspec.Struct, kw_only=True):
     """The engine as a whole: model and device names, seconds running, questions answered, and
-    question latency percentiles in seconds (``null`` before the first question)."""
+    question latency percentiles in seconds (``null`` before the first question); ``queue_depth``: Shots
+    waiting for the model over all streams; ``persist_error``: why the last snapshot write failed
+    (``null`` when the last one succeeded)."""
 
     model: str = ""
     device: str = ""
@@ -316,6 +318,8 @@ class EngineStatus(msgspec.Struct, kw_only=True):
     question_latency_p50_s: float | None = None
     question_latency_p99_s: float | None = None
     requests_in_flight: int = 0
+    queue_depth: int = 0
+    persist_error: str | None = None
 
 
 class StatusResult(msgspec.Struct, kw_only=True):
