@@ -6,6 +6,8 @@ and a word-level Llama-style one for the LLM) and the image processor are built 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
@@ -34,8 +36,11 @@ QFORMER_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 LLM_SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
-def _word_tokenizer(special: list[str], template: str, template_tokens: list[str]) -> Tokenizer:
-    vocab = {tok: i for i, tok in enumerate(special + WORDS + PUNCTUATION)}
+def _word_tokenizer(
+    special: list[str], template: str, template_tokens: list[str], words: Sequence[str] | None = None
+) -> Tokenizer:
+    words = _vocabulary(words)
+    vocab = {tok: i for i, tok in enumerate(special + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=special[1] if special[0] == "[PAD]" else special[0]))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -46,9 +51,24 @@ def _word_tokenizer(special: list[str], template: str, template_tokens: list[str
     return tok
 
 
-def tiny_qformer_tokenizer() -> PreTrainedTokenizerFast:
-    """BERT-style: "[CLS] words [SEP]", as InstructBLIP's bert-base-uncased Q-Former tokenizer."""
-    tok = _word_tokenizer(QFORMER_SPECIAL, "[CLS] $A [SEP]", ["[CLS]", "[SEP]"])
+def _vocabulary(words: Sequence[str] | None) -> list[str]:
+    """The word list (default: WORDS) plus PUNCTUATION, lower-cased, each once, in order."""
+    out: list[str] = []
+    for w in [*(WORDS if words is None else words), *PUNCTUATION]:
+        w = w.lower()
+        if not w or any(c.isspace() for c in w):
+            raise ValueError(f"tokenizer words must be non-empty and free of spaces, got {w!r}")
+        if w not in out:
+            out.append(w)
+    return out
+
+
+def tiny_qformer_tokenizer(words: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
+    """BERT-style: "[CLS] words [SEP]", as InstructBLIP's bert-base-uncased Q-Former tokenizer.
+
+    words: the word-level vocabulary (default: WORDS); punctuation "?:.,!" is always added.
+    """
+    tok = _word_tokenizer(QFORMER_SPECIAL, "[CLS] $A [SEP]", ["[CLS]", "[SEP]"], words)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="[PAD]",
@@ -59,9 +79,12 @@ def tiny_qformer_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_llm_tokenizer() -> PreTrainedTokenizerFast:
-    """Llama-style: "<s> words", eos "</s>", with InstructBLIP's "<image>" placeholder token added."""
-    tok = _word_tokenizer(LLM_SPECIAL, "<s> $A", ["<s>"])
+def tiny_llm_tokenizer(words: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
+    """Llama-style: "<s> words", eos "</s>", with InstructBLIP's "<image>" placeholder token added.
+
+    words: the word-level vocabulary (default: WORDS); punctuation "?:.,!" is always added.
+    """
+    tok = _word_tokenizer(LLM_SPECIAL, "<s> $A", ["<s>"], words)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
@@ -69,13 +92,16 @@ def tiny_llm_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_processor(image_size: int = 32, num_query_tokens: int = 4) -> InstructBlipProcessor:
-    """InstructBlipProcessor with the tiny tokenizers and an image processor for `image_size` pixels."""
+def tiny_processor(
+    image_size: int = 32, num_query_tokens: int = 4, words: Sequence[str] | None = None
+) -> InstructBlipProcessor:
+    """InstructBlipProcessor with the tiny tokenizers (vocabulary `words`, default WORDS) and an image
+    processor for `image_size` pixels."""
     image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
     return InstructBlipProcessor(
         image_processor=image_processor,
-        tokenizer=tiny_llm_tokenizer(),
-        qformer_tokenizer=tiny_qformer_tokenizer(),
+        tokenizer=tiny_llm_tokenizer(words),
+        qformer_tokenizer=tiny_qformer_tokenizer(words),
         num_query_tokens=num_query_tokens,
     )
 
