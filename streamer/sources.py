@@ -1,0 +1,983 @@
+"""Video sources: one way to open files, network streams, webcams and a synthetic generator.
+
+`open_source(uri, **options)` returns a `Source`, an iterable of `Frame` (RGB uint8 [H, W, 3], pts in
+seconds, index, wall-clock arrival time) with a state machine and counters:
+
+    with open_source("rtsp://127.0.0.1:8554/cam") as source:
+        for frame in source:
+            ...
+        source.stats  # a copy: state, frames, reconnects, decode errors, dropped frames, last error
+
+URIs: a file path or `file:` URI (any container/codec PyAV decodes); `rtsp://`, `rtsps://`,
+`rtmp://`, `rtmps://`, `http://`, `https://` (HLS too) through PyAV; `webcam:N` or `/dev/videoN`
+through OpenCV; `synthetic:` (options in the query, e.g. `synthetic:?width=320&height=240&fps=10`).
+
+Live sources (network, webcam) read in a decode thread into a bounded queue that drops the oldest
+frame when the consumer falls behind (counted in `dropped`); a lost connection, an end of stream or a
+read timeout moves them to `reconnecting`, and they reconnect with exponential backoff. Files and the
+synthetic source are read on demand (nothing is dropped), as fast as possible or at their own pace.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import av
+import cv2
+import numpy as np
+
+from mixmalmm.streamer.frames import Frame
+from mixmalmm.streamer.synthetic import synthetic_rgb
+
+NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https")
+# Frame interval assumed when a source reports no frame rate, seconds.
+_DEFAULT_FPS = 25.0
+# A file whose demuxer fails this many times in a row without yielding a packet is given up.
+_MAX_CONSECUTIVE_DEMUX_ERRORS = 32
+_INTERPOLATIONS_CV2 = {
+    "POINT": cv2.INTER_NEAREST,
+    "BILINEAR": cv2.INTER_LINEAR,
+    "FAST_BILINEAR": cv2.INTER_LINEAR,
+    "BICUBIC": cv2.INTER_CUBIC,
+    "AREA": cv2.INTER_AREA,
+    "LANCZOS": cv2.INTER_LANCZOS4,
+}
+
+
+class SourceError(RuntimeError):
+    """A source cannot be opened or read; the message names the source. `uri` is the source."""
+
+    def __init__(self, message: str, uri: str):
+        super().__init__(message)
+        self.uri = uri
+
+
+class SourceState(str, Enum):
+    """Where a source is in its life.
+
+    connecting -> live -> (reconnecting -> live)* -> ended | failed | closed.
+    `ended`: a file or finite source ran out; `failed`: gave up (error in `last_error`);
+    `closed`: `close()` was called.
+    """
+
+    CONNECTING = "connecting"
+    LIVE = "live"
+    RECONNECTING = "reconnecting"
+    ENDED = "ended"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+@dataclass
+class SourceStats:
+    """A snapshot of a source's counters (see `Source.stats`).
+
+    Attributes:
+        state: the current `SourceState`.
+        frames: frames produced (after stride / target-rate selection), dropped ones included.
+        dropped: frames dropped by the bounded queue because the consumer fell behind.
+        decode_errors: packets the decoder or demuxer rejected (skipped, not fatal).
+        disconnects: live sessions lost (error, read timeout, or end of stream).
+        reconnects: successful reconnections after a disconnect.
+        last_error: the most recent error or disconnect reason, or None.
+    """
+
+    state: SourceState = SourceState.CONNECTING
+    frames: int = 0
+    dropped: int = 0
+    decode_errors: int = 0
+    disconnects: int = 0
+    reconnects: int = 0
+    last_error: str | None = None
+
+
+class FrameQueue:
+    """A bounded FIFO between a decode thread and its consumer.
+
+    With `drop_oldest` a full queue discards its oldest item to make room (live sources never back
+    up); otherwise `put` blocks until there is room (file replay loses nothing). `close()` wakes
+    everyone: later puts are ignored, `get` drains what is left and then returns `FrameQueue.END`.
+    """
+
+    END = object()
+
+    def __init__(self, maxsize: int, drop_oldest: bool):
+        if maxsize < 1:
+            raise ValueError(f"queue size must be >= 1, got {maxsize}")
+        self._items: collections.deque = collections.deque()
+        self._maxsize = maxsize
+        self._drop_oldest = drop_oldest
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def put(self, item: Any) -> int:
+        """Append `item`; returns how many items were dropped to make room (0 or 1)."""
+        with self._cond:
+            dropped = 0
+            while len(self._items) >= self._maxsize and not self._closed:
+                if self._drop_oldest:
+                    self._items.popleft()
+                    dropped += 1
+                else:
+                    self._cond.wait()
+            if self._closed:
+                return dropped
+            self._items.append(item)
+            self._cond.notify_all()
+            return dropped
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The oldest item; `END` once closed and empty. Raises TimeoutError after `timeout` s."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items or self._closed, timeout):
+                raise TimeoutError(f"no frame within {timeout} s")
+            if self._items:
+                item = self._items.popleft()
+                self._cond.notify_all()
+                return item
+            return FrameQueue.END
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+
+class _Clock:
+    """Turns raw per-session timestamps (seconds, possibly None) into strictly increasing pts.
+
+    The first session keeps the source's own time (`keep_source_time`, files) or starts at 0 (live).
+    A frame without a timestamp gets the previous pts plus one frame interval. A new session (a
+    reconnect) continues the clock after the wall-clock time that passed since the last frame.
+    """
+
+    def __init__(self, keep_source_time: bool):
+        self._keep = keep_source_time
+        self._offset: float | None = None
+        self._last: float | None = None
+        self._last_wall = 0.0
+
+    def new_session(self) -> None:
+        self._offset = None
+
+    def stamp(self, raw: float | None, interval: float, now: float) -> float:
+        if raw is None:
+            out = 0.0 if self._last is None else self._last + interval
+        else:
+            if self._offset is None:
+                if self._last is None:
+                    target = raw if self._keep else 0.0
+                else:
+                    target = self._last + max(interval, now - self._last_wall)
+                self._offset = target - raw
+            out = raw + self._offset
+        if self._last is not None and out <= self._last:
+            out = self._last + 1e-6  # duplicate or backwards timestamps: keep pts strictly increasing
+        self._last, self._last_wall = out, now
+        return out
+
+
+class _Selector:
+    """Keeps every `stride`-th frame, then at most `target_fps` frames per second of pts."""
+
+    def __init__(self, stride: int, target_fps: float | None):
+        if int(stride) != stride or stride < 1:
+            raise ValueError(f"stride must be a positive integer, got {stride!r}")
+        if target_fps is not None and not target_fps > 0:
+            raise ValueError(f"target_fps must be > 0, got {target_fps!r}")
+        self.stride = int(stride)
+        self.target_fps = target_fps
+        self._seen = 0
+        self._next: float | None = None
+
+    def keep(self, pts: float) -> bool:
+        self._seen += 1
+        if (self._seen - 1) % self.stride:
+            return False
+        if self.target_fps is None:
+            return True
+        period = 1.0 / self.target_fps
+        if self._next is not None and pts < self._next - 1e-3 * period:
+            return False
+        # Stay on the grid start + k*period unless the stream jumped ahead by more than a period.
+        base = self._next if self._next is not None and pts < self._next + period else pts
+        self._next = base + period
+        return True
+
+
+class Source:
+    """Base of all sources: an iterable of `Frame` with a state machine and counters.
+
+    Subclasses implement `_produce()` (yields `(raw_pts_seconds_or_None, payload)`, calling
+    `self._clock.new_session()` at each new connection) and `_to_rgb(payload)` ([H, W, 3] uint8),
+    which runs only for frames kept by the stride / target-rate selection.
+
+    A source is read once, by iterating it or by `read(timeout)`; `close()` it (or use it as a
+    context manager) to stop. With `queue_size > 0` the frames are produced by a daemon thread into a
+    `FrameQueue` (drop-oldest for live sources, blocking otherwise); with 0 they are produced in the
+    caller's thread.
+    """
+
+    live = False
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        stride: int = 1,
+        target_fps: float | None = None,
+        realtime: bool = False,
+        queue_size: int = 0,
+        drop_oldest: bool | None = None,
+    ):
+        self.uri = uri
+        self._selector = _Selector(stride, target_fps)
+        self._realtime = realtime
+        self._queue_size = int(queue_size)
+        if self._queue_size < 0:
+            raise ValueError(f"queue_size must be >= 0, got {queue_size}")
+        self._drop_oldest = self.live if drop_oldest is None else drop_oldest
+        self._clock = _Clock(keep_source_time=not self.live)
+        self._nominal_fps: float | None = None
+        self._stats = SourceStats()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._iterated = False
+        self._thread: threading.Thread | None = None
+        self._generator: Iterator[Frame] | None = None
+        self._queue: FrameQueue | None = None
+        self._failure: list[BaseException] = []
+
+    # -- public ---------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SourceState:
+        return self._stats.state
+
+    @property
+    def fps(self) -> float | None:
+        """Rate of the frames this source yields, frames per second (None until known)."""
+        if self._nominal_fps is None:
+            return None
+        rate = self._nominal_fps / self._selector.stride
+        if self._selector.target_fps is not None:
+            rate = min(rate, self._selector.target_fps)
+        return rate
+
+    @property
+    def stats(self) -> SourceStats:
+        """A consistent copy of the counters and state."""
+        with self._lock:
+            return replace(self._stats)
+
+    def __iter__(self) -> Iterator[Frame]:
+        if self._iterated:
+            raise RuntimeError(f"source '{self.uri}' is already being read; open it again to restart")
+        self._iterated = True
+        if self._queue_size == 0:
+            self._generator = self._run()
+            return self._generator
+        return self._iterate_queue()
+
+    def read(self, timeout: float | None = None) -> Frame | None:
+        """The next frame, or None once the source has ended (an error the source ended on is
+        raised once, first). For a threaded source (`queue_size > 0`) waits at most `timeout`
+        seconds and raises TimeoutError, so a caller can poll; otherwise `timeout` is ignored.
+        Do not mix with iterating the same source.
+        """
+        if self._queue_size == 0:
+            if self._generator is None:
+                self._iterated = True
+                self._generator = self._run()
+            return next(self._generator, None)
+        self._start_thread()
+        item = self._queue.get(timeout)
+        if item is FrameQueue.END:
+            if self._failure:
+                raise self._failure.pop()
+            return None
+        return item
+
+    def close(self) -> None:
+        """Stop reading and release the decoder or connection (waits up to a read timeout)."""
+        self._stop.set()
+        if self._queue is not None:
+            self._queue.close()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30.0)
+        if self._generator is not None and self._queue_size == 0:
+            self._generator.close()
+        self._release()
+        with self._lock:
+            if self._stats.state not in (SourceState.ENDED, SourceState.FAILED):
+                self._stats.state = SourceState.CLOSED
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r}, state={self.state.value})"
+
+    # -- for subclasses -------------------------------------------------------------------------
+
+    def _produce(self) -> Iterator[tuple[float | None, Any]]:
+        raise NotImplementedError
+
+    def _to_rgb(self, payload: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Free what `__init__` opened (called by `close()`)."""
+
+    def _set_state(self, state: SourceState) -> None:
+        with self._lock:
+            self._stats.state = state
+
+    def _count(self, field: str, n: int = 1, error: str | None = None) -> None:
+        with self._lock:
+            setattr(self._stats, field, getattr(self._stats, field) + n)
+            if error is not None:
+                self._stats.last_error = error
+
+    def _note_error(self, message: str) -> None:
+        with self._lock:
+            self._stats.last_error = message
+
+    def _frame_interval(self) -> float:
+        return 1.0 / (self._nominal_fps or _DEFAULT_FPS)
+
+    # -- the frame loop -------------------------------------------------------------------------
+
+    def _run(self) -> Iterator[Frame]:
+        """Frames in the caller's thread: clock, selection, conversion, pacing, counters."""
+        index = 0
+        pace_origin: tuple[float, float] | None = None  # (pts, wall) of the first paced frame
+        try:
+            for raw_pts, payload in self._produce():
+                if self._stop.is_set():
+                    break
+                now = time.time()
+                pts = self._clock.stamp(raw_pts, self._frame_interval(), now)
+                if not self._selector.keep(pts):
+                    continue
+                if self._realtime and not self.live:
+                    if pace_origin is None:
+                        pace_origin = (pts, time.monotonic())
+                    delay = pace_origin[1] + (pts - pace_origin[0]) - time.monotonic()
+                    if delay > 0 and self._stop.wait(delay):
+                        break
+                    now = time.time()
+                frame = Frame(self._to_rgb(payload), pts, index, now)
+                index += 1
+                self._count("frames")
+                yield frame
+        except Exception as exc:
+            with self._lock:
+                self._stats.state = SourceState.FAILED
+                self._stats.last_error = str(exc)
+            raise
+        with self._lock:
+            if self._stop.is_set():
+                self._stats.state = SourceState.CLOSED
+            elif self._stats.state != SourceState.FAILED:
+                self._stats.state = SourceState.ENDED
+
+    def _start_thread(self) -> None:
+        """Start the decode thread feeding the bounded queue (once)."""
+        if self._thread is not None:
+            return
+        queue = self._queue = FrameQueue(self._queue_size, self._drop_oldest)
+
+        def work() -> None:
+            try:
+                for frame in self._run():
+                    dropped = queue.put(frame)
+                    if dropped:
+                        self._count("dropped", dropped)
+            except BaseException as exc:  # handed to the consumer by read()
+                self._failure.append(exc)
+            finally:
+                queue.close()
+
+        self._thread = threading.Thread(target=work, name=f"source {self.uri}", daemon=True)
+        self._thread.start()
+
+    def _iterate_queue(self) -> Iterator[Frame]:
+        while (frame := self.read()) is not None:
+            yield frame
+
+
+# ------------------------------------------------------------------------------------------------
+# PyAV
+
+
+def _av_open(uri: str, options: dict[str, str] | None, timeout: tuple[float, float] | None):
+    return av.open(uri, mode="r", options=options or {}, timeout=timeout)
+
+
+def _video_stream(container: Any, uri: str, threads: int) -> Any:
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise SourceError(f"no video stream in '{uri}' (streams: {', '.join(kinds)})", uri)
+    stream = container.streams.video[0]
+    # Frame-and-slice threading in the decoder; decoded frames still come out in order.
+    stream.thread_type = "AUTO"
+    if threads:
+        stream.thread_count = threads
+    return stream
+
+
+def _stream_fps(stream: Any) -> float | None:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate is not None and 0 < float(rate) < 1000:
+            return float(rate)
+    return None
+
+
+def _av_to_rgb(frame: Any, size: tuple[int, int] | None, interpolation: str) -> np.ndarray:
+    """An av.VideoFrame as [H, W, 3] uint8 RGB, scaled by swscale to `size` = (width, height)."""
+    if size is None:
+        return frame.to_ndarray(format="rgb24")
+    return frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation=interpolation)
+
+
+def _check_size(size: tuple[int, int] | None, interpolation: str) -> tuple[int, int] | None:
+    if interpolation.upper() not in _INTERPOLATIONS_CV2:
+        raise ValueError(f"unknown interpolation {interpolation!r}; one of {sorted(_INTERPOLATIONS_CV2)}")
+    if size is None:
+        return None
+    width, height = (int(v) for v in size)
+    if width < 1 or height < 1:
+        raise ValueError(f"size must be (width, height) in pixels, got {size!r}")
+    return width, height
+
+
+class _PyAVDecoding:
+    """The demux/decode loop shared by file and network sources (decode errors counted, skipped)."""
+
+    def _decode(self, container: Any, stream: Any, *, demux_errors_fatal: bool):
+        """Yields av.VideoFrame in presentation order.
+
+        A packet the decoder rejects is counted in `decode_errors` and skipped. A demuxer error is
+        raised when `demux_errors_fatal` (network: it means the connection is gone); otherwise
+        (files: corrupt data) it is counted and demuxing resumes, up to a limit.
+        """
+        packets = container.demux(stream)
+        consecutive = 0
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                return
+            except av.FFmpegError as exc:
+                if demux_errors_fatal:
+                    raise
+                consecutive += 1
+                self._count("decode_errors", error=f"corrupt data in '{self.uri}': {exc}")
+                if consecutive >= _MAX_CONSECUTIVE_DEMUX_ERRORS:
+                    raise SourceError(
+                        f"corrupt data in '{self.uri}': {consecutive} demuxer errors in a row ({exc})",
+                        self.uri,
+                    ) from exc
+                packets = container.demux(stream)
+                continue
+            consecutive = 0
+            try:
+                frames = packet.decode()
+            except av.FFmpegError as exc:
+                self._count("decode_errors", error=f"decode error in '{self.uri}': {exc}")
+                continue
+            yield from frames
+
+
+class FileSource(_PyAVDecoding, Source):
+    """A video file (any container/codec PyAV decodes), read frame by frame; nothing is dropped.
+
+    Args:
+        path: the file.
+        realtime: False reads as fast as possible; True paces frames at the file's own rate.
+        start, end: the time range to read, seconds of the file's timeline (None: from the start /
+            to the end). Reading starts from the key frame before `start`; frames before it are
+            decoded but not yielded.
+        stride: keep every `stride`-th decoded frame.
+        target_fps: then keep at most this many frames per second (MA-LMM extracts at 10 fps).
+        size: (width, height) in pixels to scale to at decode time (swscale), None for the
+            original size.
+        interpolation: swscale's filter for `size`: "BICUBIC", "BILINEAR", "AREA", "POINT",...
+        threads: decoder threads (0: FFmpeg's choice).
+        queue_size: > 0 decodes in a thread ahead of the consumer, into a blocking queue.
+
+    Raises SourceError at once for a missing file, data that is not a video, or no video stream.
+    """
+
+    live = False
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        realtime: bool = False,
+        start: float | None = None,
+        end: float | None = None,
+        stride: int = 1,
+        target_fps: float | None = None,
+        size: tuple[int, int] | None = None,
+        interpolation: str = "BICUBIC",
+        threads: int = 0,
+        queue_size: int = 0,
+    ):
+        path = str(path)
+        super().__init__(path, stride=stride, target_fps=target_fps, realtime=realtime, queue_size=queue_size)
+        if start is not None and end is not None and end < start:
+            raise ValueError(f"end ({end} s) is before start ({start} s) for '{path}'")
+        self._start, self._end = start, end
+        self._size = _check_size(size, interpolation)
+        self._interpolation = interpolation.upper()
+        if not Path(path).is_file():
+            raise SourceError(f"no such file: '{path}'", path)
+        try:
+            self._container = _av_open(path, None, None)
+        except av.FFmpegError as exc:
+            raise SourceError(
+                f"cannot read '{path}' as video (corrupt or unsupported data): {exc}", path
+            ) from exc
+        try:
+            self._stream = _video_stream(self._container, path, threads)
+        except SourceError:
+            self._container.close()
+            raise
+        self._nominal_fps = _stream_fps(self._stream)
+        self._set_state(SourceState.LIVE)
+
+    @property
+    def duration(self) -> float | None:
+        """Length of the video stream (or container), seconds, when the file says."""
+        if self._stream.duration is not None and self._stream.time_base is not None:
+            return float(self._stream.duration * self._stream.time_base)
+        if self._container.duration is not None:
+            return self._container.duration / av.time_base
+        return None
+
+    def _produce(self):
+        try:
+            if self._start:
+                offset = int(self._start / self._stream.time_base)
+                self._container.seek(offset, stream=self._stream, backward=True, any_frame=False)
+            tolerance = 0.5 * self._frame_interval()
+            for frame in self._decode(self._container, self._stream, demux_errors_fatal=False):
+                t = frame.time
+                if t is not None and self._start is not None and t < self._start - 1e-3 * tolerance:
+                    continue
+                if t is not None and self._end is not None and t > self._end:
+                    return
+                yield t, frame
+        finally:
+            self._container.close()
+
+    def _to_rgb(self, payload: Any) -> np.ndarray:
+        return _av_to_rgb(payload, self._size, self._interpolation)
+
+    def _release(self) -> None:
+        self._container.close()
+
+
+class _LiveSource(Source):
+    """Connect, read, and on any loss reconnect with exponential backoff, until closed or failed.
+
+    Subclasses implement `_connect()` (returns a session or raises SourceError for a permanent
+    problem, any other exception for a retryable one), `_session_frames(session)` and
+    `_disconnect(session)`.
+    """
+
+    live = True
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        max_attempts: int | None = None,
+        backoff: tuple[float, float] = (0.5, 10.0),
+        stride: int = 1,
+        target_fps: float | None = None,
+        queue_size: int = 8,
+        drop_oldest: bool | None = None,
+        realtime: bool = False,
+    ):
+        super().__init__(
+            uri,
+            stride=stride,
+            target_fps=target_fps,
+            realtime=realtime,
+            queue_size=queue_size,
+            drop_oldest=drop_oldest,
+        )
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1 or None (unlimited), got {max_attempts}")
+        if not 0 < backoff[0] <= backoff[1]:
+            raise ValueError(
+                f"backoff must be (initial, maximum) seconds with 0 < initial <= maximum, got {backoff}"
+            )
+        self._max_attempts = max_attempts
+        self._backoff = (float(backoff[0]), float(backoff[1]))
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _session_frames(self, session: Any) -> Iterator[tuple[float | None, Any]]:
+        raise NotImplementedError
+
+    def _disconnect(self, session: Any) -> None:
+        raise NotImplementedError
+
+    def _ends_at_end_of_stream(self) -> bool:
+        """True: an end of stream ends the source (VOD); False: it is a disconnect (live)."""
+        return False
+
+    def _produce(self):
+        failures = 0  # consecutive connection attempts that failed
+        connected_before = False
+        while not self._stop.is_set():
+            self._set_state(SourceState.RECONNECTING if connected_before else SourceState.CONNECTING)
+            try:
+                session = self._connect()
+            except SourceError:
+                raise
+            except Exception as exc:
+                failures += 1
+                self._note_error(f"cannot connect to '{self.uri}': {exc}")
+                if self._max_attempts is not None and failures >= self._max_attempts:
+                    raise SourceError(
+                        f"cannot connect to '{self.uri}' after {failures} attempt(s): {exc}", self.uri
+                    ) from exc
+                self._stop.wait(min(self._backoff[1], self._backoff[0] * 2 ** (failures - 1)))
+                continue
+            if connected_before:
+                self._count("reconnects")
+            connected_before = True
+            failures = 0
+            self._clock.new_session()
+            self._set_state(SourceState.LIVE)
+            try:
+                yield from self._session_frames(session)
+                reason = "end of stream"
+            except SourceError:
+                raise
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            finally:
+                self._disconnect(session)
+            if self._stop.is_set():
+                return
+            if reason == "end of stream" and self._ends_at_end_of_stream():
+                return
+            self._count("disconnects", error=f"'{self.uri}' disconnected ({reason})")
+            self._set_state(SourceState.RECONNECTING)
+            self._stop.wait(self._backoff[0])
+
+
+class NetworkSource(_PyAVDecoding, _LiveSource):
+    """A network stream through PyAV: RTSP(S), RTMP(S), HTTP(S) (HLS too).
+
+    Args:
+        url: the stream.
+        open_timeout: seconds to wait for the connection and the stream's headers.
+        read_timeout: seconds without data before the connection counts as lost (a frozen server
+            must not hang the reader).
+        max_attempts: consecutive failed connection attempts before the source fails (None:
+            unlimited, the default).
+        backoff: (initial, maximum) seconds between attempts; doubles after each failure.
+        live: True (default) treats an end of stream as a disconnect and reconnects; False (a
+            video on demand over HTTP) ends there.
+        stride, target_fps, size, interpolation, threads: as for `FileSource`.
+        queue_size: frames buffered between the decode thread and the consumer; when full the
+            oldest is dropped (counted in `dropped`).
+        av_options: extra FFmpeg options for `av.open` (override the defaults, e.g. RTSP over TCP).
+        realtime: with `live=False`, pace frames at the stream's own rate as for files; a live
+            stream has its own pace and ignores it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        open_timeout: float = 10.0,
+        read_timeout: float = 5.0,
+        max_attempts: int | None = None,
+        backoff: tuple[float, float] = (0.5, 10.0),
+        live: bool = True,
+        realtime: bool = False,
+        stride: int = 1,
+        target_fps: float | None = None,
+        size: tuple[int, int] | None = None,
+        interpolation: str = "BICUBIC",
+        threads: int = 0,
+        queue_size: int = 8,
+        av_options: dict[str, str] | None = None,
+    ):
+        self.live = live
+        super().__init__(
+            url,
+            max_attempts=max_attempts,
+            backoff=backoff,
+            stride=stride,
+            target_fps=target_fps,
+            queue_size=queue_size,
+            drop_oldest=live,
+            realtime=realtime,
+        )
+        if not (open_timeout > 0 and read_timeout > 0):
+            raise ValueError(f"timeouts must be > 0 seconds, got open={open_timeout} read={read_timeout}")
+        self._timeout = (float(open_timeout), float(read_timeout))
+        self._size = _check_size(size, interpolation)
+        self._interpolation = interpolation.upper()
+        self._threads = threads
+        scheme = urlsplit(url).scheme.lower()
+        micros = str(int(read_timeout * 1e6))
+        options = (
+            {"rtsp_transport": "tcp", "timeout": micros}
+            if scheme.startswith("rtsp")
+            else {"rw_timeout": micros}
+        )
+        options.update(av_options or {})
+        self._av_options = options
+
+    def _ends_at_end_of_stream(self) -> bool:
+        return not self.live
+
+    def _connect(self):
+        container = _av_open(self.uri, self._av_options, self._timeout)
+        try:
+            stream = _video_stream(container, self.uri, self._threads)
+        except SourceError:
+            container.close()
+            raise
+        self._nominal_fps = _stream_fps(stream)
+        return container, stream
+
+    def _session_frames(self, session):
+        container, stream = session
+        for frame in self._decode(container, stream, demux_errors_fatal=True):
+            yield frame.time, frame
+
+    def _disconnect(self, session) -> None:
+        session[0].close()
+
+    def _to_rgb(self, payload: Any) -> np.ndarray:
+        return _av_to_rgb(payload, self._size, self._interpolation)
+
+
+class OpenCVSource(_LiveSource):
+    """A camera through OpenCV (`webcam:0`, `/dev/video0`), live with reconnects.
+
+    Any target `cv2.VideoCapture` accepts works (an int device index or a path); frames carry
+    the wall-clock time since the first frame as pts, since cameras rarely report one.
+    Raises SourceError at once when the device cannot be opened the first time (camera not
+    present); a camera lost later is reopened with backoff like any live source.
+
+    Args as for `NetworkSource`; `open_timeout`/`read_timeout` reach OpenCV's backends that honour
+    them (FFmpeg, V4L2 partly); `realtime` is accepted and ignored (a camera has its own pace).
+    """
+
+    def __init__(
+        self,
+        target: int | str,
+        *,
+        uri: str | None = None,
+        open_timeout: float = 10.0,
+        read_timeout: float = 5.0,
+        max_attempts: int | None = None,
+        backoff: tuple[float, float] = (0.5, 10.0),
+        stride: int = 1,
+        target_fps: float | None = None,
+        size: tuple[int, int] | None = None,
+        interpolation: str = "AREA",
+        queue_size: int = 8,
+        realtime: bool = False,
+    ):
+        uri = uri if uri is not None else str(target)
+        super().__init__(
+            uri,
+            max_attempts=max_attempts,
+            backoff=backoff,
+            stride=stride,
+            target_fps=target_fps,
+            queue_size=queue_size,
+        )
+        self._target = target
+        self._size = _check_size(size, interpolation)
+        self._cv_interpolation = _INTERPOLATIONS_CV2[interpolation.upper()]
+        self._params = [
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+            int(open_timeout * 1000),
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+            int(read_timeout * 1000),
+        ]
+        self._origin: float | None = None
+        self._pending = self._open()
+        if self._pending is None:
+            raise SourceError(
+                f"camera '{uri}' is not present or cannot be opened (cv2.VideoCapture({target!r}) failed)",
+                uri,
+            )
+
+    def _open(self) -> cv2.VideoCapture | None:
+        capture = cv2.VideoCapture(self._target, cv2.CAP_ANY, self._params)
+        if not capture.isOpened():
+            capture.release()
+            return None
+        fps = capture.get(cv2.CAP_PROP_FPS)
+        if 0 < fps < 1000:
+            self._nominal_fps = float(fps)
+        return capture
+
+    def _connect(self) -> cv2.VideoCapture:
+        capture, self._pending = self._pending, None
+        if capture is None:
+            capture = self._open()
+        if capture is None:
+            raise ConnectionError(f"cv2.VideoCapture({self._target!r}) could not open the device")
+        return capture
+
+    def _session_frames(self, session: cv2.VideoCapture):
+        while not self._stop.is_set():
+            ok, bgr = session.read()
+            if not ok:
+                return  # the device stopped delivering: a disconnect
+            now = time.monotonic()
+            if self._origin is None:
+                self._origin = now
+            yield now - self._origin, bgr
+
+    def _disconnect(self, session: cv2.VideoCapture) -> None:
+        session.release()
+
+    def _release(self) -> None:
+        if self._pending is not None:
+            self._pending.release()
+            self._pending = None
+
+    def _to_rgb(self, payload: np.ndarray) -> np.ndarray:
+        if self._size is not None:
+            payload = cv2.resize(payload, self._size, interpolation=self._cv_interpolation)
+        return cv2.cvtColor(payload, cv2.COLOR_BGR2RGB)
+
+
+class SyntheticSource(Source):
+    """A deterministic generated video (see `synthetic.synthetic_rgb`) for demos and tests.
+
+    Args:
+        width, height: frame size, pixels.
+        fps: frame rate, frames per second; frame i has pts i / fps.
+        num_frames: how many frames before the source ends (None: endless).
+        scene_length: frames per scene (scene cuts every `scene_length` frames).
+        realtime: pace frames at `fps` instead of producing them as fast as possible.
+        stride, target_fps, queue_size: as for `FileSource`.
+    """
+
+    def __init__(
+        self,
+        width: int = 320,
+        height: int = 240,
+        fps: float = 10.0,
+        num_frames: int | None = None,
+        scene_length: int = 50,
+        *,
+        realtime: bool = False,
+        stride: int = 1,
+        target_fps: float | None = None,
+        queue_size: int = 0,
+        uri: str = "synthetic:",
+    ):
+        super().__init__(uri, stride=stride, target_fps=target_fps, realtime=realtime, queue_size=queue_size)
+        if not fps > 0:
+            raise ValueError(f"fps must be > 0, got {fps}")
+        if scene_length < 1:
+            raise ValueError(f"scene_length must be >= 1, got {scene_length}")
+        if width < 8 or height < 8:
+            raise ValueError(f"synthetic frames need at least 8x8 pixels, got {width}x{height}")
+        self._width, self._height = int(width), int(height)
+        self._num_frames = num_frames
+        self._scene_length = int(scene_length)
+        self._nominal_fps = float(fps)
+        self._set_state(SourceState.LIVE)
+
+    def _produce(self):
+        i = 0
+        while self._num_frames is None or i < self._num_frames:
+            yield i / self._nominal_fps, i
+            i += 1
+
+    def _to_rgb(self, payload: int) -> np.ndarray:
+        return synthetic_rgb(payload, self._width, self._height, self._scene_length)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _query_options(query: str) -> dict[str, Any]:
+    """`a=1&b=x` -> {"a": 1, "b": "x"} (ints and floats converted)."""
+    out: dict[str, Any] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        for convert in (int, float):
+            try:
+                out[key] = convert(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
+
+
+def open_source(uri: str | Path, **options: Any) -> Source:
+    """Open any source by URI; `options` go to the source class (see each class for its options).
+
+    - a path or `file:///path`             -> FileSource
+    - `rtsp(s)://`, `rtmp(s)://`, `http(s)://` -> NetworkSource
+    - `webcam:N`, `/dev/videoN`           -> OpenCVSource (camera N)
+    - `synthetic:?width=W&height=H&fps=F&num_frames=N&scene_length=S` -> SyntheticSource
+
+    Raises SourceError naming the source for an unknown scheme, a missing file, data that is not a
+    video, no video stream, or a camera that is not present.
+    """
+    if isinstance(uri, Path):
+        return FileSource(uri, **options)
+    text = str(uri)
+    if text.startswith("/dev/video"):
+        return OpenCVSource(text, uri=text, **options)
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme == "" or (len(scheme) == 1 and text[1:3] in (":\\", ":/")):  # a path (a drive letter)
+        return FileSource(text, **options)
+    if scheme == "file":
+        return FileSource(unquote(parts.path), **options)
+    if scheme in NETWORK_SCHEMES:
+        return NetworkSource(text, **options)
+    if scheme == "webcam":
+        device = parts.path or "0"
+        if not device.isdigit():
+            raise SourceError(f"bad camera in '{text}': use webcam:N with N a device number", text)
+        return OpenCVSource(int(device), uri=text, **options)
+    if scheme == "synthetic":
+        return SyntheticSource(uri=text, **{**_query_options(parts.query), **options})
+    raise SourceError(
+        f"unknown scheme '{scheme}' in '{text}': use a file path, file://, "
+        + ", ".join(f"{s}://" for s in NETWORK_SCHEMES)
+        + ", webcam:N, /dev/videoN or synthetic:",
+        text,
+    )
