@@ -597,26 +597,38 @@ class MALMM(nn.Module):
 
     # ------------------------------------------------------------ offline clip pass (evaluation, training)
 
-    def clip_query_output(self, pixels: torch.Tensor, questions: Sequence[str]) -> torch.Tensor:
+    def clip_query_output(
+        self,
+        pixels: torch.Tensor,
+        questions: Sequence[str],
+        *,
+        adhoc: bool = False,
+        memory_gradients: bool = False,
+    ) -> torch.Tensor:
         """MA-LMM over whole clips: every frame in order, one question per clip, memory as in MA-LMM.
 
         pixels: [B, T, 3, H, W]; questions: B strings (formatted with the prompt template).
         Returns the last step's query outputs [B, Q, C_q]. Gradients flow into the Q-Former, query
         tokens and frame position table (the vision encoder runs without gradients when frozen).
+
+        adhoc: the streaming ad-hoc path instead of the standing one: the banks are built with the
+        default question, and the last frame's Q-Former pass reads them with the question (as
+        `answer(..., adhoc=True)` after stepping the same frames). memory_gradients: keep stored bank
+        entries in the autograd graph (MA-LMM detaches them; a vision encoder and frame position table
+        trained from scratch learn from past frames only this way). Values are the same either way.
         """
         if pixels.dim() != 5 or pixels.shape[2] != 3:
             raise ValueError(f"clips must be [B, T, 3, H, W], got shape {tuple(pixels.shape)}")
         B, T = pixels.shape[:2]
         if len(questions) != B:
             raise ValueError(f"need one question per clip: {B} clips, {len(questions)} questions")
-        text = self.qformer_tokenizer(
-            [self.prompt(q) for q in questions], padding="longest", truncation=True,
-            max_length=self.config.max_instruction_tokens, return_tensors="pt",
-        )
-        ids, text_mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
+        ids, text_mask = self._qformer_batch([self.prompt(q) for q in questions])
+        if adhoc:
+            default_ids, default_mask = self._qformer_batch([self.prompt(self.config.default_question)] * B)
         M = self.config.memory_bank_length
-        visual_memory = ConcatMemory(M) if M > 0 else None
-        memories = [ConcatMemory(M) for _ in range(self.qformer.num_layers)] if M > 0 else None
+        detach = not memory_gradients
+        visual_memory = ConcatMemory(M, detach) if M > 0 else None
+        memories = [ConcatMemory(M, detach) for _ in range(self.qformer.num_layers)] if M > 0 else None
         queries = self.query_tokens.expand(B, -1, -1)
         hidden = None
         for t in range(T):
@@ -628,17 +640,41 @@ class MALMM(nn.Module):
                 source, _ = visual_memory.exchange(feats, None)  # [B, (<=M+1)*N, C_vis]
             else:
                 source = feats
-            hidden = self.qformer(queries, ids, text_mask, VisualContext(states=source), memories)
+            context = VisualContext(states=source)
+            if adhoc and t == T - 1:  # the question reads the default banks, which it does not write
+                past = None if memories is None else [ReadOnlyMemory(m.entries) for m in memories]
+                hidden = self.qformer(queries, ids, text_mask, context, past)
+            elif adhoc:
+                hidden = self.qformer(queries, default_ids, default_mask, context, memories)
+            else:
+                hidden = self.qformer(queries, ids, text_mask, context, memories)
         return hidden[:, : self.num_queries]
 
-    def clip_loss(self, pixels: torch.Tensor, questions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+    def _qformer_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q-Former tokens of several prompts, right-padded: (input_ids [B, L], attention_mask [B, L])."""
+        text = self.qformer_tokenizer(
+            prompts, padding="longest", truncation=True,
+            max_length=self.config.max_instruction_tokens, return_tensors="pt",
+        )
+        return text.input_ids.to(self.device), text.attention_mask.to(self.device)
+
+    def clip_loss(
+        self,
+        pixels: torch.Tensor,
+        questions: Sequence[str],
+        answers: Sequence[str],
+        *,
+        adhoc: bool = False,
+        memory_gradients: bool = False,
+    ) -> torch.Tensor:
         """MA-LMM's training loss: LLM cross-entropy of each answer given the clip and its question.
 
         pixels: [B, T, 3, H, W]; questions, answers: B strings. Returns a scalar (mean over answer tokens).
+        adhoc, memory_gradients: as in `clip_query_output`.
         """
         if len(answers) != len(questions):
             raise ValueError(f"need one answer per question: {len(questions)} questions, {len(answers)} answers")
-        output = self.clip_query_output(pixels, questions)
+        output = self.clip_query_output(pixels, questions, adhoc=adhoc, memory_gradients=memory_gradients)
         proj = self.language_projection(output)  # [B, Q, D]
         tok = self.tokenizer
         eos = tok.eos_token_id

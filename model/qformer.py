@@ -248,11 +248,12 @@ class ConcatMemory:
     """MA-LMM's clip-time query bank as plain tensors: concatenate, attend, compress when over length.
 
     Used by the offline clip pass (training keeps gradients through the current step; stored entries
-    are detached, as in MA-LMM). entries: [B, T, N, C], sizes: [B, T, N].
+    are detached, as in MA-LMM, unless detach=False). entries: [B, T, N, C], sizes: [B, T, N].
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, detach: bool = True) -> None:
         self.capacity = capacity
+        self.detach = detach
         self.entries: torch.Tensor | None = None
         self.sizes: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None  # [B, N] bool: the instruction's padding, the same every step
@@ -268,7 +269,7 @@ class ConcatMemory:
             source = torch.cat([past.to(hidden.dtype), hidden], dim=1)
             reps = self.entries.shape[1]
             source_mask = None if mask is None else torch.cat([mask] * (reps + 1), dim=1)
-        new = hidden.detach()[:, None]
+        new = (hidden.detach() if self.detach else hidden)[:, None]
         ones = torch.ones(B, 1, N, dtype=torch.int32, device=hidden.device)
         if self.entries is None:
             self.entries, self.sizes = new, ones
