@@ -579,11 +579,14 @@ class _ParserExit(Exception):
 
 
 def _add_connection(parser: argparse.ArgumentParser, *, watch: bool = False) -> None:
+    """The connection options, the same on every client command so a script can pass one set to all."""
     group = parser.add_argument_group("connection")
     group.add_argument("--server", default=DEFAULT_REQUEST_ENDPOINT, metavar="ADDR",
-                       help=f"the server's request address (default {DEFAULT_REQUEST_ENDPOINT})")
+                       help=f"the server's request address (default {DEFAULT_REQUEST_ENDPOINT})"
+                            + ("; not used by watch" if watch else ""))
     group.add_argument("--events", default=DEFAULT_EVENT_ENDPOINT, metavar="ADDR",
-                       help=f"the server's event address (default {DEFAULT_EVENT_ENDPOINT})")
+                       help=f"the server's event address (default {DEFAULT_EVENT_ENDPOINT})"
+                            + ("" if watch else "; used by watch"))
     if watch:
         group.add_argument("--timeout", type=_seconds(0.0), default=None, metavar="S",
                            help="stop after S seconds (default: run until Ctrl-C or --count)")
@@ -591,8 +594,9 @@ def _add_connection(parser: argparse.ArgumentParser, *, watch: bool = False) -> 
         group.add_argument("--timeout", type=_seconds(0.0), default=None, metavar="S",
                            help=f"seconds to wait for each attempt's reply (default {DEFAULT_TIMEOUT_S:g}; "
                                 f"{SLOW_TIMEOUT_S:g} for ask and snapshot)")
-        group.add_argument("--retries", type=_int_in(0, 100), default=DEFAULT_RETRIES, metavar="N",
-                           help=f"attempts after a timeout, each on a new connection (default {DEFAULT_RETRIES})")
+    group.add_argument("--retries", type=_int_in(0, 100), default=DEFAULT_RETRIES, metavar="N",
+                       help=f"attempts after a timeout, each on a new connection (default {DEFAULT_RETRIES})"
+                            + ("; not used by watch" if watch else ""))
     group.add_argument("--curve-server-key", metavar="FILE",
                        help="the server's public key file (NAME.key): connect with CURVE encryption")
     group.add_argument("--curve-client-key", metavar="FILE",

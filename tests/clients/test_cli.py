@@ -386,6 +386,19 @@ def test_curve_keys_made_by_the_cli_connect_to_a_curve_server(tmp_path, engine):
         plain = run("ping", "--server", server.request_address, "--timeout", "0.3", "--retries", "0")
         failed(plain, EXIT_NO_REPLY)
 
+        # Events over CURVE too; watch takes the same connection options as the other commands.
+        watcher = subprocess.Popen([*CLI, "watch", "--count", "1", "--timeout", "15", "--json", *common,
+                                    "--curve-client-key", str(keys / "alice.key_secret"), "--retries", "0",
+                                    "--events", server.event_address], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 15
+        while watcher.poll() is None and time.monotonic() < deadline:
+            server.publish(p.StreamStateEvent(stream="cam1", state="live"))
+            time.sleep(0.05)
+        out, err = watcher.communicate(timeout=10)
+        assert watcher.returncode == EXIT_OK, (out, err)
+        assert json.loads(out)["state"] == "live"
+
         missing = run("ping", *common, "--curve-client-key", str(keys / "bob.key_secret"))
         assert "--curve-client-key: no such file" in failed(missing, EXIT_USAGE)
         public_only = run("ping", *common, "--curve-client-key", str(allowed / "alice.key"))
