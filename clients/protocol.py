@@ -160,12 +160,14 @@ class ActionShotSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
     step: sample every ``step``-th decoded frame.
     threshold: mean absolute difference (0-255 pixel levels) above which a new composite starts.
     max_frames: most frames one composite may hold (a count of frames, not seconds).
+    blend: ``exponential`` (MixMA-LMM's 0.5/0.5 running blend) or ``mean`` (a true long exposure).
     """
 
     enabled: bool = True
     step: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
     threshold: Annotated[float, msgspec.Meta(ge=0.0, le=255.0)] = 127.5
     max_frames: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 120
+    blend: Literal["exponential", "mean"] = "exponential"
 
 
 class AddStream(Request, tag="add_stream"):
