@@ -173,14 +173,18 @@ class _Clock:
         self._offset = None
 
     def stamp(self, raw: float | None, interval: float, now: float) -> float:
+        """pts in seconds for a frame with raw timestamp `raw` (seconds or None) decoded at `now`."""
+        if self._last is None:
+            expected = 0.0
+        elif self._offset is None:  # first frames of a reconnected session: real time went on
+            expected = self._last + max(interval, now - self._last_wall)
+        else:
+            expected = self._last + interval
         if raw is None:
-            out = 0.0 if self._last is None else self._last + interval
+            out = expected
         else:
             if self._offset is None:
-                if self._last is None:
-                    target = raw if self._keep else 0.0
-                else:
-                    target = self._last + max(interval, now - self._last_wall)
+                target = raw if self._last is None and self._keep else expected
                 self._offset = target - raw
             out = raw + self._offset
         if self._last is not None and out <= self._last:

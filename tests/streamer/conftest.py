@@ -1,0 +1,164 @@
+"""Generated media and a real RTSP server for the streamer tests.
+
+Videos are encoded here with PyAV from `synthetic_rgb` frames (160x120, 10 fps): H.264 in MP4 and
+MPEG-4 Part 2 in Matroska, a truncated and a corrupted copy, an audio-only file and a text file.
+The RTSP server is Debian's GStreamer RTSP server run by /usr/bin/python3 (tests/streamer/
+rtsp_server.py), bound to 127.0.0.1 on a free port; tests can kill, restart, freeze and thaw it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from mixmalmm.streamer.synthetic import synthetic_rgb, write_video
+
+WIDTH, HEIGHT, FPS = 160, 120, 10
+NUM_FRAMES = 60  # 6 s
+SCENE = 20  # a scene cut every 2 s
+X264 = {"preset": "ultrafast", "g": "10"}  # a key frame every second
+SYSTEM_PYTHON = "/usr/bin/python3"
+SERVER_SCRIPT = Path(__file__).with_name("rtsp_server.py")
+
+
+def source_frames(n: int = NUM_FRAMES) -> list[np.ndarray]:
+    """The frames the test videos were encoded from, [H, W, 3] uint8 each."""
+    return [synthetic_rgb(i, WIDTH, HEIGHT, SCENE) for i in range(n)]
+
+
+@dataclass
+class Media:
+    h264: Path  # H.264 in MP4, NUM_FRAMES frames
+    mpeg4: Path  # MPEG-4 Part 2 in Matroska, NUM_FRAMES frames
+    truncated_mp4: Path  # first half of h264 (the index at the end is lost)
+    truncated_mkv: Path  # first half of mpeg4 (a streamable container: the first frames decode)
+    corrupt: Path  # h264 with random bytes over 20% of the file, in its middle
+    audio_only: Path  # an MP4 file with one AAC stream
+    text: Path  # JSON text, not a video (FFmpeg would read a .txt file as ANSI art)
+    rtsp: Path  # 30 s of H.264 in MP4 for the RTSP server
+    rtsp_short: Path  # 1.5 s of H.264 in MP4 (the server's stream ends: end of stream)
+
+
+def _write_audio(path: Path) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        samples = (np.sin(np.arange(16000) / 10.0) * 0.2).astype(np.float32)[None, :]
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        frame.time_base = Fraction(1, 16000)
+        frame.pts = 0
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory) -> Media:
+    root = tmp_path_factory.mktemp("media")
+    m = Media(*(root / name for name in (
+        "h264.mp4", "mpeg4.mkv", "truncated.mp4", "truncated.mkv", "corrupt.mp4", "audio.mp4", "notes.json",
+        "rtsp.mp4", "rtsp_short.mp4",
+    )))  # fmt: skip
+    write_video(m.h264, source_frames(), FPS, "libx264", X264)
+    write_video(m.mpeg4, source_frames(), FPS, "mpeg4")
+    data = m.h264.read_bytes()
+    m.truncated_mp4.write_bytes(data[: len(data) // 2])
+    mkv = m.mpeg4.read_bytes()
+    m.truncated_mkv.write_bytes(mkv[: len(mkv) // 2])
+    broken = bytearray(data)
+    start, length = len(data) * 2 // 5, len(data) // 5
+    broken[start : start + length] = np.random.default_rng(0).integers(0, 256, length, dtype=np.uint8).tobytes()
+    m.corrupt.write_bytes(bytes(broken))
+    _write_audio(m.audio_only)
+    m.text.write_text("{\"not\": \"a video\"}\n" * 50)
+    rtsp_frames = (synthetic_rgb(i, WIDTH, HEIGHT, SCENE) for i in range(300))
+    write_video(m.rtsp, rtsp_frames, FPS, "libx264", X264)
+    write_video(m.rtsp_short, source_frames(15), FPS, "libx264", X264)
+    return m
+
+
+def _gst_rtsp_available() -> bool:
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        return False
+    check = 'import gi; gi.require_version("GstRtspServer", "1.0"); from gi.repository import GstRtspServer'
+    return subprocess.run([SYSTEM_PYTHON, "-c", check], capture_output=True).returncode == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RtspServer:
+    """Debian's GStreamer RTSP server serving one file at rtsp://127.0.0.1:PORT/stream."""
+
+    def __init__(self, path: Path, port: int):
+        self.path, self.port = path, port
+        self.url = f"rtsp://127.0.0.1:{port}/stream"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        assert self.process is None, "already running"
+        self.process = subprocess.Popen(
+            [SYSTEM_PYTHON, str(SERVER_SCRIPT), str(self.path), str(self.port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        line = self.process.stdout.readline() if ready else ""
+        if not line.startswith("READY"):
+            self.kill()
+            raise RuntimeError(f"the RTSP server did not start on port {self.port}: {line!r}")
+
+    def kill(self) -> None:
+        """SIGKILL: the server vanishes mid-stream, as a crashed camera would."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a frozen process must be able to die
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process.stdout.close()
+            self.process = None
+
+    def freeze(self) -> None:
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+
+def _server(path: Path):
+    if not _gst_rtsp_available():
+        pytest.skip("needs Debian's GStreamer RTSP server for /usr/bin/python3 (bash scripts/setup.sh --test)")
+    server = RtspServer(path, free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def rtsp_server(media):
+    """A running RTSP server serving 30 s of video."""
+    yield from _server(media.rtsp)
+
+
+@pytest.fixture
+def rtsp_short_server(media):
+    """A running RTSP server serving 1.5 s of video: each session ends with an end of stream."""
+    yield from _server(media.rtsp_short)
+

@@ -1,0 +1,41 @@
+"""A tiny RTSP server for the streaming tests: Debian's GStreamer RTSP server serving one H.264 file.
+
+Run with Debian's /usr/bin/python3 (GStreamer's Python bindings are not in the venv):
+
+    /usr/bin/python3 rtsp_server.py FILE.mp4 PORT
+
+Serves rtsp://127.0.0.1:PORT/stream; every client gets its own session that plays FILE from the
+start, in real time. Prints "READY <port>" once it listens. Binds loopback only.
+"""
+
+import sys
+
+import gi
+
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+
+
+def main() -> None:
+    path, port = sys.argv[1], int(sys.argv[2])
+    Gst.init(None)
+    server = GstRtspServer.RTSPServer()
+    server.set_address("127.0.0.1")
+    server.set_service(str(port))
+    factory = GstRtspServer.RTSPMediaFactory()
+    # The file is given through the launch line, so the path must not contain quotes or spaces.
+    factory.set_launch(
+        f"( filesrc location={path} ! qtdemux ! h264parse ! rtph264pay name=pay0 pt=96 config-interval=1 )"
+    )
+    factory.set_shared(False)
+    server.get_mount_points().add_factory("/stream", factory)
+    if server.attach(None) == 0:
+        print(f"FAILED to bind 127.0.0.1:{port}", flush=True)
+        sys.exit(1)
+    print(f"READY {server.get_bound_port()}", flush=True)
+    GLib.MainLoop().run()
+
+
+if __name__ == "__main__":
+    main()
