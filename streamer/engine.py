@@ -1,0 +1,491 @@
+"""The engine: many streams around one model, questions at any moment, state kept across restarts.
+
+Data flow (shared/DESIGN.md §2): one decode thread per stream reads its source, folds frames into
+ActionShot composites and preprocesses each Shot for the vision encoder; a bounded queue per stream
+hands Shots to the single model thread (live: the oldest Shot is dropped and counted when the model
+falls behind; replay: the decode thread waits); the model thread takes at most one Shot per stream per
+round, runs the vision encoder on all of them as one batch and steps every stream's state.
+
+Questions never wait for the ingest backlog: each stream's state has a lock held only while one Shot
+is folded in, so an answer waits at most one step. The Q-Former output is taken under that lock (a
+consistent view of the memory), and the LLM generates outside it while ingestion goes on.
+
+Persistence: with a state directory, each stream's state (banks, counts, time spans, standing
+questions, source URI and options) is written atomically (temporary file, fsync, rename) every
+`snapshot_period_s` and on shutdown, and read back on start. A failed write (full disk, unwritable
+directory) is logged and shown in the status; the engine keeps running and keeps the state in memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import torch
+
+from mixmalmm.clients import protocol as P
+from mixmalmm.model import MALMM, StateSnapshot, StreamState
+
+from .pipeline import StreamPipeline
+from .shotqueue import ShotQueue
+from .sources import SourceError
+
+log = logging.getLogger("mixmalmm.engine")
+
+SNAPSHOT_SUFFIX = ".state.safetensors"
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings.
+
+    max_batch: most streams whose Shots share one vision-encoder batch. queue_shots: Shots a stream
+    may have waiting for the model (live streams drop the oldest beyond it). state_dir: where stream
+    snapshots live (None: no persistence). snapshot_period_s: seconds between periodic snapshots.
+    max_new_tokens / num_beams: generation defaults for questions that give none.
+    """
+
+    max_batch: int = 8
+    queue_shots: int = 16
+    state_dir: str | None = None
+    snapshot_period_s: float = 30.0
+    max_new_tokens: int = 30
+    num_beams: int = 1
+    default_actionshot: P.ActionShotSettings = field(default_factory=P.ActionShotSettings)
+    source_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Standing:
+    question_id: str
+    text: str
+    period_s: float | None
+    next_due: float = 0.0
+
+
+class Stream:
+    """One stream inside the engine: its pipeline, its model state, its lock and its counters."""
+
+    def __init__(self, sid: str, request: P.AddStream, state: StreamState, queue: ShotQueue):
+        self.id = sid
+        self.request = request
+        self.state = state
+        self.queue = queue
+        self.lock = threading.Lock()
+        self.pipeline: StreamPipeline | None = None
+        self.standing: dict[str, Standing] = {}
+        self.shots_stepped = 0
+        self.out_times: collections.deque[float] = collections.deque(maxlen=256)
+        self.last_error: str | None = None
+        self.idle_state = "stopped"  # the state shown while the stream has no pipeline
+
+    @property
+    def state_name(self) -> str:
+        return self.pipeline.state if self.pipeline is not None else self.idle_state
+
+    @property
+    def live(self) -> bool:
+        return self.pipeline.live if self.pipeline is not None else self.request.mode == "live"
+
+    def fps_out(self, now: float, window_s: float = 5.0) -> float:
+        recent = [t for t in self.out_times if now - t <= window_s]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
+
+
+class Engine:
+    """Runs streams around one `MALMM` and serves the protocol's requests (implements server.Handler).
+
+    publish: called with protocol events (stream state changes, standing answers); the server's
+    `publish` in production. Thread-safe: `handle` is called from several server workers at once.
+    """
+
+    def __init__(self, model: MALMM, config: EngineConfig | None = None, publish=None, model_name: str = ""):
+        self.model = model
+        self.config = config or EngineConfig()
+        self._publish = publish or (lambda event: None)
+        self.model_name = model_name or type(model).__name__
+        self._streams: dict[str, Stream] = {}
+        self._streams_lock = threading.Lock()
+        self._work = threading.Condition()
+        self._stop = threading.Event()
+        self._started = time.time()
+        self._latencies: collections.deque[float] = collections.deque(maxlen=2048)
+        self._answered = 0
+        self._threads: list[threading.Thread] = []
+        self.persist_error: str | None = None
+        self._image_processor = model.processor.image_processor
+        if self.config.state_dir:
+            Path(self.config.state_dir).mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, restore: bool = True) -> Engine:
+        if restore and self.config.state_dir:
+            self._restore_all()
+        for target, name in ((self._model_loop, "model"), (self._scheduler_loop, "scheduler")):
+            t = threading.Thread(target=target, name=f"mixmalmm-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def shutdown(self, save: bool = True) -> None:
+        """Stop sources, finish the current step, save every stream, stop the threads."""
+        with self._streams_lock:
+            streams = list(self._streams.values())
+        for s in streams:
+            if s.pipeline is not None:
+                s.pipeline.stop()
+        for s in streams:
+            if s.pipeline is not None:
+                s.pipeline.join(timeout=10.0)
+        self._stop.set()
+        with self._work:
+            self._work.notify_all()
+        for t in self._threads:
+            t.join(timeout=30.0)
+        if save and self.config.state_dir:
+            for s in streams:
+                self._save(s)
+
+    # ------------------------------------------------------------------ streams
+
+    def add_stream(
+        self,
+        request: P.AddStream,
+        state: StreamState | None = None,
+        *,
+        keep_on_error: bool = False,
+        resume_after: float | None = None,
+        ingest: bool = True,
+    ) -> Stream:
+        """Open the stream's source and start ingesting it.
+
+        A source that cannot be opened (missing file, unknown scheme, no camera) is refused with a
+        bad_request error, unless keep_on_error (restoring a saved stream): then the stream is kept,
+        answerable from its restored memory, in state "failed". resume_after: a file resumes after this
+        time (seconds), where its restored memory ends. ingest=False keeps the memory only (a replay
+        that had finished).
+        """
+        sid = request.stream
+        with self._streams_lock:
+            if sid in self._streams:
+                raise P.RequestError(P.ErrorCode.ALREADY_EXISTS, f"stream {sid!r} already exists")
+        queue = ShotQueue(self.config.queue_shots, drop_oldest=True, on_put=self._notify)
+        stream = Stream(sid, request, state or self.model.create_state(sid), queue)
+        if not ingest:
+            stream.idle_state = "finished"
+        else:
+            try:
+                stream.pipeline = StreamPipeline(
+                    sid, request.uri, mode=request.mode, pace=request.pace,
+                    actionshot=request.actionshot or self.config.default_actionshot,
+                    image_size=self.model.image_size, mean=self._image_processor.image_mean,
+                    std=self._image_processor.image_std, queue=queue, source_options=self.config.source_options,
+                    on_state=lambda old, new, msg: self._on_state(stream, old, new, msg),
+                    resume_after=resume_after,
+                )
+            except (SourceError, ValueError) as exc:
+                if not keep_on_error:
+                    raise P.RequestError(P.ErrorCode.BAD_REQUEST, str(exc)) from exc
+                stream.last_error = str(exc)
+                stream.idle_state = "failed"
+                log.error("stream %s kept without its source: %s", sid, exc)
+        with self._streams_lock:
+            if sid in self._streams:  # added by another request meanwhile
+                if stream.pipeline is not None:
+                    stream.pipeline.stop()
+                raise P.RequestError(P.ErrorCode.ALREADY_EXISTS, f"stream {sid!r} already exists")
+            self._streams[sid] = stream
+        if stream.pipeline is not None:
+            stream.pipeline.start()
+            log.info("stream %s added: %s (%s)", sid, request.uri, "live" if stream.pipeline.live else "replay")
+        return stream
+
+    def remove_stream(self, sid: str) -> Stream:
+        stream = self._get(sid)
+        if stream.pipeline is not None:
+            stream.pipeline.stop()
+            stream.pipeline.join(timeout=10.0)
+        with self._streams_lock:
+            self._streams.pop(sid, None)
+        if self.config.state_dir:
+            path = self._snapshot_path(sid)
+            if path.exists():
+                path.unlink()
+        return stream
+
+    def _get(self, sid: str) -> Stream:
+        with self._streams_lock:
+            stream = self._streams.get(sid)
+        if stream is None:
+            raise P.RequestError(P.ErrorCode.UNKNOWN_STREAM, f"no stream {sid!r}")
+        return stream
+
+    def streams(self) -> list[Stream]:
+        with self._streams_lock:
+            return list(self._streams.values())
+
+    def _on_state(self, stream: Stream, old: str | None, new: str, message: str | None) -> None:
+        if message and new in ("failed", "reconnecting"):
+            stream.last_error = message
+        log.info("stream %s: %s -> %s%s", stream.id, old, new, f" ({message})" if message else "")
+        self._publish(P.StreamStateEvent(stream=stream.id, state=new, previous=old, message=message))
+
+    def _notify(self) -> None:
+        with self._work:
+            self._work.notify()
+
+    # ------------------------------------------------------------------ model loop
+
+    def _model_loop(self) -> None:
+        while not self._stop.is_set():
+            batch = []
+            for stream in self.streams():
+                item = stream.queue.get_nowait()
+                if item is not None:
+                    batch.append((stream, item))
+                if len(batch) == self.config.max_batch:
+                    break
+            if not batch:
+                with self._work:
+                    self._work.wait(timeout=0.1)
+                continue
+            try:
+                self._step(batch)
+            except Exception as exc:  # a broken Shot must not stop other streams
+                log.exception("model step failed")
+                for stream, _ in batch:
+                    stream.last_error = f"model step failed: {exc}"
+
+    def _step(self, batch) -> None:
+        pixels = torch.stack([item.pixels for _, item in batch])
+        features = self.model.encode_frames(pixels)
+        streams = [s for s, _ in batch]
+        locks = sorted(streams, key=lambda s: s.id)  # one global order: no deadlock between steps
+        for s in locks:
+            s.lock.acquire()
+        try:
+            self.model.step([s.state for s in streams], features, [(i.start, i.end) for _, i in batch])
+        finally:
+            for s in locks:
+                s.lock.release()
+        now = time.time()
+        for s in streams:
+            s.shots_stepped += 1
+            s.out_times.append(now)
+
+    # ------------------------------------------------------------------ questions
+
+    def ask(self, sid: str, question: str, max_new_tokens: int | None = None, num_beams: int | None = None,
+            arrived: float | None = None) -> P.AskResult:
+        arrived = arrived or time.perf_counter()
+        stream = self._get(sid)
+        with stream.lock:  # a consistent view: at most one step is waited for
+            if stream.state.frames == 0:
+                raise P.RequestError(P.ErrorCode.UNAVAILABLE, f"stream {sid!r} has seen no frame yet")
+            output, mode = self.model.query_output(stream.state, question)
+            span = stream.state.time_span()
+        tokens = self.model.generate_tokens(
+            output, self.model.prompt(question),
+            max_new_tokens=max_new_tokens or self.config.max_new_tokens,
+            num_beams=num_beams or self.config.num_beams,
+        )
+        text = self.model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        latency = time.perf_counter() - arrived
+        self._latencies.append(latency)
+        self._answered += 1
+        qid = next((q.question_id for q in stream.standing.values() if q.text == question), None)
+        return P.AskResult(
+            stream=sid, question=question, answer=text, standing=mode == "standing", question_id=qid,
+            span_start_s=span[0] if span else None, span_end_s=span[1] if span else None, latency_s=latency,
+        )
+
+    def add_question(self, request: P.AddQuestion) -> P.StandingQuestion:
+        stream = self._get(request.stream)
+        with stream.lock:
+            if request.question_id in stream.standing:
+                raise P.RequestError(
+                    P.ErrorCode.ALREADY_EXISTS,
+                    f"stream {request.stream!r} already has a standing question {request.question_id!r}",
+                )
+            self.model.register_question(stream.state, request.text)
+            stream.standing[request.question_id] = Standing(
+                request.question_id, request.text, request.period_s,
+                next_due=time.monotonic() + (request.period_s or 0.0),
+            )
+        return P.StandingQuestion(stream=request.stream, question_id=request.question_id, text=request.text,
+                                  period_s=request.period_s)
+
+    def remove_question(self, sid: str, qid: str) -> P.StandingQuestion:
+        stream = self._get(sid)
+        with stream.lock:
+            q = stream.standing.pop(qid, None)
+            if q is None:
+                raise P.RequestError(P.ErrorCode.UNKNOWN_QUESTION, f"stream {sid!r} has no standing question {qid!r}")
+            if not any(other.text == q.text for other in stream.standing.values()):
+                self.model.remove_question(stream.state, q.text)
+        return P.StandingQuestion(stream=sid, question_id=qid, text=q.text, period_s=q.period_s)
+
+    def _scheduler_loop(self) -> None:
+        """Answers standing questions that have a period, and takes periodic snapshots."""
+        next_snapshot = time.monotonic() + self.config.snapshot_period_s
+        while not self._stop.wait(0.05):
+            now = time.monotonic()
+            for stream in self.streams():
+                for q in list(stream.standing.values()):
+                    if q.period_s is None or now < q.next_due:
+                        continue
+                    q.next_due = now + q.period_s
+                    self.answer_standing(stream.id, q.question_id)
+            if self.config.state_dir and now >= next_snapshot:
+                next_snapshot = now + self.config.snapshot_period_s
+                for stream in self.streams():
+                    self._save(stream)
+
+    def answer_standing(self, sid: str, qid: str) -> P.AnswerEvent | None:
+        """Answer one standing question now and publish the answer; None when nothing was seen yet."""
+        try:
+            stream = self._get(sid)
+            q = stream.standing[qid]
+            result = self.ask(sid, q.text)
+        except (P.RequestError, KeyError):
+            return None
+        event = P.AnswerEvent(stream=sid, question_id=qid, question=q.text, answer=result.answer,
+                              span_start_s=result.span_start_s, span_end_s=result.span_end_s)
+        self._publish(event)
+        return event
+
+    # ------------------------------------------------------------------ status
+
+    def stream_status(self, stream: Stream) -> P.StreamStatus:
+        now = time.time()
+        with stream.lock:
+            bank = stream.state.visual_bank
+            entries = bank.count if bank is not None else min(stream.state.frames, 1)
+            span = stream.state.time_span()
+        pipe = stream.pipeline
+        return P.StreamStatus(
+            stream=stream.id, uri=stream.request.uri, state=stream.state_name,
+            fps_in=pipe.fps_in(now) if pipe else 0.0, fps_out=stream.fps_out(now),
+            frames=pipe.frames if pipe else 0, shots=stream.shots_stepped,
+            drops=stream.queue.dropped + (pipe.source_drops if pipe else 0),
+            reconnects=pipe.reconnects if pipe else 0,
+            memory_entries=entries, memory_capacity=self.model.config.memory_bank_length,
+            span_start_s=span[0] if span else None, span_end_s=span[1] if span else None,
+            queue_depth=len(stream.queue), last_error=stream.last_error or (pipe.last_error if pipe else None),
+        )
+
+    def status(self, sid: str | None = None) -> P.StatusResult:
+        streams = [self._get(sid)] if sid else self.streams()
+        lat = sorted(self._latencies)
+
+        def pct(q: float) -> float | None:
+            return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
+
+        engine = P.EngineStatus(
+            model=self.model_name, device=str(self.model.device), uptime_s=time.time() - self._started,
+            questions_answered=self._answered, question_latency_p50_s=pct(0.5), question_latency_p99_s=pct(0.99),
+            queue_depth=sum(len(s.queue) for s in streams), persist_error=self.persist_error,
+        )
+        return P.StatusResult(engine=engine, streams=[self.stream_status(s) for s in streams])
+
+    def stream_info(self, stream: Stream) -> P.StreamInfo:
+        return P.StreamInfo(
+            stream=stream.id, uri=stream.request.uri, state=stream.state_name,
+            mode="live" if stream.live else "replay",
+            questions=[P.StandingQuestion(stream=stream.id, question_id=q.question_id, text=q.text,
+                                          period_s=q.period_s) for q in stream.standing.values()],
+        )
+
+    # ------------------------------------------------------------------ persistence
+
+    def _snapshot_path(self, sid: str) -> Path:
+        return Path(self.config.state_dir) / f"{sid}{SNAPSHOT_SUFFIX}"
+
+    def _save(self, stream: Stream) -> P.SavedSnapshot | None:
+        """Write one stream's state atomically; on failure log it, remember it, return None."""
+        with stream.lock:
+            snap = stream.state.snapshot()
+            snap.meta["engine"] = {
+                "request": msgspec.to_builtins(stream.request),
+                "standing": [[q.question_id, q.text, q.period_s] for q in stream.standing.values()],
+                "state": stream.state_name,
+                "live": stream.live,
+            }
+        path = self._snapshot_path(stream.id)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            snap.save(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            self.persist_error = f"could not save stream {stream.id!r} to '{path}': {exc}"
+            log.error("%s", self.persist_error)
+            tmp.unlink(missing_ok=True)
+            return None
+        self.persist_error = None
+        return P.SavedSnapshot(stream=stream.id, path=str(path), size_bytes=path.stat().st_size, time_s=time.time())
+
+    def save(self, sid: str | None = None) -> P.SaveSnapshotResult:
+        if not self.config.state_dir:
+            raise P.RequestError(P.ErrorCode.BAD_REQUEST, "the engine runs without a state directory")
+        streams = [self._get(sid)] if sid else self.streams()
+        saved = [s for s in (self._save(stream) for stream in streams) if s is not None]
+        if len(saved) < len(streams):
+            raise P.RequestError(P.ErrorCode.INTERNAL, self.persist_error or "snapshot failed")
+        return P.SaveSnapshotResult(saved=saved)
+
+    def _restore_all(self) -> None:
+        for path in sorted(Path(self.config.state_dir).glob(f"*{SNAPSHOT_SUFFIX}")):
+            try:
+                snap = StateSnapshot.load(path)
+                info = snap.meta["engine"]
+                request = msgspec.convert(info["request"], P.AddStream)
+                state = self.model.restore(snap)
+            except Exception as exc:  # a bad file must not keep the others from loading
+                log.error("could not restore '%s': %s", path, exc)
+                self.persist_error = f"could not restore '{path}': {exc}"
+                continue
+            replay = not info.get("live", False)
+            stream = self.add_stream(
+                request, state=state, keep_on_error=True,
+                ingest=not (replay and info.get("state") == "finished"),
+                resume_after=state.last_time if replay else None,
+            )
+            for qid, text, period in info["standing"]:
+                stream.standing[qid] = Standing(qid, text, period, next_due=time.monotonic() + (period or 0.0))
+            log.info("stream %s restored from '%s' (%d frames)", stream.id, path, state.frames)
+
+    # ------------------------------------------------------------------ protocol
+
+    def handle(self, request: P.AnyRequest) -> msgspec.Struct:
+        arrived = time.perf_counter()
+        match request:
+            case P.Ask():
+                return self.ask(request.stream, request.question, request.max_new_tokens, request.num_beams,
+                                arrived=arrived)
+            case P.Status():
+                return self.status(request.stream)
+            case P.ListStreams():
+                return P.ListStreamsResult(streams=[self.stream_info(s) for s in self.streams()])
+            case P.AddStream():
+                return self.stream_info(self.add_stream(request))
+            case P.RemoveStream():
+                return self.stream_info(self.remove_stream(request.stream))
+            case P.AddQuestion():
+                return self.add_question(request)
+            case P.RemoveQuestion():
+                return self.remove_question(request.stream, request.question_id)
+            case P.SaveSnapshot():
+                return self.save(request.stream)
+        raise P.RequestError(P.ErrorCode.UNKNOWN_TYPE, f"the engine does not serve {type(request).__name__}")
+

@@ -1,0 +1,181 @@
+"""One stream's decode thread: source -> ActionShot -> preprocessing -> the stream's ShotQueue.
+
+The thread owns its source. Live sources reconnect by themselves (their state machine: connecting,
+live, reconnecting, failed); a file ends as "finished". Every state change is reported through
+`on_state(previous, new, message)`; a source that cannot be opened at all ends as "failed" with the
+error's message, and nothing else in the engine is disturbed.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from mixmalmm.clients import protocol as P
+
+from .actionshot import ActionShot, PassThrough
+from .frames import Shot
+from .preprocess import preprocess
+from .shotqueue import ShotItem, ShotQueue
+from .sources import FileSource, SourceState, open_source
+
+log = logging.getLogger("mixmalmm.pipeline")
+
+StateCallback = Callable[[str | None, str, str | None], None]
+
+#: Seconds between looks at a live source's state while no frame arrives.
+POLL_S = 0.2
+#: A resumed file starts this many seconds after the last frame already in memory.
+RESUME_GAP_S = 1e-3
+
+
+class StreamPipeline:
+    """Decodes one source on its own thread and queues preprocessed Shots for the model.
+
+    mode: "live" drops the oldest queued Shot when the model falls behind; "replay" waits for room;
+    "auto" picks live for network and camera sources, replay for files. pace: for replay, "realtime"
+    follows the file's timestamps, "fast" decodes as fast as the model takes Shots.
+    """
+
+    def __init__(
+        self,
+        stream_id: str,
+        uri: str,
+        *,
+        mode: str,
+        pace: str,
+        actionshot: P.ActionShotSettings,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        queue: ShotQueue,
+        on_state: StateCallback,
+        source_options: dict | None = None,
+        resume_after: float | None = None,
+    ):
+        self.stream_id = stream_id
+        self.uri = uri
+        self.queue = queue
+        self.settings = actionshot
+        self.image_size = image_size
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self._on_state = on_state
+        # Opening validates the URI (unknown scheme, missing file) before the stream is accepted.
+        options = {"realtime": pace == "realtime", "queue_size": 8, **(source_options or {})}
+        self.source = open_source(uri, **options)
+        if resume_after is not None and isinstance(self.source, FileSource):
+            # A replay restored from a snapshot goes on after the last frame its memory holds.
+            self.source.close()
+            self.source = open_source(uri, **options, start=resume_after + RESUME_GAP_S)
+        self.live = self.source.live if mode == "auto" else mode == "live"
+        self.queue.drop_oldest = self.live
+        self.state = "connecting"
+        self.frames = 0
+        self.last_error: str | None = None
+        self._in_times: collections.deque[float] = collections.deque(maxlen=512)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"mixmalmm-decode-{stream_id}", daemon=True)
+
+    # ------------------------------------------------------------------ control
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.source.close()
+        self.queue.close()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    # ------------------------------------------------------------------ counters
+
+    @property
+    def reconnects(self) -> int:
+        return self.source.stats.reconnects
+
+    @property
+    def source_drops(self) -> int:
+        """Frames the source's own bounded buffer dropped (live sources only)."""
+        return self.source.stats.dropped
+
+    def fps_in(self, now: float, window_s: float = 5.0) -> float:
+        recent = [t for t in list(self._in_times) if now - t <= window_s]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
+
+    # ------------------------------------------------------------------ thread
+
+    def _set_state(self, new: str, message: str | None = None) -> None:
+        if new == self.state:
+            return
+        old, self.state = self.state, new
+        if message:
+            self.last_error = message
+        self._on_state(old, new, message)
+
+    def _follow_source(self) -> None:
+        """Mirror the source's state machine (it changes on the source's own thread)."""
+        stats = self.source.stats
+        new = _STATES[stats.state]
+        if new != self.state and new not in ("finished", "stopped", "failed"):
+            self._set_state(new, stats.last_error if new == "reconnecting" else None)
+
+    def _shot_item(self, shot: Shot) -> ShotItem:
+        pixels = preprocess([shot.image], self.image_size, self.mean, self.std)[0]
+        return ShotItem(pixels=pixels, start=shot.start, end=shot.end, frames=shot.count)
+
+    def _run(self) -> None:
+        s = self.settings
+        if s.enabled:
+            accumulator = ActionShot(threshold=s.threshold, max_frames=s.max_frames, step=s.step, blend=s.blend)
+        else:
+            accumulator = PassThrough(step=s.step)
+        try:
+            while not self._stop.is_set():
+                try:
+                    frame = self.source.read(timeout=POLL_S)
+                except TimeoutError:
+                    self._follow_source()
+                    continue
+                self._follow_source()
+                if frame is None:
+                    break
+                self.frames += 1
+                self._in_times.append(time.time())
+                shot = accumulator.push(frame)
+                if shot is not None and not self.queue.put(self._shot_item(shot), stop=self._stop):
+                    break
+            if not self._stop.is_set():
+                shot = accumulator.flush()
+                if shot is not None:
+                    self.queue.put(self._shot_item(shot), stop=self._stop)
+        except Exception as exc:  # the source gave up (attempts exhausted) or its data is unusable
+            log.warning("stream %s: %s", self.stream_id, exc)
+            self._set_state("failed", str(exc))
+            return
+        finally:
+            self.source.close()
+        self._set_state("stopped" if self._stop.is_set() else "finished")
+
+
+# The source's states as the protocol names them.
+_STATES = {
+    SourceState.CONNECTING: "connecting",
+    SourceState.LIVE: "live",
+    SourceState.RECONNECTING: "reconnecting",
+    SourceState.ENDED: "finished",
+    SourceState.FAILED: "failed",
+    SourceState.CLOSED: "stopped",
+}
