@@ -42,7 +42,8 @@ def _bicubic_pass(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def resize_uint8(images: torch.Tensor, image_size: int | tuple[int, int]) -> torch.Tensor:
-    """Bicubic antialiased resize of [B, 3, H, W] uint8 images to [B, 3, h, w] (PIL's algorithm).
+    """Bicubic antialiased resize of [B, 3, H, W] images holding uint8 values (any dtype) to
+    [B, 3, h, w] (PIL's algorithm).
 
     `image_size` is an int (square) or (height, width) in pixels. Like PIL: the horizontal pass
     first, rounded and clamped to 0..255 (bicubic overshoots), then the vertical pass, rounded and
@@ -80,16 +81,24 @@ def preprocess(
         raise ValueError(f"mean and std need 3 values each (std > 0), got mean={mean}, std={std}")
     images = [_as_image(s) for s in shots]
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    out = torch.empty((len(images), 3, *size), dtype=dtype, device=device)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
         groups.setdefault(image.shape, []).append(i)
-    scale = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-    shift = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    # (x / 255 - mean) / std as one multiply-add: x * (1 / (255 std)) + (-mean / std).
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    scale, bias = 1.0 / (255.0 * std_t), -mean_t / std_t
+    results = []
     for indices in groups.values():
-        batch = torch.from_numpy(np.stack([images[i] for i in indices]))  # [b, H, W, 3] uint8
-        batch = batch.to(device).permute(0, 3, 1, 2)  # [b, 3, H, W]
-        resized = resize_uint8(batch, size)
-        # (x / 255 - mean) / std, as x / (255 std) - mean / std
-        out[indices] = (resized / scale - shift / (scale / 255.0)).to(dtype)
+        batch = torch.from_numpy(np.stack([images[i] for i in indices])).to(device)  # [b, H, W, 3] uint8
+        # Convert while contiguous, then view as [b, 3, H, W] (channels-last memory): converting the
+        # permuted view directly takes a slow strided path (about 80x slower on CPU).
+        pixels = batch.float().permute(0, 3, 1, 2)
+        resized = resize_uint8(pixels, size)
+        results.append((indices, torch.addcmul(bias, resized, scale).to(dtype)))
+    if len(results) == 1:
+        return results[0][1].contiguous()
+    out = torch.empty((len(images), 3, *size), dtype=dtype, device=device)
+    for indices, values in results:
+        out[indices] = values
     return out

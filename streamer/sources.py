@@ -21,6 +21,7 @@ synthetic source are read on demand (nothing is dropped), as fast as possible or
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import av
 import cv2
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from mixmalmm.streamer.frames import Frame
 from mixmalmm.streamer.synthetic import synthetic_rgb
@@ -263,6 +265,7 @@ class Source:
         self._generator: Iterator[Frame] | None = None
         self._queue: FrameQueue | None = None
         self._failure: list[BaseException] = []
+        self._running = False  # a thread is inside _run (producing frames)
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -322,8 +325,11 @@ class Source:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30.0)
         if self._generator is not None and self._queue_size == 0:
-            self._generator.close()
-        self._release()
+            # ValueError: it is running in another thread, which sees the stop flag and cleans up.
+            with contextlib.suppress(ValueError):
+                self._generator.close()
+        if not self._running:  # never free the decoder under a thread still using it
+            self._release()
         with self._lock:
             if self._stats.state not in (SourceState.ENDED, SourceState.FAILED):
                 self._stats.state = SourceState.CLOSED
@@ -371,6 +377,7 @@ class Source:
         """Frames in the caller's thread: clock, selection, conversion, pacing, counters."""
         index = 0
         pace_origin: tuple[float, float] | None = None  # (pts, wall) of the first paced frame
+        self._running = True
         try:
             for raw_pts, payload in self._produce():
                 if self._stop.is_set():
@@ -395,6 +402,8 @@ class Source:
                 self._stats.state = SourceState.FAILED
                 self._stats.last_error = str(exc)
             raise
+        finally:
+            self._running = False
         with self._lock:
             if self._stop.is_set():
                 self._stats.state = SourceState.CLOSED
@@ -453,13 +462,6 @@ def _stream_fps(stream: Any) -> float | None:
     return None
 
 
-def _av_to_rgb(frame: Any, size: tuple[int, int] | None, interpolation: str) -> np.ndarray:
-    """An av.VideoFrame as [H, W, 3] uint8 RGB, scaled by swscale to `size` = (width, height)."""
-    if size is None:
-        return frame.to_ndarray(format="rgb24")
-    return frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation=interpolation)
-
-
 def _check_size(size: tuple[int, int] | None, interpolation: str) -> tuple[int, int] | None:
     if interpolation.upper() not in _INTERPOLATIONS_CV2:
         raise ValueError(f"unknown interpolation {interpolation!r}; one of {sorted(_INTERPOLATIONS_CV2)}")
@@ -472,7 +474,21 @@ def _check_size(size: tuple[int, int] | None, interpolation: str) -> tuple[int, 
 
 
 class _PyAVDecoding:
-    """The demux/decode loop shared by file and network sources (decode errors counted, skipped)."""
+    """What file and network sources share: the demux/decode loop (decode errors counted and
+    skipped) and the conversion to RGB, scaled at decode time by one reused swscale context."""
+
+    def _init_conversion(self, size: tuple[int, int] | None, interpolation: str) -> None:
+        self._size = _check_size(size, interpolation)
+        self._interpolation = interpolation.upper()
+        # One reformatter per source keeps its swscale context (frame.to_ndarray(width=...) would
+        # build a new one per frame: half the speed at 640x480).
+        self._reformatter = VideoReformatter()
+
+    def _to_rgb(self, payload: Any) -> np.ndarray:
+        """An av.VideoFrame as [H, W, 3] uint8 RGB, scaled to `size` = (width, height) if set."""
+        width, height = self._size if self._size is not None else (None, None)
+        rgb = self._reformatter.reformat(payload, width, height, "rgb24", interpolation=self._interpolation)
+        return rgb.to_ndarray()
 
     def _decode(self, container: Any, stream: Any, *, demux_errors_fatal: bool):
         """Yields av.VideoFrame in presentation order.
@@ -550,8 +566,7 @@ class FileSource(_PyAVDecoding, Source):
         if start is not None and end is not None and end < start:
             raise ValueError(f"end ({end} s) is before start ({start} s) for '{path}'")
         self._start, self._end = start, end
-        self._size = _check_size(size, interpolation)
-        self._interpolation = interpolation.upper()
+        self._init_conversion(size, interpolation)
         if not Path(path).is_file():
             raise SourceError(f"no such file: '{path}'", path)
         try:
@@ -592,9 +607,6 @@ class FileSource(_PyAVDecoding, Source):
                 yield t, frame
         finally:
             self._container.close()
-
-    def _to_rgb(self, payload: Any) -> np.ndarray:
-        return _av_to_rgb(payload, self._size, self._interpolation)
 
     def _release(self) -> None:
         self._container.close()
@@ -747,8 +759,7 @@ class NetworkSource(_PyAVDecoding, _LiveSource):
         if not (open_timeout > 0 and read_timeout > 0):
             raise ValueError(f"timeouts must be > 0 seconds, got open={open_timeout} read={read_timeout}")
         self._timeout = (float(open_timeout), float(read_timeout))
-        self._size = _check_size(size, interpolation)
-        self._interpolation = interpolation.upper()
+        self._init_conversion(size, interpolation)
         self._threads = threads
         scheme = urlsplit(url).scheme.lower()
         micros = str(int(read_timeout * 1e6))
@@ -780,9 +791,6 @@ class NetworkSource(_PyAVDecoding, _LiveSource):
 
     def _disconnect(self, session) -> None:
         session[0].close()
-
-    def _to_rgb(self, payload: Any) -> np.ndarray:
-        return _av_to_rgb(payload, self._size, self._interpolation)
 
 
 class OpenCVSource(_LiveSource):

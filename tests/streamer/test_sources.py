@@ -232,3 +232,25 @@ def test_failed_connection_names_the_source():
     assert source.read(timeout=1) is None
     source.close()
     assert source.state == SourceState.FAILED
+
+
+def test_close_from_another_thread_stops_a_reader(media):
+    # The engine stops a stream from its control thread while the decode thread is reading.
+    source = open_source(media.h264, realtime=True)
+    got, errors = [], []
+
+    def reader() -> None:
+        try:
+            got.extend(source)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(0.35)
+    source.close()  # the reader is inside the source (pacing or decoding): it must stop by itself
+    thread.join(timeout=5)
+    assert not thread.is_alive() and errors == []
+    assert 2 <= len(got) < NUM_FRAMES
+    assert source.state == SourceState.CLOSED
+    assert source.read() is None
