@@ -136,12 +136,16 @@ class StateSnapshot:
     tensors: dict[str, torch.Tensor]
     meta: dict
 
-    def save(self, path: str | Path) -> None:
-        """Write to one safetensors file (the metadata rides in its header as JSON)."""
-        from safetensors.torch import save_file
+    def to_bytes(self) -> bytes:
+        """The safetensors serialisation (the metadata rides in its header as JSON)."""
+        from safetensors.torch import save
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
-        save_file(tensors, str(path), metadata={"mixmalmm_state": json.dumps(self.meta)})
+        return save(tensors, metadata={"mixmalmm_state": json.dumps(self.meta)})
+
+    def save(self, path: str | Path) -> None:
+        """Write to one safetensors file; I/O failures raise OSError."""
+        Path(path).write_bytes(self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> StateSnapshot:

@@ -19,6 +19,7 @@ directory) is logged and shown in the status; the engine keeps running and keeps
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -58,7 +59,7 @@ class EngineConfig:
     max_new_tokens: int = 30
     num_beams: int = 1
     default_actionshot: P.ActionShotSettings = field(default_factory=P.ActionShotSettings)
-    source_options: dict = field(default_factory=dict)
+    network_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -188,7 +189,7 @@ class Engine:
                     sid, request.uri, mode=request.mode, pace=request.pace,
                     actionshot=request.actionshot or self.config.default_actionshot,
                     image_size=self.model.image_size, mean=self._image_processor.image_mean,
-                    std=self._image_processor.image_std, queue=queue, source_options=self.config.source_options,
+                    std=self._image_processor.image_std, queue=queue, network_options=self.config.network_options,
                     on_state=lambda old, new, msg: self._on_state(stream, old, new, msg),
                     resume_after=resume_after,
                 )
@@ -422,15 +423,18 @@ class Engine:
             }
         path = self._snapshot_path(stream.id)
         tmp = path.with_name(path.name + ".tmp")
+        data = snap.to_bytes()
         try:
-            snap.save(tmp)
-            with open(tmp, "rb") as f:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            os.replace(tmp, path)  # readers see the old file or the new one, never half of one
         except OSError as exc:
             self.persist_error = f"could not save stream {stream.id!r} to '{path}': {exc}"
             log.error("%s", self.persist_error)
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             return None
         self.persist_error = None
         return P.SavedSnapshot(stream=stream.id, path=str(path), size_bytes=path.stat().st_size, time_s=time.time())

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from urllib.parse import urlsplit
 
 from mixmalmm.clients import protocol as P
 
@@ -20,7 +21,7 @@ from .actionshot import ActionShot, PassThrough
 from .frames import Shot
 from .preprocess import preprocess
 from .shotqueue import ShotItem, ShotQueue
-from .sources import FileSource, SourceState, open_source
+from .sources import NETWORK_SCHEMES, FileSource, SourceState, open_source
 
 log = logging.getLogger("mixmalmm.pipeline")
 
@@ -53,7 +54,7 @@ class StreamPipeline:
         std: Sequence[float],
         queue: ShotQueue,
         on_state: StateCallback,
-        source_options: dict | None = None,
+        network_options: dict | None = None,
         resume_after: float | None = None,
     ):
         self.stream_id = stream_id
@@ -65,7 +66,9 @@ class StreamPipeline:
         self.std = tuple(std)
         self._on_state = on_state
         # Opening validates the URI (unknown scheme, missing file) before the stream is accepted.
-        options = {"realtime": pace == "realtime", "queue_size": 8, **(source_options or {})}
+        options = {"realtime": pace == "realtime", "queue_size": 8}
+        if urlsplit(uri).scheme.lower() in NETWORK_SCHEMES:
+            options.update(network_options or {})
         self.source = open_source(uri, **options)
         if resume_after is not None and isinstance(self.source, FileSource):
             # A replay restored from a snapshot goes on after the last frame its memory holds.

@@ -1,0 +1,244 @@
+"""The server side of the ``mixmalmm`` command: ``serve``, ``replay``, ``demo``, ``train``.
+
+``mixmalmm.clients.cli`` hands these here with the subcommand name first (``main(["serve", ...])``).
+User errors (a missing weights folder, a bad source, a taken port) end in one line on stderr and a
+non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+log = logging.getLogger("mixmalmm")
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs; the message says what and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# shared options
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", metavar="FOLDER",
+                   help="InstructBLIP folder (transformers' save_pretrained layout, or one written by "
+                        "mixmalmm); default: the built-in model shipped with mixmalmm")
+    g.add_argument("--malmm-checkpoint", metavar="PTH",
+                   help="an MA-LMM (LAVIS) checkpoint loaded on top of --model")
+    g.add_argument("--memory-bank-length", type=int, metavar="M",
+                   help="entries per memory bank (MA-LMM: 10 for QA, 20 for long videos; 0 = no memory)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="default: float16 on CUDA, float32 elsewhere")
+
+
+def add_actionshot_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("ActionShot (frames blended into composites before the model)")
+    g.add_argument("--no-actionshot", action="store_true", help="every sampled frame goes to the model")
+    g.add_argument("--step", type=int, default=1, help="sample every STEP-th decoded frame (default 1)")
+    g.add_argument("--threshold", type=float, default=127.5,
+                   help="mean absolute difference (0-255) that starts a new composite (default 127.5)")
+    g.add_argument("--max-frames", type=int, default=120, help="most frames in one composite (default 120)")
+    g.add_argument("--blend", choices=["exponential", "mean"], default="exponential",
+                   help="exponential: MixMA-LMM's 0.5/0.5 blend; mean: a true long exposure")
+
+
+def actionshot_settings(args: argparse.Namespace):
+    import msgspec
+
+    from mixmalmm.clients import protocol as P
+
+    fields = {"enabled": not args.no_actionshot, "step": args.step, "threshold": args.threshold,
+              "max_frames": args.max_frames, "blend": args.blend}
+    try:  # convert (not the constructor) checks the protocol's ranges
+        return msgspec.convert(fields, P.ActionShotSettings)
+    except msgspec.ValidationError as exc:
+        raise UserError(f"bad ActionShot settings: {exc}") from exc
+
+
+def load_model(args: argparse.Namespace):
+    """The model the options name: a weights folder (plus an MA-LMM checkpoint), or the built-in one."""
+    import torch
+
+    from mixmalmm.model import MALMM, StreamConfig, default_dtype
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"bad --device {device!r}: {exc}") from exc
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA device (use --device cpu)")
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+    if args.model is None:
+        if args.malmm_checkpoint:
+            raise UserError("--malmm-checkpoint needs --model, the InstructBLIP folder it applies to")
+        model, name = builtin_model(), "built-in"
+        if args.memory_bank_length is not None and args.memory_bank_length != model.config.memory_bank_length:
+            model.config.memory_bank_length = args.memory_bank_length
+        return model.to(device=device, dtype=dtype).eval(), name
+    config = None
+    if args.memory_bank_length is not None:
+        config = StreamConfig(memory_bank_length=args.memory_bank_length)
+    try:
+        model = MALMM.from_pretrained(args.model, config=config, lavis_checkpoint=args.malmm_checkpoint,
+                                      device=device, dtype=dtype)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise UserError(str(exc)) from exc
+    return model.eval(), args.model
+
+
+def builtin_model():
+    """The model shipped with mixmalmm (trained on the synthetic world), or the tiny random one."""
+    from mixmalmm import model as M
+
+    loader = getattr(M, "load_default_model", None)
+    if loader is not None:
+        return loader()
+    return M.MALMM.tiny()
+
+
+def parse_source(text: str, index: int) -> tuple[str, str]:
+    """``ID=URI`` or a bare URI (its id is then ``s<index>``)."""
+    head, sep, tail = text.partition("=")
+    if sep and head and "/" not in head and ":" not in head:
+        return head, tail
+    return f"s{index}", text
+
+
+# ---------------------------------------------------------------------------------------------------
+# serve
+
+
+def add_serve_parser(commands) -> None:
+    p = commands.add_parser("serve", help="run the engine: ingest sources, answer questions over ZeroMQ",
+                            description="Run the engine on one or more sources and serve the ZeroMQ protocol.")
+    p.add_argument("sources", nargs="*", metavar="[ID=]URI",
+                   help="video files, rtsp://, http(s):// (HLS), webcam:N, synthetic:; more can be added "
+                        "later with `mixmalmm streams add`")
+    p.add_argument("--mode", choices=["auto", "live", "replay"], default="auto",
+                   help="live: drop the oldest frames when behind; replay: lose nothing (default: by source)")
+    p.add_argument("--pace", choices=["realtime", "fast"], default="realtime",
+                   help="for files: the file's own pace or as fast as possible")
+    add_model_arguments(p)
+    add_actionshot_arguments(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--bind", default="tcp://127.0.0.1:5555", help="request (ROUTER) endpoint")
+    g.add_argument("--events", default="tcp://127.0.0.1:5556", help="event (PUB) endpoint")
+    g.add_argument("--curve-secret", metavar="FILE", help="the server's CURVE key pair (from `mixmalmm keys`)")
+    g.add_argument("--curve-clients", metavar="DIR", help="directory of allowed client public keys")
+    g.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without CURVE")
+    g.add_argument("--state-dir", metavar="DIR", help="snapshot streams here and restore them on start")
+    g.add_argument("--snapshot-period", type=float, default=30.0, metavar="S", help="seconds between snapshots")
+    g.add_argument("--max-batch", type=int, default=8, help="streams per vision-encoder batch")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from mixmalmm.clients import protocol as P
+
+    from .engine import Engine, EngineConfig
+    from .server import CurveKeys, Server, ServerError
+
+    if args.snapshot_period <= 0:
+        raise UserError(f"--snapshot-period must be > 0 seconds, got {args.snapshot_period}")
+    curve = None
+    if args.curve_secret:
+        try:
+            curve = CurveKeys.from_files(args.curve_secret, args.curve_clients)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"CURVE keys: {exc}") from exc
+    elif args.curve_clients:
+        raise UserError("--curve-clients needs --curve-secret, the server's key pair")
+    model, name = load_model(args)
+    config = EngineConfig(max_batch=args.max_batch, state_dir=args.state_dir,
+                          snapshot_period_s=args.snapshot_period, default_actionshot=actionshot_settings(args))
+    stopping = threading.Event()
+    server_box: list = []
+    engine = Engine(model, config, publish=lambda event: server_box and server_box[0].publish(event),
+                    model_name=name)
+    try:
+        server = Server(engine, request_endpoint=args.bind, event_endpoint=args.events, curve=curve,
+                        insecure=args.insecure)
+    except (ServerError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    server_box.append(server)
+    engine.start()
+    try:
+        server.start()
+    except ServerError as exc:
+        engine.shutdown(save=False)
+        raise UserError(str(exc)) from exc
+    try:
+        for i, text in enumerate(args.sources):
+            sid, uri = parse_source(text, i)
+            try:
+                engine.add_stream(P.AddStream(id=0, stream=sid, uri=uri, mode=args.mode, pace=args.pace))
+            except P.RequestError as exc:
+                log.error("source %s not added: %s", text, exc.message)
+        log.info("serving %d stream(s) on %s (events on %s), model %s on %s", len(engine.streams()), server.request_address,
+                 server.event_address, name, model.device)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stopping.set())
+        while not stopping.wait(0.5):
+            pass
+        log.info("shutting down: stopping sources, saving state")
+    finally:
+        engine.shutdown(save=True)
+        server.stop()
+    log.info("stopped")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------
+# entry
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixmalmm", description="mixmalmm's engine-side commands")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(commands)
+    for module in ("replay", "demo"):
+        try:
+            mod = __import__(f"mixmalmm.streamer.{module}", fromlist=["add_parser"])
+        except ModuleNotFoundError:
+            continue
+        mod.add_parser(commands)
+    train = commands.add_parser("train", help="train a model (see python -m mixmalmm.model.train --help)",
+                                add_help=False)
+    train.set_defaults(run=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from mixmalmm.model import train
+
+        return int(train.main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "INFO")),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.run(args)
+    except UserError as exc:
+        print(f"mixmalmm {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The engine end to end: real ZeroMQ sockets, generated video files, a real RTSP server, the tiny model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import msgspec
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mixmalmm.clients import Client, EngineError, Subscriber
+from mixmalmm.clients import protocol as P
+from mixmalmm.model import MALMM
+from mixmalmm.streamer.engine import Engine, EngineConfig
+from mixmalmm.streamer.server import Server
+
+from .conftest import FPS, NUM_FRAMES
+
+EVERY_FRAME = P.ActionShotSettings(enabled=False)  # each frame is a Shot: memory fills at once
+FAST_NETWORK = {"open_timeout": 4.0, "read_timeout": 1.5, "backoff": (0.2, 0.5)}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return MALMM.tiny().eval()
+
+
+@pytest.fixture
+def running(model, tmp_path):
+    """An engine behind a real server on loopback; yields (engine, server, client)."""
+    box: list[Server] = []
+    engine = Engine(model, EngineConfig(state_dir=str(tmp_path / "state"), snapshot_period_s=3600,
+                                        network_options=FAST_NETWORK),
+                    publish=lambda event: box[0].publish(event))
+    server = Server(engine, request_endpoint="tcp://127.0.0.1:*", event_endpoint="tcp://127.0.0.1:*")
+    box.append(server)
+    engine.start()
+    server.start()
+    client = Client(server.request_address, timeout_s=20.0, retries=0)
+    try:
+        yield engine, server, client
+    finally:
+        client.close()
+        engine.shutdown(save=False)
+        server.stop()
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not within {timeout} s"
+        time.sleep(0.05)
+
+
+def stream_status(client, sid) -> P.StreamStatus:
+    return client.status(sid).streams[0]
+
+
+def test_questions_while_a_file_and_an_rtsp_stream_flow(running, media, rtsp_server):
+    engine, server, client = running
+    info = client.add_stream("file", str(media.h264), pace="realtime", actionshot=EVERY_FRAME)
+    assert info.mode == "replay"
+    info = client.add_stream("cam", rtsp_server.url, actionshot=EVERY_FRAME)
+    assert info.mode == "live"
+    client.add_question("cam", "what", "what is happening?", period_s=0.3)
+    wait_for(lambda: stream_status(client, "cam").shots > 0, 20, "camera Shots")
+    with Subscriber(server.event_address, ["cam"]) as sub:
+        ends = []
+        for _ in range(3):  # three moments while both streams play
+            wait_for(lambda: stream_status(client, "file").shots > len(ends) * 10, 10, "file Shots")
+            result = client.ask("file", "what colour is the square?", max_new_tokens=5)
+            assert result.stream == "file" and not result.standing and result.span_start_s == 0.0
+            assert result.answer == result.answer.strip() and len(result.answer) > 0
+            ends.append(result.span_end_s)
+            cam = client.ask("cam", "what is happening?", max_new_tokens=5)
+            assert cam.standing and cam.question_id == "what"
+        assert ends == sorted(ends) and ends[0] < ends[-1]  # memory grows while we ask
+        answers = []
+        while len(answers) < 3:
+            event = sub.recv(timeout_s=10)
+            assert event is not None, "no standing answer published"
+            if isinstance(event, P.AnswerEvent):
+                answers.append(event)
+        seqs = [e.seq for e in answers]
+        assert seqs == list(range(seqs[0], seqs[0] + 3)) and not sub.gaps
+        assert all(e.question_id == "what" and e.span_end_s >= e.span_start_s for e in answers)
+    # The replay loses nothing: every frame of the file becomes a Shot.
+    wait_for(lambda: stream_status(client, "file").state == "finished", 15, "the file to finish")
+    wait_for(lambda: stream_status(client, "file").shots == NUM_FRAMES, 5, "all Shots stepped")
+    file = stream_status(client, "file")
+    assert file.frames == NUM_FRAMES and file.drops == 0
+    assert file.memory_entries == file.memory_capacity + 1  # M stored plus the newest
+    assert file.span_end_s == pytest.approx((NUM_FRAMES - 1) / FPS)
+    status = client.status()
+    assert status.engine.questions_answered >= 6 and status.engine.question_latency_p99_s is not None
+
+
+def test_rtsp_server_killed_and_restarted_memory_kept(running, rtsp_server):
+    engine, _, client = running
+    client.add_stream("cam", rtsp_server.url, actionshot=EVERY_FRAME)
+    wait_for(lambda: stream_status(client, "cam").shots >= 15, 20, "Shots from the camera")
+    before = stream_status(client, "cam")
+    rtsp_server.kill()
+    wait_for(lambda: stream_status(client, "cam").state == "reconnecting", 10, "the stream to notice")
+    rtsp_server.start()
+    wait_for(lambda: stream_status(client, "cam").reconnects >= 1, 20, "a reconnect")
+    shots = before.shots
+    wait_for(lambda: stream_status(client, "cam").shots >= shots + 10, 20, "Shots after the reconnect")
+    after = stream_status(client, "cam")
+    assert after.state == "live" and after.span_start_s == before.span_start_s  # the memory was kept
+    assert after.span_end_s > before.span_end_s
+    assert after.last_error and "disconnected" in after.last_error
+
+
+def test_bad_requests_get_errors_and_the_engine_goes_on(running, media, tmp_path):
+    engine, server, client = running
+    cases = [
+        (lambda: client.ask("nope", "what?"), P.ErrorCode.UNKNOWN_STREAM),
+        (lambda: client.add_stream("x", str(tmp_path / "missing.mp4")), P.ErrorCode.BAD_REQUEST),
+        (lambda: client.add_stream("x", "gopher://127.0.0.1/x"), P.ErrorCode.BAD_REQUEST),
+        (lambda: client.add_stream("x", str(media.audio_only)), P.ErrorCode.BAD_REQUEST),
+        (lambda: client.remove_question("nope", "q"), P.ErrorCode.UNKNOWN_STREAM),
+        (lambda: client.ask("nope", "x" * 5000), P.ErrorCode.TOO_LARGE),
+    ]
+    for call, code in cases:
+        with pytest.raises(EngineError) as err:
+            call()
+        assert err.value.code == code
+    with pytest.raises(EngineError, match="missing.mp4"):
+        client.add_stream("x", str(tmp_path / "missing.mp4"))
+    client.add_stream("f", str(media.h264), pace="fast")
+    with pytest.raises(EngineError) as err:
+        client.add_stream("f", str(media.h264))
+    assert err.value.code == P.ErrorCode.ALREADY_EXISTS
+    with pytest.raises(EngineError) as err:
+        client.remove_question("f", "nope")
+    assert err.value.code == P.ErrorCode.UNKNOWN_QUESTION
+    assert [s.stream for s in client.list_streams().streams] == ["f"]
+    assert client.ping().server == "mixmalmm"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=st.fixed_dictionaries(
+    {"type": st.sampled_from(["ask", "status", "add_stream", "remove_stream", "add_question",
+                              "remove_question", "save_snapshot", "list_streams", "bogus"])},
+    optional={
+        "id": st.one_of(st.integers(), st.text(max_size=10)),
+        "stream": st.one_of(st.text(max_size=70), st.integers(), st.none()),
+        "question": st.text(max_size=50),
+        "uri": st.text(max_size=30),
+        "question_id": st.text(max_size=10),
+        "text": st.text(max_size=20),
+        "period_s": st.one_of(st.floats(allow_nan=True), st.none()),
+        "max_new_tokens": st.integers(-5, 2000),
+    }))
+def test_random_requests_never_break_the_engine(running, request):
+    _, server, _ = running
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.request_address)
+    try:
+        sock.send(json.dumps(request).encode())
+        assert sock.poll(20_000), f"no reply to {request}"
+        reply = P.decode_reply(sock.recv_multipart()[-1])
+        if not reply.ok:
+            assert reply.error.code in set(P.ErrorCode)
+        sock.send(b'{"type": "ping", "id": "after"}')
+        assert sock.poll(5_000)
+        assert P.decode_reply(sock.recv_multipart()[-1]).ok
+    finally:
+        sock.close()
+
+
+def test_twenty_clients_ask_while_two_streams_ingest(running, media):
+    engine, server, client = running
+    client.add_stream("a", str(media.h264), pace="realtime", actionshot=EVERY_FRAME)
+    client.add_stream("b", str(media.mpeg4), pace="realtime", actionshot=EVERY_FRAME)
+    wait_for(lambda: all(s.shots > 0 for s in client.status().streams), 10, "both streams stepped")
+    answered, failures = [], []
+
+    def asker(i: int) -> None:
+        with Client(server.request_address, timeout_s=30.0, retries=0) as c:
+            for k in range(3):
+                try:
+                    answered.append(c.ask("ab"[(i + k) % 2], f"question {i} {k}?", max_new_tokens=4))
+                except Exception as exc:  # collected: the assertion below names it
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=asker, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert not failures and len(answered) == 60
+    assert {r.stream for r in answered} == {"a", "b"}
+
+
+def test_snapshot_failure_is_reported_and_nothing_is_lost(running, media, tmp_path):
+    engine, _, client = running
+    client.add_stream("f", str(media.h264), pace="fast", actionshot=EVERY_FRAME)
+    wait_for(lambda: stream_status(client, "f").shots == NUM_FRAMES, 15, "the whole file stepped")
+    state_dir = tmp_path / "state"
+    shutil.rmtree(state_dir)
+    state_dir.write_text("not a directory")  # every write into it now fails with an OSError
+    with pytest.raises(EngineError) as err:
+        client.save_snapshot("f")
+    assert err.value.code == P.ErrorCode.INTERNAL and "could not save stream 'f'" in err.value.message
+    status = client.status()
+    assert "could not save" in status.engine.persist_error
+    assert status.streams[0].shots == NUM_FRAMES  # the memory is untouched
+    assert client.ask("f", "still there?", max_new_tokens=3).span_end_s == pytest.approx((NUM_FRAMES - 1) / FPS)
+    state_dir.unlink()
+    state_dir.mkdir()
+    saved = client.save_snapshot("f").saved
+    assert saved[0].size_bytes > 0 and client.status().engine.persist_error is None
+
+
+def test_restart_restores_memory_and_standing_questions(model, media, tmp_path):
+    config = EngineConfig(state_dir=str(tmp_path / "state"))
+    first = Engine(model, config).start()
+    first.add_stream(msgspec.convert({"id": 1, "stream": "f", "uri": str(media.h264), "pace": "fast",
+                                      "actionshot": {"enabled": False}}, P.AddStream))
+    first.add_question(P.AddQuestion(id=2, stream="f", question_id="q", text="what moved?"))
+    wait_for(lambda: first.stream_status(first._get("f")).state == "finished", 15, "the file to finish")
+    wait_for(lambda: first._get("f").shots_stepped == NUM_FRAMES, 5, "all Shots stepped")
+    want = first.ask("f", "what moved?", max_new_tokens=6)
+    first.shutdown(save=True)
+
+    second = Engine(model, config).start()
+    try:
+        stream = second._get("f")
+        assert stream.state_name == "finished" and stream.pipeline is None  # nothing is read again
+        assert list(stream.standing) == ["q"]
+        got = second.ask("f", "what moved?", max_new_tokens=6)
+        assert (got.answer, got.standing, got.span_start_s, got.span_end_s) == (
+            want.answer, want.standing, want.span_start_s, want.span_end_s)
+    finally:
+        second.shutdown(save=False)
