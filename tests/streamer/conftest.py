@@ -1,18 +1,21 @@
 """Generated media and a real RTSP server for the streamer tests.
 
 Videos are encoded here with PyAV from `synthetic_rgb` frames (160x120, 10 fps): H.264 in MP4 and
-MPEG-4 Part 2 in Matroska, a truncated and a corrupted copy, an audio-only file and a text file.
+MPEG-4 Part 2 in Matroska, a truncated and a corrupted copy, an audio-only file, a text file and an
+HLS playlist (served by a real HTTP server on 127.0.0.1).
 The RTSP server is Debian's GStreamer RTSP server run by /usr/bin/python3 (tests/streamer/
 rtsp_server.py), bound to 127.0.0.1 on a free port; tests can kill, restart, freeze and thaw it.
 """
 
 from __future__ import annotations
 
+import http.server
 import os
 import select
 import signal
 import socket
 import subprocess
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -47,6 +50,7 @@ class Media:
     text: Path  # JSON text, not a video (FFmpeg would read a .txt file as ANSI art)
     rtsp: Path  # 30 s of H.264 in MP4 for the RTSP server
     rtsp_short: Path  # 1.5 s of H.264 in MP4 (the server's stream ends: end of stream)
+    hls: Path  # an HLS playlist (3 MPEG-TS segments of 2 s) of the h264 frames
 
 
 def _write_audio(path: Path) -> None:
@@ -69,7 +73,7 @@ def media(tmp_path_factory) -> Media:
     root = tmp_path_factory.mktemp("media")
     m = Media(*(root / name for name in (
         "h264.mp4", "mpeg4.mkv", "truncated.mp4", "truncated.mkv", "corrupt.mp4", "audio.mp4", "notes.json",
-        "rtsp.mp4", "rtsp_short.mp4",
+        "rtsp.mp4", "rtsp_short.mp4", "hls/index.m3u8",
     )))  # fmt: skip
     write_video(m.h264, source_frames(), FPS, "libx264", X264)
     write_video(m.mpeg4, source_frames(), FPS, "mpeg4")
@@ -86,7 +90,31 @@ def media(tmp_path_factory) -> Media:
     rtsp_frames = (synthetic_rgb(i, WIDTH, HEIGHT, SCENE) for i in range(300))
     write_video(m.rtsp, rtsp_frames, FPS, "libx264", X264)
     write_video(m.rtsp_short, source_frames(15), FPS, "libx264", X264)
+    m.hls.parent.mkdir()
+    write_video(m.hls, source_frames(), FPS, "libx264", X264, container_format="hls")
     return m
+
+
+@pytest.fixture(scope="module")
+def http_server(media):
+    """A real HTTP server (Python's http.server) on 127.0.0.1 serving the media folder; yields its URL."""
+    folder = str(media.h264.parent)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=folder, **kwargs)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _gst_rtsp_available() -> bool:

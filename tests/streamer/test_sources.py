@@ -254,3 +254,26 @@ def test_close_from_another_thread_stops_a_reader(media):
     assert 2 <= len(got) < NUM_FRAMES
     assert source.state == SourceState.CLOSED
     assert source.read() is None
+
+
+def test_http_and_hls(http_server):
+    # Video on demand over HTTP: read once, then the source ends.
+    source = open_source(f"{http_server}/h264.mp4", live=False, read_timeout=5)
+    frames = [source.read(timeout=20) for _ in range(NUM_FRAMES)]
+    assert source.read(timeout=20) is None and source.state == SourceState.ENDED
+    np.testing.assert_allclose([f.pts for f in frames], np.arange(NUM_FRAMES) / FPS, atol=1e-6)
+    assert np.abs(frames[-1].rgb.astype(int) - source_frames()[-1]).mean() < 6.0
+
+    # An HLS playlist (MPEG-TS segments; their timestamps start at 1.4 s).
+    source = open_source(f"{http_server}/hls/index.m3u8", live=False)
+    frames = [source.read(timeout=20) for _ in range(NUM_FRAMES)]
+    assert source.read(timeout=20) is None and source.stats.frames == NUM_FRAMES
+    np.testing.assert_allclose(np.diff([f.pts for f in frames]), 0.1, atol=1e-6)
+    assert np.abs(frames[30].rgb.astype(int) - source_frames()[30]).mean() < 6.0
+
+    # As a live stream, the end of the file is a disconnect: the source reconnects and goes on.
+    with open_source(f"{http_server}/h264.mp4", backoff=(0.05, 0.1), queue_size=100) as live:
+        frames = [live.read(timeout=20) for _ in range(NUM_FRAMES + 10)]
+        stats = live.stats
+    assert stats.disconnects >= 1 and stats.reconnects >= 1 and "end of stream" in stats.last_error
+    assert np.all(np.diff([f.pts for f in frames]) > 0)
