@@ -284,7 +284,8 @@ class StreamStatus(msgspec.Struct, kw_only=True):
     """Counters of one stream.
 
     fps_in: decoded frames per second; fps_out: Shots per second into the model (both over the last
-    few seconds). shots: Shots emitted; drops: frames dropped by a live queue; reconnects: times the
+    few seconds). shots: Shots folded into memory (across restarts); drops: Shots and frames dropped
+    because a live stream fell behind; reconnects: times the
     source reconnected. memory_entries / memory_capacity: visual memory bank entries held / bank length
     M. span_start_s / span_end_s: stream time (seconds) that memory covers. last_error: last source
     error text.

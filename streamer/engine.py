@@ -81,7 +81,6 @@ class Stream:
         self.lock = threading.Lock()
         self.pipeline: StreamPipeline | None = None
         self.standing: dict[str, Standing] = {}
-        self.shots_stepped = 0
         self.out_times: collections.deque[float] = collections.deque(maxlen=256)
         self.last_error: str | None = None
         self.idle_state = "stopped"  # the state shown while the stream has no pipeline
@@ -280,7 +279,6 @@ class Engine:
                 s.lock.release()
         now = time.time()
         for s in streams:
-            s.shots_stepped += 1
             s.out_times.append(now)
 
     # ------------------------------------------------------------------ questions
@@ -372,11 +370,12 @@ class Engine:
             bank = stream.state.visual_bank
             entries = bank.count if bank is not None else min(stream.state.frames, 1)
             span = stream.state.time_span()
+            folded = stream.state.frames  # Shots in memory, restored ones included
         pipe = stream.pipeline
         return P.StreamStatus(
             stream=stream.id, uri=stream.request.uri, state=stream.state_name,
             fps_in=pipe.fps_in(now) if pipe else 0.0, fps_out=stream.fps_out(now),
-            frames=pipe.frames if pipe else 0, shots=stream.shots_stepped,
+            frames=pipe.frames if pipe else 0, shots=folded,
             drops=stream.queue.dropped + (pipe.source_drops if pipe else 0),
             reconnects=pipe.reconnects if pipe else 0,
             memory_entries=entries, memory_capacity=self.model.config.memory_bank_length,

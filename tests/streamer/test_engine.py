@@ -232,7 +232,7 @@ def test_restart_restores_memory_and_standing_questions(model, media, tmp_path):
                                       "actionshot": {"enabled": False}}, P.AddStream))
     first.add_question(P.AddQuestion(id=2, stream="f", question_id="q", text="what moved?"))
     wait_for(lambda: first.stream_status(first._get("f")).state == "finished", 15, "the file to finish")
-    wait_for(lambda: first._get("f").shots_stepped == NUM_FRAMES, 5, "all Shots stepped")
+    wait_for(lambda: first._get("f").state.frames == NUM_FRAMES, 5, "all Shots stepped")
     want = first.ask("f", "what moved?", max_new_tokens=6)
     first.shutdown(save=True)
 

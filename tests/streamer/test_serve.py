@@ -1,0 +1,144 @@
+"""`mixmalmm serve` as a process: SIGKILL and restart from the state directory, SIGTERM, CURVE."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mixmalmm.clients import Client, ClientCurve, EngineTimeout
+from mixmalmm.clients.protocol import create_keypair
+from mixmalmm.model import StateSnapshot
+
+from .conftest import FPS, NUM_FRAMES, free_port
+
+
+class Serve:
+    """`mixmalmm serve` in a subprocess on free loopback ports."""
+
+    def __init__(self, tmp: Path, *args: str):
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        events = f"tcp://127.0.0.1:{free_port()}"
+        self.path = tmp / f"serve-{time.monotonic_ns()}.log"
+        self.log = open(self.path, "w")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mixmalmm.clients.cli", "serve", "--bind", self.endpoint, "--events", events,
+             *args],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def client(self, **kw) -> Client:
+        return Client(self.endpoint, timeout_s=kw.pop("timeout_s", 10.0), retries=kw.pop("retries", 0), **kw)
+
+    def wait_ready(self, timeout: float = 60.0, **client_kw) -> None:
+        deadline = time.monotonic() + timeout
+        with self.client(timeout_s=1.0, **client_kw) as c:
+            while True:
+                assert self.process.poll() is None, f"serve exited: {self.output()}"
+                try:
+                    c.ping()
+                    return
+                except EngineTimeout:
+                    assert time.monotonic() < deadline, f"serve not ready: {self.output()}"
+
+    def output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.path.read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+        if not self.log.closed:
+            self.log.close()
+
+
+def wait_status(client: Client, sid: str, predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        streams = {s.stream: s for s in client.status().streams}
+        if sid in streams and predicate(streams[sid]):
+            return streams[sid]
+        assert time.monotonic() < deadline, f"{what} not within {timeout} s: {streams.get(sid)}"
+        time.sleep(0.1)
+
+
+def test_sigkill_then_restart_restores_memory_and_resumes_the_file(media, tmp_path):
+    state = tmp_path / "state"
+    args = ["--state-dir", str(state), "--snapshot-period", "0.3", "--no-actionshot", "--pace", "realtime"]
+    first = Serve(tmp_path, f"f={media.h264}", *args)
+    try:
+        first.wait_ready()
+        with first.client() as c:
+            wait_status(c, "f", lambda s: s.shots >= 20, 30, "20 Shots")
+        time.sleep(0.5)  # at least one snapshot period with Shots in memory
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(timeout=10)
+    finally:
+        first.stop()
+    saved = StateSnapshot.load(state / "f.state.safetensors").meta
+    assert 0 < saved["frames"] < NUM_FRAMES  # the crash came mid-file
+
+    second = Serve(tmp_path, *args)  # no source given: it comes back from the state directory
+    try:
+        second.wait_ready()
+        with second.client() as c:
+            s = wait_status(c, "f", lambda s: s.shots >= saved["frames"], 10, "the restored stream")
+            assert s.span_start_s == 0.0
+            # Resumed after the last remembered frame: the whole file is folded in exactly once.
+            s = wait_status(c, "f", lambda s: s.state == "finished", 30, "the file to finish")
+            s = wait_status(c, "f", lambda s: s.queue_depth == 0 and s.shots == NUM_FRAMES, 10, "all Shots")
+            assert s.span_end_s == pytest.approx((NUM_FRAMES - 1) / FPS)
+    finally:
+        second.stop()
+    assert "restored" in second.output()
+
+
+def test_sigterm_saves_and_curve_keeps_strangers_out(media, tmp_path):
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    keys.mkdir()
+    allowed.mkdir()
+    server_public, server_secret = create_keypair(str(keys), "server")
+    client_public, client_secret = create_keypair(str(keys), "client")
+    Path(client_public).rename(allowed / "client.key")
+    _, stranger_secret = create_keypair(str(keys), "stranger")
+    state = tmp_path / "state"
+    serve = Serve(tmp_path, f"f={media.h264}", "--state-dir", str(state), "--snapshot-period", "3600",
+                  "--pace", "fast", "--no-actionshot", "--curve-secret", server_secret,
+                  "--curve-clients", str(allowed))
+    try:
+        ours = ClientCurve.from_files(server_public, client_secret)
+        serve.wait_ready(curve=ours)
+        stranger = ClientCurve.from_files(server_public, stranger_secret)
+        with serve.client(curve=stranger, timeout_s=1.0) as c, pytest.raises(EngineTimeout):
+            c.status()
+        with serve.client(timeout_s=1.0) as c, pytest.raises(EngineTimeout):  # no key at all
+            c.ping()
+        with serve.client(curve=ours) as c:
+            s = wait_status(c, "f", lambda s: s.shots == NUM_FRAMES, 30, "the whole file")
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.process.wait(timeout=30) == 0, serve.output()
+    finally:
+        serve.stop()
+    meta = StateSnapshot.load(state / "f.state.safetensors").meta
+    assert meta["frames"] == NUM_FRAMES and meta["last_time"] == pytest.approx(s.span_end_s)
+    assert "saving state" in serve.output() and "Traceback" not in serve.output()
+
+
+def test_serve_user_errors_are_one_line(tmp_path):
+    cases = [
+        (["--model", str(tmp_path / "nowhere")], "nowhere"),
+        (["--bind", "tcp://0.0.0.0:5999"], "CURVE"),
+        (["--curve-clients", str(tmp_path)], "--curve-secret"),
+        (["--threshold", "300"], "ActionShot"),
+    ]
+    for args, needle in cases:
+        run = subprocess.run([sys.executable, "-m", "mixmalmm.clients.cli", "serve", *args],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, (args, run.stdout, run.stderr)
+        assert needle in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
