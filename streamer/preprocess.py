@@ -91,9 +91,9 @@ def preprocess(
     results = []
     for indices in groups.values():
         batch = torch.from_numpy(np.stack([images[i] for i in indices])).to(device)  # [b, H, W, 3] uint8
-        # Convert while contiguous, then view as [b, 3, H, W] (channels-last memory): converting the
-        # permuted view directly takes a slow strided path (about 80x slower on CPU).
-        pixels = batch.float().permute(0, 3, 1, 2)
+        # Channels first while still uint8 (a 1-byte copy), so every float op after runs on
+        # contiguous memory: float ops on the permuted view take slow strided paths on CPU.
+        pixels = batch.permute(0, 3, 1, 2).contiguous()  # [b, 3, H, W] uint8
         resized = resize_uint8(pixels, size)
         results.append((indices, torch.addcmul(bias, resized, scale).to(dtype)))
     if len(results) == 1:

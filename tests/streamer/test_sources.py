@@ -173,7 +173,7 @@ def test_synthetic_source_is_deterministic():
 
 def test_opencv_source_reads_rgb_and_reopens_at_the_end(media):
     reference = list(open_source(media.h264))
-    source = OpenCVSource(str(media.h264), backoff=(0.05, 0.1), queue_size=200)
+    source = OpenCVSource(str(media.h264), backoff=(0.05, 0.1), queue_size=400)  # no drops here
     assert source.live
     frames = [source.read(timeout=10) for _ in range(NUM_FRAMES + 5)]
     stats = source.stats
