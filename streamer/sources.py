@@ -597,11 +597,10 @@ class FileSource(_PyAVDecoding, Source):
             if self._start:
                 offset = int(self._start / self._stream.time_base)
                 self._container.seek(offset, stream=self._stream, backward=True, any_frame=False)
-            tolerance = 0.5 * self._frame_interval()
             for frame in self._decode(self._container, self._stream, demux_errors_fatal=False):
                 t = frame.time
-                if t is not None and self._start is not None and t < self._start - 1e-3 * tolerance:
-                    continue
+                if t is not None and self._start is not None and t < self._start - 1e-6:
+                    continue  # decoded from the key frame before `start`
                 if t is not None and self._end is not None and t > self._end:
                     return
                 yield t, frame
