@@ -1,0 +1,158 @@
+"""End-to-end engine throughput, question latency and memory over a long replay (tiny model, CPU).
+
+1. The model alone: vision encoder + one step per Shot on pre-made Shots (the engine's ceiling).
+2. The engine: a synthetic stream replayed as fast as possible, every frame a Shot; the ratio to (1)
+   is the engine's overhead (decode, preprocessing, queues, locks).
+3. Question latency p50/p99 on an idle engine and while two streams ingest at full speed.
+4. Resident memory at the start and during a long replay (default 100,000 frames, ActionShot on):
+   it must stay flat.
+
+    python benchmarks/engine.py                  # full run (the long replay takes a few minutes)
+    python benchmarks/engine.py --quick          # 10,000 frames, fewer questions
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from mixmalmm.clients import protocol as P
+from mixmalmm.model import MALMM
+from mixmalmm.streamer.engine import Engine, EngineConfig
+from mixmalmm.streamer.preprocess import preprocess
+from mixmalmm.streamer.sources import open_source
+
+EVERY_FRAME = P.ActionShotSettings(enabled=False)
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def synthetic(frames: int, size: tuple[int, int] = (160, 120)) -> str:
+    return f"synthetic:?num_frames={frames}&width={size[0]}&height={size[1]}&fps=25&scene_length=50"
+
+
+def model_rate(model: MALMM, shots: int) -> float:
+    """Shots per second through encode + step alone, on pre-made preprocessed frames."""
+    with open_source(synthetic(shots)) as source:
+        images = [f.rgb for f in source]
+    proc = model.processor.image_processor
+    pixels = preprocess(images, model.image_size, proc.image_mean, proc.image_std)
+    state = model.create_state("bench")
+    t0 = time.perf_counter()
+    for i in range(shots):
+        model.step([state], model.encode_frames(pixels[i : i + 1]), [i / 25])
+    return shots / (time.perf_counter() - t0)
+
+
+def wait(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the engine did not get there in time")
+        time.sleep(0.02)
+
+
+def add(engine: Engine, sid: str, uri: str, actionshot=None) -> None:
+    engine.add_stream(P.AddStream(id=0, stream=sid, uri=uri, pace="fast", actionshot=actionshot))
+
+
+def engine_rate(model: MALMM, shots: int) -> float:
+    engine = Engine(model, EngineConfig()).start()
+    try:
+        t0 = time.perf_counter()
+        add(engine, "e2e", synthetic(shots), EVERY_FRAME)
+        stream = engine._get("e2e")
+        wait(lambda: stream.state.frames == shots, 600)
+        return shots / (time.perf_counter() - t0)
+    finally:
+        engine.shutdown(save=False)
+
+
+def latencies(engine: Engine, sid: str, count: int) -> list[float]:
+    out = []
+    for i in range(count):
+        t0 = time.perf_counter()
+        engine.ask(sid, f"what happened {i}?", max_new_tokens=10)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--long-frames", type=int, default=None, help="frames in the long replay (default 100000)")
+    args = ap.parse_args()
+    shots = 300 if args.quick else 1000
+    questions = 20 if args.quick else 50
+    long_frames = args.long_frames or (10_000 if args.quick else 100_000)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = MALMM.tiny().eval()
+    rows: list[tuple[str, str]] = []
+
+    base = model_rate(model, shots)
+    e2e = engine_rate(model, shots)
+    rows += [("model alone, Shots/s (encode + step)", f"{base:.0f}"),
+             ("engine end to end, Shots/s (decode + preprocess + queue + step)", f"{e2e:.0f}"),
+             ("engine / model", f"{e2e / base:.2f}")]
+
+    engine = Engine(model, EngineConfig()).start()
+    try:
+        add(engine, "idle", synthetic(50), EVERY_FRAME)
+        wait(lambda: engine._get("idle").state.frames == 50, 60)
+        idle = latencies(engine, "idle", questions)
+        add(engine, "load1", synthetic(10**9), EVERY_FRAME)
+        add(engine, "load2", synthetic(10**9), EVERY_FRAME)
+        wait(lambda: engine._get("load2").state.frames > 10, 60)
+        busy = latencies(engine, "load1", questions)
+        stepped = engine._get("load1").state.frames
+    finally:
+        engine.shutdown(save=False)
+    rows += [(f"question latency idle, p50 / p99 ms ({questions} questions, 10 tokens)",
+              f"{1e3 * pct(idle, 0.5):.1f} / {1e3 * pct(idle, 0.99):.1f}"),
+             ("question latency, two streams ingesting at full speed, p50 / p99 ms",
+              f"{1e3 * pct(busy, 0.5):.1f} / {1e3 * pct(busy, 0.99):.1f}"),
+             ("Shots stepped on one loaded stream meanwhile", str(stepped))]
+
+    engine = Engine(model, EngineConfig()).start()
+    try:
+        add(engine, "long", synthetic(long_frames))  # ActionShot on: a composite per scene
+        stream = engine._get("long")
+        wait(lambda: stream.pipeline.frames > 100, 60)
+        marks, samples = [0.25, 0.5, 0.75, 1.0], [("start", rss_mib())]
+        t0 = time.perf_counter()
+        for m in marks:
+            wait(lambda m=m: stream.pipeline.frames >= m * long_frames or stream.state_name == "finished", 3600)
+            samples.append((f"{int(m * 100)}%", rss_mib()))
+        wait(lambda: len(stream.queue) == 0 and stream.state_name == "finished", 600)
+        elapsed = time.perf_counter() - t0
+        folded = stream.state.frames
+    finally:
+        engine.shutdown(save=False)
+    rows.append((f"long replay: {long_frames} frames -> {folded} Shots in {elapsed:.0f} s "
+                 f"({long_frames / elapsed:.0f} frames/s)", ""))
+    rows += [(f"resident memory at {name}, MiB", f"{mib:.0f}") for name, mib in samples]
+    growth = samples[-1][1] - samples[1][1]
+    rows.append(("growth from 25% to the end, MiB", f"{growth:+.0f}"))
+
+    print(f"engine benchmark, tiny model, {torch.get_num_threads()} CPU threads")
+    print("| measure | value |")
+    print("|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()
