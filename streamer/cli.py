@@ -142,6 +142,8 @@ def add_serve_parser(commands) -> None:
     g.add_argument("--state-dir", metavar="DIR", help="snapshot streams here and restore them on start")
     g.add_argument("--snapshot-period", type=float, default=30.0, metavar="S", help="seconds between snapshots")
     g.add_argument("--max-batch", type=int, default=8, help="streams per vision-encoder batch")
+    g.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest request accepted, bytes")
+    g.add_argument("--max-question-chars", type=int, default=1000, help="longest question accepted, characters")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=run_serve)
 
@@ -154,6 +156,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.snapshot_period <= 0:
         raise UserError(f"--snapshot-period must be > 0 seconds, got {args.snapshot_period}")
+    if args.max_message_bytes < 1024 or args.max_question_chars < 1:
+        raise UserError("--max-message-bytes must be >= 1024 and --max-question-chars >= 1")
     curve = None
     if args.curve_secret:
         try:
@@ -170,8 +174,9 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = Engine(model, config, publish=lambda event: server_box and server_box[0].publish(event),
                     model_name=name)
     try:
+        limits = P.Limits(max_message_bytes=args.max_message_bytes, max_question_chars=args.max_question_chars)
         server = Server(engine, request_endpoint=args.bind, event_endpoint=args.events, curve=curve,
-                        insecure=args.insecure)
+                        insecure=args.insecure, limits=limits)
     except (ServerError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     server_box.append(server)

@@ -204,6 +204,7 @@ class Engine:
                     stream.pipeline.stop()
                 raise P.RequestError(P.ErrorCode.ALREADY_EXISTS, f"stream {sid!r} already exists")
             self._streams[sid] = stream
+        self._publish(P.StreamStateEvent(stream=sid, state=stream.state_name, previous=None))
         if stream.pipeline is not None:
             stream.pipeline.start()
             log.info("stream %s added: %s (%s)", sid, request.uri, "live" if stream.pipeline.live else "replay")

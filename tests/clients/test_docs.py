@@ -1,4 +1,4 @@
-"""docs/protocol.md cannot rot: every JSON example on it is decoded by the protocol's own decoders (and a
+"""The README's protocol section cannot rot: every JSON example on it is decoded by the protocol's own decoders (and a
 reply's result or an event must show exactly the fields the code sends), every request, event and error
 code is documented, the limits it states are the code's, its key file loads, and its raw-pyzmq client
 runs against a real server."""
@@ -18,7 +18,7 @@ import zmq
 from mixmalmm.clients import protocol as p
 from mixmalmm.streamer.server import Server
 
-DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
+DOC = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 EVENT_TYPES = {cls.__struct_config__.tag: cls for cls in (p.StreamStateEvent, p.AnswerEvent)}
 

@@ -21,7 +21,7 @@ REQUEST_EXAMPLES = {
     "list_streams": '{"type": "list_streams", "id": "4"}',
     "add_stream": '{"type": "add_stream", "id": "5", "stream": "cam1", "uri": "rtsp://127.0.0.1:8554/cam", '
     '"mode": "live", "pace": "realtime", "actionshot": {"enabled": true, "step": 2, "threshold": 100.0, '
-    '"max_frames": 120}}',
+    '"max_frames": 120, "blend": "mean"}}',
     "remove_stream": '{"type": "remove_stream", "id": "6", "stream": "cam1"}',
     "add_question": '{"type": "add_question", "id": "7", "stream": "cam1", "question_id": "door", '
     '"text": "Is the door open?", "period_s": 10.0}',
@@ -48,7 +48,7 @@ def test_request_fields_are_decoded_with_their_types():
         "cam1", "What is the person holding?", 20, 1
     )
     add = p.decode_request(REQUEST_EXAMPLES["add_stream"].encode())
-    assert add.actionshot == p.ActionShotSettings(enabled=True, step=2, threshold=100.0, max_frames=120)
+    assert add.actionshot == p.ActionShotSettings(enabled=True, step=2, threshold=100.0, max_frames=120, blend="mean")
     minimal = p.decode_request(b'{"type":"add_stream","id":"x","stream":"f","uri":"/v.mp4"}')
     assert (minimal.mode, minimal.pace, minimal.actionshot) == ("auto", "realtime", None)
     q = p.decode_request(b'{"type":"add_question","id":"x","stream":"f","question_id":"q","text":"t"}')
