@@ -603,7 +603,7 @@ class MALMM(nn.Module):
         questions: Sequence[str],
         *,
         adhoc: bool = False,
-        memory_gradients: bool = False,
+        memory_gradients: bool | Literal["visual"] = False,
     ) -> torch.Tensor:
         """MA-LMM over whole clips: every frame in order, one question per clip, memory as in MA-LMM.
 
@@ -614,9 +614,12 @@ class MALMM(nn.Module):
         adhoc: the streaming ad-hoc path instead of the standing one: the banks are built with the
         default question, and the last frame's Q-Former pass reads them with the question (as
         `answer(..., adhoc=True)` after stepping the same frames). memory_gradients: keep stored bank
-        entries in the autograd graph (MA-LMM detaches them; a vision encoder and frame position table
-        trained from scratch learn from past frames only this way). Values are the same either way.
+        entries in the autograd graph — True: every bank, "visual": the visual bank only (MA-LMM
+        detaches them; a vision encoder and frame position table trained from scratch learn from past
+        frames only this way). Values are the same either way.
         """
+        if memory_gradients not in (False, True, "visual"):
+            raise ValueError(f"memory_gradients must be False, True or 'visual', got {memory_gradients!r}")
         if pixels.dim() != 5 or pixels.shape[2] != 3:
             raise ValueError(f"clips must be [B, T, 3, H, W], got shape {tuple(pixels.shape)}")
         B, T = pixels.shape[:2]
@@ -626,9 +629,9 @@ class MALMM(nn.Module):
         if adhoc:
             default_ids, default_mask = self._qformer_batch([self.prompt(self.config.default_question)] * B)
         M = self.config.memory_bank_length
-        detach = not memory_gradients
-        visual_memory = ConcatMemory(M, detach) if M > 0 else None
-        memories = [ConcatMemory(M, detach) for _ in range(self.qformer.num_layers)] if M > 0 else None
+        query_grads = bool(memory_gradients) and memory_gradients != "visual"
+        visual_memory = ConcatMemory(M, detach=not memory_gradients) if M > 0 else None
+        memories = [ConcatMemory(M, detach=not query_grads) for _ in range(self.qformer.num_layers)] if M > 0 else None
         queries = self.query_tokens.expand(B, -1, -1)
         hidden = None
         for t in range(T):
@@ -665,7 +668,7 @@ class MALMM(nn.Module):
         answers: Sequence[str],
         *,
         adhoc: bool = False,
-        memory_gradients: bool = False,
+        memory_gradients: bool | Literal["visual"] = False,
     ) -> torch.Tensor:
         """MA-LMM's training loss: LLM cross-entropy of each answer given the clip and its question.
 
