@@ -1,0 +1,573 @@
+"""Training MA-LMM as it fine-tunes: clips of frames through the memory model, the instruction through the
+Q-Former, the answer as the LLM's target.
+
+    python -m mixmalmm.model.train --out runs/world --epochs 4 --train-size 6000
+
+Each step runs `MALMM.clip_loss` (the offline clip pass, which equals streaming frame by frame: the
+standing-question path, or with `--adhoc-fraction` also the ad-hoc path) over batches of clips with the
+same number of frames. The vision encoder and the LLM are frozen by default, as in MA-LMM;
+`--train-vision` / `--train-llm` (or `--train-all`) train them too, which a model built from scratch
+(`--init scratch`, the default: a small model of MA-LMM's architecture over the synthetic world's
+vocabulary) needs. AdamW with linear warm-up and cosine decay, gradient accumulation, autocast on CUDA
+(bfloat16 where supported, else float16 with a gradient scaler; CPU stays float32), a checkpoint after
+every epoch (and every `--checkpoint-every` steps) that `--resume` continues from identically, and
+exact-match accuracy on a validation set after every epoch.
+
+Datasets are generic: any sequence of (frames [T, H, W, 3] RGB uint8, question, answer) items; if it
+also has `num_frames(i)`, batches hold clips of equal T without loading them first. The command line
+trains on the synthetic world (`mixmalmm.model.synthetic`); `train(...)` takes any datasets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import string
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .malmm import MALMM, StreamConfig
+
+CHECKPOINT = "checkpoint.pt"
+FINAL = "model"
+
+
+# ---------------------------------------------------------------- a model from scratch
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """A small model of MA-LMM's architecture: ViT, Q-Former with memory, Llama-style causal LM.
+
+    image_size / patch_size: pixels ((image_size / patch_size)^2 + 1 vision tokens per frame).
+    """
+
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 96
+    vision_layers: int = 3
+    qformer_hidden: int = 96
+    qformer_layers: int = 2
+    cross_attention_frequency: int = 2
+    num_query_tokens: int = 8
+    llm_hidden: int = 128
+    llm_layers: int = 2
+    dropout: float = 0.0
+
+
+def scratch_model(
+    words: Sequence[str], sizes: ModelSizes = ModelSizes(), config: StreamConfig | None = None, seed: int = 0
+) -> MALMM:
+    """A randomly initialised MALMM with word-level tokenizers over `words` (nothing downloaded).
+
+    transformers' initialisation (std 0.02), except the query tokens, which transformers zeroes: equal
+    queries would get equal gradients and never tell apart, so they are drawn like the other weights.
+    """
+    from transformers import InstructBlipForConditionalGeneration
+
+    from .tiny import tiny_config, tiny_processor
+
+    processor = tiny_processor(sizes.image_size, sizes.num_query_tokens, words=words)
+    cfg = tiny_config(
+        processor,
+        image_size=sizes.image_size,
+        patch_size=sizes.patch_size,
+        vision_hidden=sizes.vision_hidden,
+        qformer_hidden=sizes.qformer_hidden,
+        llm_hidden=sizes.llm_hidden,
+        num_query_tokens=sizes.num_query_tokens,
+        qformer_layers=sizes.qformer_layers,
+    )
+    cfg.vision_config.num_hidden_layers = sizes.vision_layers
+    cfg.qformer_config.cross_attention_frequency = sizes.cross_attention_frequency
+    cfg.text_config.num_hidden_layers = sizes.llm_layers
+    cfg.qformer_config.hidden_dropout_prob = sizes.dropout
+    cfg.qformer_config.attention_probs_dropout_prob = sizes.dropout
+    cfg.vision_config.attention_dropout = sizes.dropout
+    torch.manual_seed(seed)
+    blip = InstructBlipForConditionalGeneration(cfg)
+    with torch.no_grad():
+        blip.query_tokens.normal_(0.0, cfg.qformer_config.initializer_range)
+    return MALMM(blip, processor, config or StreamConfig())
+
+
+# ---------------------------------------------------------------- frames to pixels
+
+
+def frames_to_pixels(
+    frames: np.ndarray, image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """RGB uint8 frames [T, H, W, 3] -> normalised pixels [T, 3, image_size, image_size] (float32).
+
+    Antialiased bicubic resize (as InstructBLIP's image processor), rounded to uint8 levels, then
+    (x / 255 - mean) / std per channel.
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be RGB uint8 [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    if x.shape[-2:] != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x / 255.0 - m) / s
+
+
+def jpeg_augment(frames: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
+    """With probability p, re-encode every frame as JPEG (quality 40-95): blocks and chroma subsampling,
+    as a video codec leaves them."""
+    if rng.random() >= p:
+        return frames
+    import cv2
+
+    quality = int(rng.integers(40, 96))
+    out = np.empty_like(frames)
+    for i, img in enumerate(frames):
+        ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if not ok:
+            raise RuntimeError("OpenCV failed to encode a JPEG")
+        out[i] = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
+    return out
+
+
+# ---------------------------------------------------------------- batches
+
+
+def _item(dataset, index: int) -> tuple[np.ndarray, str, str]:
+    frames, question, answer = dataset[index]
+    return frames, question, answer
+
+
+def epoch_batches(dataset, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's batches of dataset indices: shuffled by (seed, epoch), each of one clip length T.
+
+    With `dataset.num_frames(i)`, indices are bucketed by T (a bucket yields a batch when full; the
+    rest at the end). Without it, batches are consecutive in the shuffled order and split by T later.
+    """
+    order = np.random.default_rng([seed, epoch, 3]).permutation(len(dataset)).tolist()
+    if not hasattr(dataset, "num_frames"):
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    buckets: dict[int, list[int]] = defaultdict(list)
+    batches = []
+    for i in order:
+        T = dataset.num_frames(i)
+        buckets[T].append(i)
+        if len(buckets[T]) == batch_size:
+            batches.append(buckets.pop(T))
+    batches.extend(b for _, b in sorted(buckets.items()))
+    return batches
+
+
+def _by_length(items: list[tuple[np.ndarray, str, str]]) -> list[list[tuple[np.ndarray, str, str]]]:
+    groups: dict[int, list] = defaultdict(list)
+    for it in items:
+        groups[len(it[0])].append(it)
+    return [groups[k] for k in sorted(groups)]
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, no punctuation, single spaces: what exact match compares."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: MALMM,
+    dataset,
+    *,
+    batch_size: int = 16,
+    adhoc: bool = False,
+    max_new_tokens: int = 4,
+    kinds: Callable[[int], str] | None = None,
+) -> dict:
+    """Exact-match accuracy of greedy answers over a dataset, with the offline clip pass.
+
+    kinds: index -> a group name (e.g. the question type) for per-group accuracy. Returns
+    {"accuracy", "count", "groups": {name: (correct, count)}}.
+    """
+    was_training = model.training
+    model.eval()
+    mean, std = model.processor.image_processor.image_mean, model.processor.image_processor.image_std
+    correct, groups = 0, defaultdict(lambda: [0, 0])
+    indices = list(range(len(dataset)))
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        items = [(i, *_item(dataset, i)) for i in chunk]
+        by_t: dict[int, list] = defaultdict(list)
+        for it in items:
+            by_t[len(it[1])].append(it)
+        for group in by_t.values():
+            pixels = torch.stack([frames_to_pixels(f, model.image_size, mean, std) for _, f, _, _ in group])
+            outputs = model.clip_query_output(pixels, [q for _, _, q, _ in group], adhoc=adhoc)
+            for row, (i, _, q, a) in enumerate(group):
+                tokens = model.generate_tokens(outputs[row : row + 1], model.prompt(q), max_new_tokens=max_new_tokens)
+                text = model.tokenizer.decode(tokens, skip_special_tokens=True)
+                ok = normalise_answer(text) == normalise_answer(a)
+                correct += ok
+                name = kinds(i) if kinds else "all"
+                groups[name][0] += ok
+                groups[name][1] += 1
+    model.train(was_training)
+    n = len(indices)
+    return {"accuracy": correct / n, "count": n, "groups": {k: tuple(v) for k, v in sorted(groups.items())}}
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (saved in its checkpoints)."""
+
+    out: str
+    epochs: int = 4
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    adhoc_fraction: float = 0.0
+    memory_gradients: bool | str = "visual"  # False, True (every bank) or "visual" (the visual bank)
+    augment: bool = True
+    checkpoint_every: int = 0
+    log_every: int = 20
+    eval_batch_size: int = 32
+    max_steps: int = 0  # stop (with a checkpoint) after this many optimiser steps; the schedule still spans
+    # every epoch, so a run stopped here and resumed is the same run (0: no stop)
+    extra: dict = field(default_factory=dict)  # what built the model and data (for the record)
+
+
+def _lr_lambda(total: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _autocast(device: torch.device):
+    """(autocast context factory, GradScaler or None): bf16/fp16 autocast on CUDA, nothing elsewhere."""
+    if device.type != "cuda":
+        return (lambda: torch.autocast("cpu", enabled=False)), None
+    if torch.cuda.is_bf16_supported():
+        return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), None
+    return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
+
+
+class Trainer:
+    """Owns the model, optimiser, schedule and data order of one run; `run()` trains, resumable."""
+
+    def __init__(self, model: MALMM, train_set, val_set, config: TrainConfig, log: Callable[[str], None] = print):
+        if config.batch_size < 1 or config.grad_accum < 1 or config.epochs < 1:
+            raise ValueError("batch_size, grad_accum and epochs must be >= 1")
+        if not 0.0 <= config.adhoc_fraction <= 1.0:
+            raise ValueError(f"adhoc_fraction must be in [0, 1], got {config.adhoc_fraction}")
+        self.model, self.train_set, self.val_set, self.config, self.log = model, train_set, val_set, config, log
+        self.out = Path(config.out)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: every parameter is frozen")
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]  # biases, norms: no weight decay
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr, betas=(0.9, 0.999),
+        )
+        self.steps_per_epoch = math.ceil(len(epoch_batches(train_set, config.batch_size, config.seed, 0)) / config.grad_accum)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(self.total_steps, config.warmup_steps, config.min_lr_ratio)
+        )
+        self.autocast, self.scaler = _autocast(model.device)
+        self.step = 0  # optimiser steps done
+        self.epoch = 0  # current epoch
+        self.batch_in_epoch = 0  # batches of the current epoch done
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, path: Path | None = None) -> Path:
+        path = path or self.out / CHECKPOINT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "history": json.dumps(self.history),
+            "config": json.dumps(asdict(self.config)),
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # never a half-written checkpoint
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at '{path}'")
+        state = torch.load(path, map_location=self.model.device, weights_only=True)
+        saved = json.loads(state["config"])
+        for key in ("batch_size", "grad_accum", "seed", "epochs"):
+            if saved[key] != getattr(self.config, key):
+                raise ValueError(
+                    f"checkpoint '{path}' was made with {key}={saved[key]}, this run has {getattr(self.config, key)}: "
+                    "resume with the same data settings"
+                )
+        self.model.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.history = json.loads(state["history"])
+        self.log(f"resumed from '{path}': step {self.step}, epoch {self.epoch}, batch {self.batch_in_epoch}")
+
+    # ------------------------------------------------------------ the loop
+
+    def _micro_batch(self, indices: list[int], epoch: int, batch: int) -> tuple[torch.Tensor, bool]:
+        """Loss of one batch (summed over its clip-length groups, weighted by rows) and its path."""
+        cfg, model = self.config, self.model
+        rng = np.random.default_rng([cfg.seed, epoch, batch, 5])
+        adhoc = bool(rng.random() < cfg.adhoc_fraction)
+        mean, std = model.processor.image_processor.image_mean, model.processor.image_processor.image_std
+        items = [_item(self.train_set, i) for i in indices]
+        total = None
+        for group in _by_length(items):
+            frames = [jpeg_augment(f, rng) if cfg.augment else f for f, _, _ in group]
+            pixels = torch.stack([frames_to_pixels(f, model.image_size, mean, std) for f in frames])
+            with self.autocast():
+                loss = model.clip_loss(
+                    pixels, [q for _, q, _ in group], [a for _, _, a in group],
+                    adhoc=adhoc, memory_gradients=cfg.memory_gradients,
+                )
+            weighted = loss.float() * (len(group) / len(items))
+            total = weighted if total is None else total + weighted
+        return total, adhoc
+
+    def run(self) -> dict:
+        cfg, model = self.config, self.model
+        model.train()
+        t0, seen, losses = time.time(), 0, []
+        stop = cfg.max_steps or self.total_steps
+        while self.epoch < cfg.epochs and self.step < stop:
+            batches = epoch_batches(self.train_set, cfg.batch_size, cfg.seed, self.epoch)
+            while self.batch_in_epoch < len(batches) and self.step < stop:
+                self.optimizer.zero_grad(set_to_none=True)
+                group = batches[self.batch_in_epoch : self.batch_in_epoch + cfg.grad_accum]
+                for k, indices in enumerate(group):
+                    loss, _ = self._micro_batch(indices, self.epoch, self.batch_in_epoch + k)
+                    scaled = loss / len(group)
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                    losses.append(float(loss.detach()))
+                    seen += len(indices)
+                if self.scaler:
+                    self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+                if self.scaler:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                self.batch_in_epoch += len(group)
+                if cfg.log_every and self.step % cfg.log_every == 0:
+                    rate = seen / max(1e-9, time.time() - t0)
+                    self.log(
+                        f"step {self.step}/{self.total_steps} epoch {self.epoch} loss {np.mean(losses):.4f} "
+                        f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.1f} clips/s"
+                    )
+                    losses = []
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+            if self.batch_in_epoch >= len(batches):  # the epoch is complete: validate, checkpoint
+                result = self.validate()
+                self.history.append({"epoch": self.epoch, "step": self.step, **result})
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                self.save_checkpoint()
+        if self.epoch < cfg.epochs:  # stopped by max_steps: keep where we are for --resume
+            self.save_checkpoint()
+        return {"step": self.step, "epoch": self.epoch, "history": self.history, "seconds": time.time() - t0}
+
+    def validate(self) -> dict:
+        if self.val_set is None or len(self.val_set) == 0:
+            return {}
+        kinds = getattr(self.val_set, "kind_of", None)
+        result = evaluate(self.model, self.val_set, batch_size=self.config.eval_batch_size, kinds=kinds)
+        out = {"val_accuracy": result["accuracy"], "val_groups": result["groups"]}
+        if self.config.adhoc_fraction > 0:
+            out["val_adhoc_accuracy"] = evaluate(
+                self.model, self.val_set, batch_size=self.config.eval_batch_size, adhoc=True
+            )["accuracy"]
+        groups = " ".join(f"{k} {c}/{n}" for k, (c, n) in result["groups"].items())
+        self.log(f"epoch {self.epoch} validation exact match {result['accuracy']:.3f} ({groups})")
+        return out
+
+
+def train(model: MALMM, train_set, val_set, config: TrainConfig, *, resume: str | Path | None = None,
+          log: Callable[[str], None] = print) -> dict:
+    """Train `model` in place on any datasets of (frames, question, answer); returns the run's summary."""
+    trainer = Trainer(model, train_set, val_set, config, log)
+    if resume is not None:
+        trainer.load_checkpoint(resume)
+    return trainer.run()
+
+
+# ---------------------------------------------------------------- the synthetic world's datasets
+
+
+class _KindIndexed:
+    """A SyntheticQA whose items' question types are known by index (for per-type validation)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        self._kinds: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        sample = self.dataset[i]
+        self._kinds[i] = sample.kind
+        return sample
+
+    def num_frames(self, i: int) -> int:
+        return self.dataset.num_frames(i)
+
+    def kind_of(self, i: int) -> str:
+        return self._kinds.get(i) or self.dataset[i].kind
+
+
+def world_datasets(train_size: int, val_size: int, seed: int) -> tuple:
+    """Training and validation sets of the synthetic world (disjoint video seeds: seed and seed + 1)."""
+    from .synthetic import SyntheticQA
+
+    train_set = SyntheticQA(train_size, seed, size=(64, 128))
+    val_set = _KindIndexed(SyntheticQA(val_size, seed + 1, size=128))
+    return train_set, val_set
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m mixmalmm.model.train",
+        description="Train MA-LMM (memory Q-Former) on the synthetic video world, as MA-LMM fine-tunes.",
+    )
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, train_log.jsonl, model/ at the end")
+    p.add_argument("--init", default="scratch",
+                   help="'scratch' (a small model over the world's vocabulary) or a MALMM.save_pretrained folder")
+    p.add_argument("--memory-bank-length", type=int, default=8, help="M, entries per memory bank (0: no memory)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--train-size", type=int, default=6000, help="training clips per epoch (each its own video)")
+    p.add_argument("--val-size", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.05)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--adhoc-fraction", type=float, default=0.0,
+                   help="share of batches trained on the ad-hoc path (banks built with the default question)")
+    p.add_argument("--memory-gradients", choices=["none", "visual", "all"], default="visual",
+                   help="which stored bank entries gradients flow into: 'none' (MA-LMM detaches them), 'visual' "
+                        "(past frames' features, so a vision encoder and frame positions from scratch learn from "
+                        "them; the default), 'all' (also the query banks: backpropagation through every step)")
+    p.add_argument("--no-augment", action="store_true", help="no JPEG re-encoding of training frames")
+    p.add_argument("--train-vision", action="store_true", help="train the vision encoder (frozen by default)")
+    p.add_argument("--train-llm", action="store_true", help="train the LLM (frozen by default)")
+    p.add_argument("--train-all", action="store_true", help="train everything (a model from scratch needs it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N optimiser steps")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="stop after N optimiser steps, with a checkpoint to --resume from (0: run all epochs)")
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--resume", help="a checkpoint.pt to continue from (same data settings)")
+    for name, default in asdict(ModelSizes()).items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                       help=f"model size for --init scratch (default {default})")
+    return p.parse_args(argv)
+
+
+def build_model(args: argparse.Namespace) -> MALMM:
+    stream = StreamConfig(
+        memory_bank_length=args.memory_bank_length,
+        freeze_vision=not (args.train_vision or args.train_all),
+        freeze_llm=not (args.train_llm or args.train_all),
+    )
+    if args.init == "scratch":
+        from .synthetic import vocabulary
+
+        sizes = ModelSizes(**{k: getattr(args, k) for k in asdict(ModelSizes())})
+        model = scratch_model(vocabulary(), sizes, stream, seed=args.seed)
+    else:
+        model = MALMM.from_pretrained(args.init, config=stream, device=args.device, dtype=torch.float32)
+    return model.to(args.device)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(args)
+    train_set, val_set = world_datasets(args.train_size, args.val_size, args.seed)
+    config = TrainConfig(
+        out=str(out), epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        seed=args.seed, adhoc_fraction=args.adhoc_fraction, memory_gradients={"none": False, "visual": "visual", "all": True}[args.memory_gradients],
+        augment=not args.no_augment, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        max_steps=args.max_steps, extra={"argv": list(argv) if argv is not None else None},
+    )
+    log_file = (out / "train_log.txt").open("a")
+
+    def log(line: str) -> None:
+        stamped = f"[{time.strftime('%H:%M:%S')}] {line}"
+        print(stamped, flush=True)
+        log_file.write(stamped + "\n")
+        log_file.flush()
+
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"model: {sum(p.numel() for p in model.parameters())} parameters ({n_train} trained); "
+        f"{len(train_set)} training clips x {args.epochs} epochs, batch {args.batch_size} x {args.grad_accum}")
+    summary = train(model, train_set, val_set, config, resume=args.resume, log=log)
+    final = out / FINAL
+    # Saved for streaming: the freeze flags go back to MA-LMM's defaults for whoever fine-tunes it next.
+    model.config = replace(model.config, freeze_vision=True, freeze_llm=True)
+    model.eval().save_pretrained(final)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"done in {summary['seconds']:.0f} s: {summary['step']} steps; model saved to '{final}'")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

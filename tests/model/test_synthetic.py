@@ -1,0 +1,187 @@
+"""The synthetic video world: determinism, answers checked against the rendered pixels, tokenizers, demo."""
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from mixmalmm.model.synthetic import (
+    ANSWER_WORDS,
+    COLOURS,
+    NUMBERS,
+    QUESTION_TYPES,
+    SHAPES,
+    SyntheticQA,
+    make_demo_video,
+    make_video,
+    sample_indices,
+    vocabulary,
+    world_tokenizers,
+)
+
+SIZE = 128
+
+
+def blobs(frame: np.ndarray, min_area: int = 40) -> list[tuple[str, int, float, bool]]:
+    """Shapes found in a noise-free frame by colour alone: (colour, area, fill ratio, touches border).
+
+    Fill ratio = pixels / bounding-box pixels: about 1 for a square, pi/4 for a circle, 1/2 for a triangle.
+    """
+    out = []
+    key = frame.astype(np.int32) @ np.array([1 << 16, 1 << 8, 1], np.int32)  # [H, W] packed RGB
+    for name, (r, g, b) in COLOURS.items():
+        mask = (key == (r << 16 | g << 8 | b)).astype(np.uint8)  # interior pixels wear the exact colour
+        n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        for x, y, w, h, area in stats[1:n]:
+            if area >= min_area:
+                border = x == 0 or y == 0 or x + w == frame.shape[1] or y + h == frame.shape[0]
+                out.append((name, int(area), area / (w * h), bool(border)))
+    return out
+
+
+def classify(fill: float) -> str:
+    return "square" if fill > 0.88 else "circle" if fill > 0.62 else "triangle"
+
+
+def overlapping(video, index: int) -> bool:
+    """Any two shapes' discs touch at this frame (from the simulated centres)."""
+    shapes = video.scenario.shapes
+    for i in range(len(shapes)):
+        for j in range(i):
+            d = np.linalg.norm(video.centres[i][index] - video.centres[j][index])
+            if d < 1.3 * (shapes[i].radius + shapes[j].radius):  # NaN (not drawn) compares False
+                return True
+    return False
+
+
+def noise_free(video, index: int) -> np.ndarray:
+    return video.render(index, SIZE, noise=False)
+
+
+def test_videos_and_datasets_are_deterministic_for_a_seed():
+    a, b, c = make_video(5), make_video(5), make_video(6)
+    assert a.scenario == b.scenario and a.scenario != c.scenario
+    np.testing.assert_array_equal(a.render_all(64), b.render_all(64))
+    assert a.questions() == b.questions()
+    d1, d2 = SyntheticQA(12, seed=3), SyntheticQA(12, seed=3)
+    for i in range(12):
+        s1, s2 = d1[i], d2[i]
+        np.testing.assert_array_equal(s1.frames, s2.frames)
+        assert (s1.question, s1.answer, s1.indices) == (s2.question, s2.answer, s2.indices)
+        assert len(s1.indices) == d1.num_frames(i) == len(s1.frames)
+        assert s1.frames.dtype == np.uint8 and s1.frames.shape[1:] == (64, 64, 3)
+        frames, question, answer = s1  # the generic dataset item
+        assert question == s1.question and answer in ANSWER_WORDS
+    assert not np.array_equal(SyntheticQA(1, seed=4)[0].frames, d1[0].frames)
+
+
+def test_question_types_are_balanced_and_answers_are_in_the_vocabulary():
+    ds = SyntheticQA(120, seed=9)
+    kinds = [ds[i].kind for i in range(len(ds))]
+    counts = {k: kinds.count(k) for k in QUESTION_TYPES}
+    assert min(counts.values()) >= 10, counts
+    only = SyntheticQA(10, seed=9, kinds=["shape_left"])
+    assert {only[i].answer for i in range(10)} <= set(SHAPES)
+    with pytest.raises(ValueError, match="unknown question types"):
+        SyntheticQA(3, seed=0, kinds=["colour_later"])
+
+
+def test_present_answers_match_the_pixels_of_the_newest_frame():
+    checked = 0
+    for seed in range(60):
+        video = make_video(seed)
+        if overlapping(video, video.frames - 1):
+            continue  # a shape cut in two by another would count twice
+        found = blobs(noise_free(video, video.frames - 1))
+        for question, answer, kind in video.questions():
+            if kind == "count_now":
+                assert NUMBERS[len(found)] == answer, (seed, found)
+                checked += 1
+            elif kind == "colour_now":
+                shape = question.split()[4]
+                match = [b for b in found if b[0] == answer]
+                assert match, (seed, question, answer, found)
+                name, area, fill, border = match[0]
+                if not border and area > 300:  # whole and unoccluded enough to tell its shape
+                    assert classify(fill) == shape, (seed, question, fill)
+                checked += 1
+    assert checked >= 60
+
+
+def test_memory_answers_match_the_pixels_of_past_frames():
+    checked = 0
+    for seed in range(40):
+        video = make_video(seed)
+        questions = video.questions()
+        seen = [blobs(noise_free(video, f)) for f in range(0, video.frames, 2)]  # every other frame
+        colours_seen = {b[0] for found in seen for b in found}
+        for question, answer, kind in questions:
+            if kind == "first_shape":
+                # The first colour on screen belongs to the answer: find that colour whole later on.
+                first = next(found for found in seen if found)
+                colour = max(first, key=lambda b: b[1])[0]
+                whole = [b for found in seen for b in found if b[0] == colour and not b[3] and b[1] > 300]
+                if whole:
+                    assert classify(max(whole, key=lambda b: b[1])[2]) == answer, (seed, colour)
+                    checked += 1
+            elif kind == "colour_before":
+                shape = question.split()[4]
+                assert answer in colours_seen  # that colour was on screen
+                now = [a for q, a, k in questions if k == "colour_now" and shape in q]
+                if now:
+                    assert now[0] != answer  # and it did change
+                checked += 1
+            elif kind == "count_entered":
+                on_screen = max(len(found) for found in seen)
+                assert on_screen <= NUMBERS.index(answer) <= len(colours_seen), (seed, answer)
+                checked += 1
+            elif kind == "shape_left":
+                last = blobs(noise_free(video, video.frames - 1))
+                whole = [b for b in last if not b[3] and b[1] > 300]
+                assert all(classify(b[2]) != answer for b in whole), (seed, answer, whole)
+                checked += 1
+    assert checked >= 30
+
+
+def test_sample_indices():
+    assert sample_indices(10, "stride", stride=3) == [0, 3, 6, 9]
+    assert sample_indices(11, "stride", stride=3) == [1, 4, 7, 10]  # the newest frame is always seen
+    assert sample_indices(72, "uniform", count=18)[0] == 0 and sample_indices(72, "uniform", count=18)[-1] == 71
+    assert len(sample_indices(72, "uniform", count=18)) == 18
+    with pytest.raises(ValueError, match="stride"):
+        sample_indices(10, "stride")
+    with pytest.raises(ValueError, match="'stride' or 'uniform'"):
+        sample_indices(10, "random", count=2)
+
+
+def test_tokenizers_round_trip_every_question_and_answer():
+    llm, qformer = world_tokenizers()
+    texts = [q.template.format(shape=s) for q in QUESTION_TYPES.values() for s in SHAPES]
+    texts += list(ANSWER_WORDS) + ["what is happening in the video?"]
+    for tok in (llm, qformer):
+        assert tok.unk_token_id not in tok(" ".join(texts) + " Question: Short answer:").input_ids
+        for text in texts:
+            ids = tok(text).input_ids
+            assert tok.decode(ids, skip_special_tokens=True) == text.lower()
+    assert llm("red").input_ids[0] == llm.bos_token_id and llm.eos_token_id is not None
+    ids = qformer("which shape left?").input_ids
+    assert ids[0] == qformer.cls_token_id and ids[-1] == qformer.sep_token_id
+    assert len(vocabulary()) == len(set(vocabulary()))
+
+
+def test_demo_video_is_h264_and_its_answers_hold(tmp_path):
+    demo = make_demo_video(tmp_path / "demo.mp4")
+    with av.open(str(demo.path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
+    assert decoded.shape == (64, 128, 128, 3)
+    from mixmalmm.model.synthetic import demo_video
+
+    rendered = demo_video().render_all(128)
+    assert np.abs(decoded.astype(int) - rendered).mean() < 4  # the codec keeps the picture
+    answers = {kind: answer for _, answer, kind in demo.questions}
+    assert set(answers) == set(QUESTION_TYPES)
+    assert answers["first_shape"] == "circle" and answers["shape_left"] == "circle"
+    assert answers["colour_before"] == "blue" and answers["count_entered"] == "three"
+    assert answers["count_now"] == "two"
