@@ -13,7 +13,8 @@ import triton.language as tl
 
 from .reference import COSINE_EPS
 
-_FREE_SEQ = torch.iinfo(torch.int64).max
+# A free slot's sequence number (sorts after every real entry); a constexpr so kernels may read it.
+_FREE_SEQ = tl.constexpr(torch.iinfo(torch.int64).max)
 
 
 @triton.jit
