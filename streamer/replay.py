@@ -297,6 +297,25 @@ class ThumbnailSampler:
         return [kept[i] for i in picks]
 
 
+class ShotLog:
+    """Every Shot folded into a memory, in order (`ShotRecord`s), and the contact sheet's thumbnails."""
+
+    def __init__(self, thumbnails: int = DEFAULT_THUMBNAILS):
+        self.shots: list[ShotRecord] = []
+        self.sampler = ThumbnailSampler(thumbnails)
+
+    def add(self, shot) -> int:
+        """Record a `Shot` (its composite offered as a thumbnail); returns its 0-based index."""
+        index = len(self.shots)
+        self.shots.append(ShotRecord(index, float(shot.start), float(shot.end), int(shot.count)))
+        self.sampler.offer(index, shot.image)
+        return index
+
+    def span(self) -> tuple[float, float] | None:
+        """(first Shot's start, last Shot's end) in seconds, None before the first Shot."""
+        return (self.shots[0].start, self.shots[-1].end) if self.shots else None
+
+
 def _put(img: np.ndarray, text: str, x: int, y: int, colour=_TEXT, scale: float = 0.42, width: int | None = None):
     """Draw ASCII text with its baseline at y (cut to `width` pixels)."""
     import cv2
@@ -314,8 +333,7 @@ def _mix(a, b, t: float) -> tuple[int, int, int]:
 
 
 def draw_contact_sheet(
-    shots: Sequence[ShotRecord],
-    thumbnails: ThumbnailSampler,
+    log: ShotLog,
     cover: MemoryCover,
     *,
     title: str,
@@ -323,11 +341,11 @@ def draw_contact_sheet(
 ) -> np.ndarray:
     """The contact sheet as [H, W, 3] uint8 RGB (size: `SheetLayout`); see the module doc for "held".
 
-    shots: every Shot folded in (index = position); thumbnails: those offered while replaying;
-    cover: `memory_cover` of the final state.
+    log: every Shot folded in, with the thumbnails offered; cover: `memory_cover` of the final state.
     """
     import cv2
 
+    shots, thumbnails = log.shots, log.sampler
     chosen = thumbnails.chosen()
     th = thumbnails.thumb_height or thumbnail_height(4, 3, thumbnails.thumb_width)
     layout = SheetLayout(len(chosen), thumbnails.thumb_width, th)
@@ -359,17 +377,33 @@ def draw_contact_sheet(
     _put(img, "memory over the whole video: one bar per Shot, as tall as its held share", x0, y0 - 5, _DIM,
          width=inner)
     cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), (44, 44, 50), thickness=-1)
-    if shots:
-        t0, t1 = shots[0].start, max(shots[-1].end, shots[-1].start)
-        scale = (x1 - x0 - 1) / max(t1 - t0, 1e-9)
-        for s in shots:
-            h = int(round(cover.held[s.index] * STRIP)) if s.index < len(cover.held) else 0
-            if h == 0:
-                continue
-            a = x0 + int((s.start - t0) * scale)
-            b = max(a + 1, x0 + int((s.end - t0) * scale))
-            cv2.rectangle(img, (a, y1 - h), (min(b, x1) - 1 if b > a + 1 else a, y1 - 1), _HELD, thickness=-1)
+    heights = strip_heights(shots, cover.held, x1 - x0)
+    for x in np.nonzero(heights)[0]:
+        img[y1 - heights[x] : y1, x0 + x] = _HELD
     return img
+
+
+def strip_heights(shots: Sequence[ShotRecord], held: np.ndarray, width: int) -> np.ndarray:
+    """Bar height in pixels (0..STRIP) per pixel column of the whole-video strip, [width] int.
+
+    Shot i stands for the time from its start to the next Shot's start (the last one: to its end, at
+    least one mean Shot interval); a pixel column shows the largest held share among the Shots in it.
+    """
+    out = np.zeros(width, dtype=np.int64)
+    if not shots or width < 1:
+        return out
+    starts = np.array([s.start for s in shots], dtype=np.float64)
+    t0 = starts[0]
+    mean_step = (starts[-1] - t0) / max(len(shots) - 1, 1)
+    t1 = max(shots[-1].end, starts[-1] + mean_step, t0 + 1e-6)
+    edges = np.append(starts, t1)
+    cols = np.floor((edges - t0) / (t1 - t0) * width).astype(np.int64)
+    tall = np.round(np.clip(held[: len(shots)], 0.0, 1.0) * STRIP).astype(np.int64)
+    for i in range(len(shots)):
+        a = min(cols[i], width - 1)
+        b = max(a + 1, min(cols[i + 1], width))
+        out[a:b] = np.maximum(out[a:b], tall[i])
+    return out
 
 
 def write_png(path: Path, rgb: np.ndarray) -> None:
@@ -449,10 +483,9 @@ class Replay:
 
     model: object
     state: object
-    sampler: ThumbnailSampler
+    log: ShotLog
     mean: tuple
     std: tuple
-    shots: list[ShotRecord] = field(default_factory=list)
     answers: list[dict] = field(default_factory=list)
     max_new_tokens: int = 30
 
@@ -465,9 +498,7 @@ class Replay:
         features = model.encode_frames(pixels)  # [B, N, C]
         for b, shot in enumerate(batch):
             model.step([self.state], features[b : b + 1], [(shot.start, shot.end)])
-            index = len(self.shots)
-            self.shots.append(ShotRecord(index, float(shot.start), float(shot.end), int(shot.count)))
-            self.sampler.offer(index, shot.image)
+            self.log.add(shot)
             while pending and pending[0].at is not None and shot.end >= pending[0].at - 1e-9:
                 self.ask(pending.pop(0))
 
@@ -648,7 +679,7 @@ def _replay(args, source, questions: list[Question], standing: list[str], settin
     for text in standing:
         model.register_question(state, text)
     processor = model.processor.image_processor
-    replay = Replay(model, state, ThumbnailSampler(args.thumbnails), tuple(processor.image_mean),
+    replay = Replay(model, state, ShotLog(args.thumbnails), tuple(processor.image_mean),
                     tuple(processor.image_std), max_new_tokens=args.max_new_tokens)
     timed = sorted((q for q in questions if q.at is not None), key=lambda q: q.at)
     accumulator = make_accumulator(settings)
@@ -667,7 +698,7 @@ def _replay(args, source, questions: list[Question], standing: list[str], settin
             if len(batch) >= ENCODE_BATCH:
                 replay.fold(batch, timed)
                 batch = []
-            progress.update(last_pts, frames, len(replay.shots) + len(batch) + (accumulator.pending > 0))
+            progress.update(last_pts, frames, len(replay.log.shots) + len(batch) + (accumulator.pending > 0))
             if stop.set:
                 problem = f"interrupted at {format_time(last_pts)}"
                 break
@@ -684,20 +715,20 @@ def _replay(args, source, questions: list[Question], standing: list[str], settin
     finally:
         signal.signal(signal.SIGINT, previous)
     elapsed = time.perf_counter() - progress.started
-    summary = (f"replayed {format_span((replay.shots[0].start, replay.shots[-1].end)) if replay.shots else '0 s'}"
-               f" of '{args.video}': {frames} frames, {len(replay.shots)} Shots in {elapsed:.1f} s "
+    summary = (f"replayed {format_span(replay.log.span()) if replay.log.shots else '0 s'}"
+               f" of '{args.video}': {frames} frames, {len(replay.log.shots)} Shots in {elapsed:.1f} s "
                f"({frames / max(elapsed, 1e-9):.1f} frames/s)")
     progress.finish(summary + (f"; {problem}" if problem else ""))
-    if not replay.shots:
+    if not replay.log.shots:
         raise UserError(f"no frames decoded from '{args.video}'" + (f" ({problem})" if problem else ""))
     for q in timed:  # asked for a time the replay did not reach with a Shot's end
         replay.ask(q, note="the replay ended before this time: answered at its end")
     for q in questions:
         if q.at is None:
             replay.ask(q)
-    cover = memory_cover(state, len(replay.shots))
-    title = f"mixmalmm replay of '{Path(args.video).name}' ({format_span((replay.shots[0].start, replay.shots[-1].end))}), model {name}"
-    sheet = draw_contact_sheet(replay.shots, replay.sampler, cover, title=title,
+    cover = memory_cover(state, len(replay.log.shots))
+    title = f"mixmalmm replay of '{Path(args.video).name}' ({format_span(replay.log.span())}), model {name}"
+    sheet = draw_contact_sheet(replay.log, cover, title=title,
                                memory_bank_length=model.config.memory_bank_length)
     report = {
         "video": str(args.video),
@@ -712,10 +743,10 @@ def _replay(args, source, questions: list[Question], standing: list[str], settin
         "actionshot": {f: getattr(settings, f) for f in settings.__struct_fields__},
         "answers": replay.answers,
         "contact_sheet": {"file": "contact_sheet.png", "width": int(sheet.shape[1]), "height": int(sheet.shape[0]),
-                          "thumbnails": replay.sampler.chosen(), "held_definition": HELD_DEFINITION},
+                          "thumbnails": replay.log.sampler.chosen(), "held_definition": HELD_DEFINITION},
         "shots": [{"index": s.index, "start_s": s.start, "end_s": s.end, "frames": s.frames,
                    "held": round(float(cover.held[s.index]), 6),
-                   "mean_merge": round(float(cover.mean_merge[s.index]), 6)} for s in replay.shots],
+                   "mean_merge": round(float(cover.mean_merge[s.index]), 6)} for s in replay.log.shots],
     }
     answers_path, sheet_path = out / "answers.json", out / "contact_sheet.png"
     try:
