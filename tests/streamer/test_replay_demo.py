@@ -23,7 +23,14 @@ from mixmalmm.clients import Client
 from mixmalmm.kernels import StreamingMemoryBank
 from mixmalmm.model import QuestionState, StreamState
 from mixmalmm.streamer.demo import _offline_shots, scene_sample_video
-from mixmalmm.streamer.replay import BORDER, THUMB_WIDTH, SheetLayout, memory_cover, thumbnail_height
+from mixmalmm.streamer.replay import (
+    BORDER,
+    THUMB_WIDTH,
+    SheetLayout,
+    ThumbnailSampler,
+    memory_cover,
+    thumbnail_height,
+)
 
 from .conftest import HEIGHT, SCENE, WIDTH
 
@@ -234,3 +241,19 @@ def test_fallback_sample_video_and_its_shots(tmp_path):
     assert [s.start for s in log.shots] == pytest.approx([float(i) for i in range(8)])
     assert [s.frames for s in log.shots] == [10] * 8
     assert sample.duration == 8.0 and sample.expected_at(sample.final[0][0], 4.0) is None
+
+
+def test_thumbnails_stay_bounded_and_even_over_a_long_video():
+    """An hour at 10 Shots/s: at most 2·limit thumbnails kept at any time, `limit` shown, evenly spread."""
+    sampler = ThumbnailSampler(limit=48)
+    image = np.zeros((120, 160, 3), dtype=np.uint8)
+    most = 0
+    for i in range(36_000):
+        sampler.offer(i, image)
+        most = max(most, len(sampler.images))
+    chosen = sampler.chosen()
+    assert most <= 96 and len(chosen) == 48 and chosen == sorted(chosen)
+    assert chosen[0] == 0 and chosen[-1] >= 36_000 - sampler.stride
+    gaps = np.diff(chosen)
+    assert gaps.max() <= 2 * gaps.min()  # even: every gap one or two strides
+    assert sampler.images[0].shape == (thumbnail_height(160, 120), THUMB_WIDTH, 3)
