@@ -85,10 +85,12 @@ def make_sample_video(folder: Path) -> SampleVideo:
     The synthetic shapes world (`mixmalmm.model.synthetic.make_demo_video`, the world the built-in model
     is trained on) when this install has it; otherwise `scene_sample_video`.
     """
-    try:
-        from mixmalmm.model import synthetic as world
-    except ImportError:
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("mixmalmm.model.synthetic") is None:
         return scene_sample_video(folder / "sample.mp4")
+    world = importlib.import_module("mixmalmm.model.synthetic")
     if not hasattr(world, "make_demo_video"):
         return scene_sample_video(folder / "sample.mp4")
     return world_sample_video(folder / "sample.mp4", world)
@@ -233,17 +235,17 @@ def run_demo(args: argparse.Namespace) -> int:
         if endpoint is not None and not is_local_endpoint(endpoint):
             raise UserError(f"{option} {endpoint!r}: the demo serves on loopback only (e.g. tcp://127.0.0.1:5555, "
                             "or tcp://127.0.0.1:* for a free port)")
+    from .engine import Engine, EngineConfig  # (torch: after the cheap checks)
+
+    started = time.perf_counter()
+    model, name = load_model(args)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot write to --out '{out}': {exc.strerror or exc}") from exc
-    started = time.perf_counter()
     sample = make_sample_video(out)
     log = _offline_shots(sample)
-    from .engine import Engine, EngineConfig  # (torch: after the cheap checks)
-
-    model, name = load_model(args)
     say(f"mixmalmm demo: model {name} on {model.device}; memory {model.config.memory_bank_length} entries per bank")
     say(f"sample video: {sample.path} ({sample.frames} frames, {format_time(sample.duration)} at {sample.fps:g} fps; "
         f"{sample.world}); {len(log.shots)} Shots")
