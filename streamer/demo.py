@@ -38,6 +38,8 @@ from .replay import (
     format_time,
     make_accumulator,
     memory_cover,
+    quiet_model_loading,
+    shot_table,
     write_png,
 )
 
@@ -238,6 +240,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .engine import Engine, EngineConfig  # (torch: after the cheap checks)
 
     started = time.perf_counter()
+    quiet_model_loading()
     model, name = load_model(args)
     out = Path(args.out)
     try:
@@ -345,9 +348,7 @@ def _play(args, sample: SampleVideo, log: ShotLog, engine, server, started: floa
         "answers": records,
         "contact_sheet": {"file": "contact_sheet.png", "width": int(sheet.shape[1]), "height": int(sheet.shape[0]),
                           "thumbnails": log.sampler.chosen(), "held_definition": HELD_DEFINITION},
-        "shots": [{"index": s.index, "start_s": s.start, "end_s": s.end, "frames": s.frames,
-                   "held": round(float(cover.held[s.index]), 6), "mean_merge": round(float(cover.mean_merge[s.index]), 6)}
-                  for s in log.shots],
+        "shots": shot_table(log, cover),
         "wall_s": round(time.perf_counter() - started, 2),
     }
     answers_path, sheet_path = Path(args.out) / "answers.json", Path(args.out) / "contact_sheet.png"

@@ -107,6 +107,13 @@ def parse_seconds(text: str, option: str) -> float:
     return seconds
 
 
+def quiet_model_loading() -> None:
+    """No transformers progress bars while weights load: these commands draw their own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def make_accumulator(settings):
     """The per-stream Shot maker for protocol ActionShot settings (as the engine's pipeline builds it)."""
     from .actionshot import ActionShot, PassThrough
@@ -520,6 +527,13 @@ class Replay:
         return record
 
 
+def shot_table(log: ShotLog, cover: MemoryCover) -> list[dict]:
+    """Every Shot for answers.json: index, span (seconds), frames blended, held share and mean merge count."""
+    return [{"index": s.index, "start_s": s.start, "end_s": s.end, "frames": s.frames,
+             "held": round(float(cover.held[s.index]), 6), "mean_merge": round(float(cover.mean_merge[s.index]), 6)}
+            for s in log.shots]
+
+
 def answer_line(record: dict, expected: str | None = None) -> str:
     """One answer as a line of text: when, how, what the memory covered, question -> answer."""
     span = record.get("span_s")
@@ -652,8 +666,7 @@ def run_replay(args: argparse.Namespace) -> int:
         if duration is not None and origin >= duration:
             raise UserError(f"--start {args.start} is at or after the end of '{args.video}' "
                             f"({format_time(duration)})")
-        limit = min(end, duration) if end is not None and duration is not None else (end if end is not None
-                                                                                      else duration)
+        limit = duration if end is None else (end if duration is None else min(end, duration))
         for q in questions:
             if q.at is None:
                 continue
@@ -674,6 +687,7 @@ def _replay(args, source, questions: list[Question], standing: list[str], settin
     from .cli import load_model
     from .sources import SourceError
 
+    quiet_model_loading()
     model, name = load_model(args)
     state = model.create_state("replay")
     for text in standing:
@@ -744,9 +758,7 @@ def _replay(args, source, questions: list[Question], standing: list[str], settin
         "answers": replay.answers,
         "contact_sheet": {"file": "contact_sheet.png", "width": int(sheet.shape[1]), "height": int(sheet.shape[0]),
                           "thumbnails": replay.log.sampler.chosen(), "held_definition": HELD_DEFINITION},
-        "shots": [{"index": s.index, "start_s": s.start, "end_s": s.end, "frames": s.frames,
-                   "held": round(float(cover.held[s.index]), 6),
-                   "mean_merge": round(float(cover.mean_merge[s.index]), 6)} for s in replay.log.shots],
+        "shots": shot_table(replay.log, cover),
     }
     answers_path, sheet_path = out / "answers.json", out / "contact_sheet.png"
     try:
