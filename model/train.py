@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .malmm import MALMM, StreamConfig
 
@@ -62,6 +63,7 @@ class ModelSizes:
     llm_hidden: int = 128
     llm_layers: int = 2
     dropout: float = 0.0
+    init_scale: float = 1.0  # weights' std = init_scale / sqrt(fan-in) (BERT's fixed 0.02 suits widths ~2500)
 
 
 def scratch_model(
@@ -69,8 +71,10 @@ def scratch_model(
 ) -> MALMM:
     """A randomly initialised MALMM with word-level tokenizers over `words` (nothing downloaded).
 
-    transformers' initialisation (std 0.02), except the query tokens, which transformers zeroes: equal
-    queries would get equal gradients and never tell apart, so they are drawn like the other weights.
+    Weights are drawn with std `init_scale / sqrt(fan-in)` (embeddings and query tokens:
+    `init_scale / sqrt(width)`), biases zero, norms one. transformers' fixed std 0.02 suits BERT-base
+    widths: at these widths it lets almost nothing of the frames through the Q-Former's cross-attention
+    at first, and it zeroes the query tokens (equal queries get equal gradients and never tell apart).
     """
     from transformers import InstructBlipForConditionalGeneration
 
@@ -95,8 +99,20 @@ def scratch_model(
     cfg.vision_config.attention_dropout = sizes.dropout
     torch.manual_seed(seed)
     blip = InstructBlipForConditionalGeneration(cfg)
+    scale = sizes.init_scale
     with torch.no_grad():
-        blip.query_tokens.normal_(0.0, cfg.qformer_config.initializer_range)
+        for module in blip.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                fan_in = module.weight[0].numel()
+                module.weight.normal_(0.0, scale / math.sqrt(fan_in))
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, scale / math.sqrt(module.embedding_dim))
+        vision = blip.vision_model.embeddings
+        vision.class_embedding.normal_(0.0, scale / math.sqrt(sizes.vision_hidden))
+        vision.position_embedding.normal_(0.0, scale / math.sqrt(sizes.vision_hidden))
+        blip.query_tokens.normal_(0.0, scale / math.sqrt(sizes.qformer_hidden))
     return MALMM(blip, processor, config or StreamConfig())
 
 
