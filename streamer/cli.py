@@ -84,7 +84,10 @@ def load_model(args: argparse.Namespace):
     if args.model is None:
         if args.malmm_checkpoint:
             raise UserError("--malmm-checkpoint needs --model, the InstructBLIP folder it applies to")
-        model, name = builtin_model(), "built-in"
+        try:
+            model, name = builtin_model(), "built-in"
+        except (FileNotFoundError, OSError, ValueError) as exc:
+            raise UserError(f"the built-in model could not be loaded ({exc}); reinstall mixmalmm or pass --model") from exc
         if args.memory_bank_length is not None and args.memory_bank_length != model.config.memory_bank_length:
             model.config.memory_bank_length = args.memory_bank_length
         return model.to(device=device, dtype=dtype).eval(), name
@@ -215,12 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixmalmm", description="mixmalmm's engine-side commands")
     commands = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(commands)
-    for module in ("replay", "demo"):
-        try:
-            mod = __import__(f"mixmalmm.streamer.{module}", fromlist=["add_parser"])
-        except ModuleNotFoundError:
-            continue
-        mod.add_parser(commands)
+    from . import demo, replay
+
+    replay.add_parser(commands)
+    demo.add_parser(commands)
     train = commands.add_parser("train", help="train a model (see python -m mixmalmm.model.train --help)",
                                 add_help=False)
     train.set_defaults(run=None)
