@@ -24,66 +24,19 @@ from mixmalmm.clients import (
 from mixmalmm.clients import protocol as p
 from mixmalmm.streamer.server import Server
 
+from .store_engine import StoreEngine
+
 ANY_PORT = "tcp://127.0.0.1:*"
 
 
-class RegistryEngine:
-    """A small real handler: streams and standing questions in dicts, answers built from the question."""
-
-    def __init__(self) -> None:
-        self.streams: dict[str, p.StreamInfo] = {}
-        self.lock = threading.Lock()
-
-    def handle(self, request):
-        with self.lock:
-            return self._handle(request)
-
-    def _stream(self, stream_id):
-        if stream_id not in self.streams:
-            raise p.RequestError(p.ErrorCode.UNKNOWN_STREAM, f"no stream {stream_id!r}")
-        return self.streams[stream_id]
-
-    def _handle(self, r):
-        if isinstance(r, p.AddStream):
-            info = p.StreamInfo(stream=r.stream, uri=r.uri, state="connecting", mode="replay" if r.mode == "replay" else "live")
-            self.streams[r.stream] = info
-            return info
-        if isinstance(r, p.RemoveStream):
-            return self.streams.pop(self._stream(r.stream).stream)
-        if isinstance(r, p.ListStreams):
-            return p.ListStreamsResult(streams=list(self.streams.values()))
-        if isinstance(r, p.AddQuestion):
-            question = p.StandingQuestion(stream=r.stream, question_id=r.question_id, text=r.text, period_s=r.period_s)
-            self._stream(r.stream).questions.append(question)
-            return question
-        if isinstance(r, p.RemoveQuestion):
-            info = self._stream(r.stream)
-            for question in info.questions:
-                if question.question_id == r.question_id:
-                    info.questions.remove(question)
-                    return question
-            raise p.RequestError(p.ErrorCode.UNKNOWN_QUESTION, f"no question {r.question_id!r} on {r.stream!r}")
-        if isinstance(r, p.Ask):
-            info = self._stream(r.stream)
-            standing = next((q for q in info.questions if q.text == r.question), None)
-            return p.AskResult(stream=r.stream, question=r.question, answer=f"{r.question.upper()} x{r.num_beams}",
-                               standing=standing is not None,
-                               question_id=standing.question_id if standing else None,
-                               span_start_s=0.0, span_end_s=1.5)
-        if isinstance(r, p.Status):
-            streams = [p.StreamStatus(stream=s.stream, uri=s.uri, state=s.state) for s in self.streams.values()
-                       if r.stream in (None, s.stream)]
-            return p.StatusResult(engine=p.EngineStatus(model="registry"), streams=streams)
-        if isinstance(r, p.SaveSnapshot):
-            names = [r.stream] if r.stream else sorted(self.streams)
-            return p.SaveSnapshotResult(saved=[p.SavedSnapshot(stream=n, path=f"/state/{n}.bin", size_bytes=10,
-                                                               time_s=1.0) for n in names])
-        raise AssertionError(f"unexpected {r!r}")
+@pytest.fixture
+def engine():
+    return StoreEngine()
 
 
 @pytest.fixture
-def server():
-    server = Server(RegistryEngine(), request_endpoint=ANY_PORT, event_endpoint=ANY_PORT).start()
+def server(engine):
+    server = Server(engine, request_endpoint=ANY_PORT, event_endpoint=ANY_PORT).start()
     yield server
     server.stop()
 
@@ -128,20 +81,21 @@ def _ok(request_id):
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_every_method_against_the_server(server):
+def test_every_method_against_the_server(server, engine):
     with Client(server.request_address, timeout_s=3.0, retries=0) as client:
         assert client.ping().protocol == p.PROTOCOL_VERSION
         assert client.add_stream("cam1", "rtsp://127.0.0.1:8554/x", mode="replay", pace="fast").mode == "replay"
         assert client.add_question("cam1", "door", "is the door open?", period_s=5.0) == p.StandingQuestion(
             stream="cam1", question_id="door", text="is the door open?", period_s=5.0)
         standing = client.ask("cam1", "is the door open?")
-        assert (standing.standing, standing.question_id, standing.span_end_s) == (True, "door", 1.5)
+        assert (standing.standing, standing.question_id, standing.span_end_s) == (True, "door", 75.25)
         adhoc = client.ask("cam1", "what colour?", num_beams=3)
-        assert (adhoc.standing, adhoc.answer) == (False, "WHAT COLOUR? x3")
+        assert (adhoc.standing, adhoc.answer) == (False, StoreEngine.answer("what colour?"))
+        assert [(a.question, a.num_beams) for a in engine.asks()] == [("is the door open?", None), ("what colour?", 3)]
         assert [q.question_id for q in client.list_streams().streams[0].questions] == ["door"]
         assert client.status("cam1").streams[0].uri == "rtsp://127.0.0.1:8554/x"
-        assert client.status().engine.model == "registry"
-        assert [s.path for s in client.save_snapshot().saved] == ["/state/cam1.bin"]
+        assert client.status().engine.model == "store"
+        assert [s.path for s in client.save_snapshot().saved] == ["/state/cam1.snap"]
         assert client.remove_question("cam1", "door").question_id == "door"
         with pytest.raises(EngineError) as info:
             client.remove_question("cam1", "door")
@@ -216,7 +170,7 @@ def test_closed_client_and_bad_settings_are_refused(server):
         ClientCurve(b"x" * 40, public_key=b"y" * 40)
 
 
-def test_one_client_shared_by_threads(server):
+def test_one_client_shared_by_threads(server, engine):
     with Client(server.request_address, timeout_s=3.0, retries=0) as client:
         client.add_stream("s", "/v.mp4")
         answers = []
@@ -230,7 +184,9 @@ def test_one_client_shared_by_threads(server):
             thread.start()
         for thread in threads:
             thread.join(10)
-        assert sorted(answers) == sorted(f"Q{k}.{j} xNone" for k in range(4) for j in range(10))
+        questions = [f"q{k}.{j}" for k in range(4) for j in range(10)]
+        assert sorted(answers) == sorted(StoreEngine.answer(q) for q in questions)
+        assert sorted((a.question, a.num_beams) for a in engine.asks()) == sorted((q, None) for q in questions)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,14 +194,15 @@ def test_one_client_shared_by_threads(server):
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_async_client_has_the_same_methods(server):
+def test_async_client_has_the_same_methods(server, engine):
     async def main():
         async with AsyncClient(server.request_address, timeout_s=3.0, retries=0) as client:
             assert (await client.ping()).server == "mixmalmm"
             await client.add_stream("a", "/a.mp4", mode="replay")
             await client.add_question("a", "q1", "what happens?")
             answers = await asyncio.gather(*(client.ask("a", f"n{k}") for k in range(5)))
-            assert [a.answer for a in answers] == [f"N{k} xNone" for k in range(5)]
+            assert [a.answer for a in answers] == [StoreEngine.answer(f"n{k}") for k in range(5)]
+            assert sorted((a.question, a.num_beams) for a in engine.asks()) == [(f"n{k}", None) for k in range(5)]
             assert (await client.ask("a", "what happens?")).question_id == "q1"
             assert (await client.status()).streams[0].stream == "a"
             assert [s.stream for s in (await client.list_streams()).streams] == ["a"]
