@@ -71,11 +71,11 @@ def test_questions_while_a_file_and_an_rtsp_stream_flow(running, media, rtsp_ser
     info = client.add_stream("cam", rtsp_server.url, actionshot=EVERY_FRAME)
     assert info.mode == "live"
     client.add_question("cam", "what", "what is happening?", period_s=0.3)
-    wait_for(lambda: stream_status(client, "cam").shots > 0, 20, "camera Shots")
+    wait_for(lambda: stream_status(client, "cam").shots > 0, 60, "camera Shots")
     with Subscriber(server.event_address, ["cam"]) as sub:
         ends = []
         for _ in range(3):  # three moments while both streams play
-            wait_for(lambda: stream_status(client, "file").shots > len(ends) * 10, 10, "file Shots")
+            wait_for(lambda: stream_status(client, "file").shots > len(ends) * 10, 60, "file Shots")
             result = client.ask("file", "what colour is the square?", max_new_tokens=5)
             assert result.stream == "file" and not result.standing and result.span_start_s == 0.0
             assert result.answer == result.answer.strip() and len(result.answer) > 0
@@ -93,8 +93,8 @@ def test_questions_while_a_file_and_an_rtsp_stream_flow(running, media, rtsp_ser
         assert seqs == list(range(seqs[0], seqs[0] + 3)) and not sub.gaps
         assert all(e.question_id == "what" and e.span_end_s >= e.span_start_s for e in answers)
     # The replay loses nothing: every frame of the file becomes a Shot.
-    wait_for(lambda: stream_status(client, "file").state == "finished", 15, "the file to finish")
-    wait_for(lambda: stream_status(client, "file").shots == NUM_FRAMES, 5, "all Shots stepped")
+    wait_for(lambda: stream_status(client, "file").state == "finished", 60, "the file to finish")
+    wait_for(lambda: stream_status(client, "file").shots == NUM_FRAMES, 60, "all Shots stepped")
     file = stream_status(client, "file")
     assert file.frames == NUM_FRAMES and file.drops == 0
     assert file.memory_entries == file.memory_capacity + 1  # M stored plus the newest
@@ -106,14 +106,14 @@ def test_questions_while_a_file_and_an_rtsp_stream_flow(running, media, rtsp_ser
 def test_rtsp_server_killed_and_restarted_memory_kept(running, rtsp_server):
     engine, _, client = running
     client.add_stream("cam", rtsp_server.url, actionshot=EVERY_FRAME)
-    wait_for(lambda: stream_status(client, "cam").shots >= 15, 20, "Shots from the camera")
+    wait_for(lambda: stream_status(client, "cam").shots >= 15, 60, "Shots from the camera")
     before = stream_status(client, "cam")
     rtsp_server.kill()
-    wait_for(lambda: stream_status(client, "cam").state == "reconnecting", 10, "the stream to notice")
+    wait_for(lambda: stream_status(client, "cam").state == "reconnecting", 20, "the stream to notice")
     rtsp_server.start()
-    wait_for(lambda: stream_status(client, "cam").reconnects >= 1, 20, "a reconnect")
+    wait_for(lambda: stream_status(client, "cam").reconnects >= 1, 60, "a reconnect")
     shots = before.shots
-    wait_for(lambda: stream_status(client, "cam").shots >= shots + 10, 20, "Shots after the reconnect")
+    wait_for(lambda: stream_status(client, "cam").shots >= shots + 10, 60, "Shots after the reconnect")
     after = stream_status(client, "cam")
     assert after.state == "live" and after.span_start_s == before.span_start_s  # the memory was kept
     assert after.span_end_s > before.span_end_s
@@ -184,7 +184,7 @@ def test_twenty_clients_ask_while_two_streams_ingest(running, media):
     engine, server, client = running
     client.add_stream("a", str(media.h264), pace="realtime", actionshot=EVERY_FRAME)
     client.add_stream("b", str(media.mpeg4), pace="realtime", actionshot=EVERY_FRAME)
-    wait_for(lambda: all(s.shots > 0 for s in client.status().streams), 10, "both streams stepped")
+    wait_for(lambda: all(s.shots > 0 for s in client.status().streams), 60, "both streams stepped")
     answered, failures = [], []
 
     def asker(i: int) -> None:
@@ -208,7 +208,7 @@ def test_twenty_clients_ask_while_two_streams_ingest(running, media):
 def test_snapshot_failure_is_reported_and_nothing_is_lost(running, media, tmp_path):
     engine, _, client = running
     client.add_stream("f", str(media.h264), pace="fast", actionshot=EVERY_FRAME)
-    wait_for(lambda: stream_status(client, "f").shots == NUM_FRAMES, 15, "the whole file stepped")
+    wait_for(lambda: stream_status(client, "f").shots == NUM_FRAMES, 60, "the whole file stepped")
     state_dir = tmp_path / "state"
     shutil.rmtree(state_dir)
     state_dir.write_text("not a directory")  # every write into it now fails with an OSError
@@ -231,8 +231,8 @@ def test_restart_restores_memory_and_standing_questions(model, media, tmp_path):
     first.add_stream(msgspec.convert({"id": 1, "stream": "f", "uri": str(media.h264), "pace": "fast",
                                       "actionshot": {"enabled": False}}, P.AddStream))
     first.add_question(P.AddQuestion(id=2, stream="f", question_id="q", text="what moved?"))
-    wait_for(lambda: first.stream_status(first._get("f")).state == "finished", 15, "the file to finish")
-    wait_for(lambda: first._get("f").state.frames == NUM_FRAMES, 5, "all Shots stepped")
+    wait_for(lambda: first.stream_status(first._get("f")).state == "finished", 60, "the file to finish")
+    wait_for(lambda: first._get("f").state.frames == NUM_FRAMES, 60, "all Shots stepped")
     want = first.ask("f", "what moved?", max_new_tokens=6)
     first.shutdown(save=True)
 

@@ -75,7 +75,7 @@ def test_sigkill_then_restart_restores_memory_and_resumes_the_file(media, tmp_pa
     try:
         first.wait_ready()
         with first.client() as c:
-            wait_status(c, "f", lambda s: s.shots >= 20, 30, "20 Shots")
+            wait_status(c, "f", lambda s: s.shots >= 20, 60, "20 Shots")
         time.sleep(0.5)  # at least one snapshot period with Shots in memory
         first.process.send_signal(signal.SIGKILL)
         first.process.wait(timeout=10)
@@ -88,11 +88,11 @@ def test_sigkill_then_restart_restores_memory_and_resumes_the_file(media, tmp_pa
     try:
         second.wait_ready()
         with second.client() as c:
-            s = wait_status(c, "f", lambda s: s.shots >= saved["frames"], 10, "the restored stream")
+            s = wait_status(c, "f", lambda s: s.shots >= saved["frames"], 60, "the restored stream")
             assert s.span_start_s == 0.0
             # Resumed after the last remembered frame: the whole file is folded in exactly once.
-            s = wait_status(c, "f", lambda s: s.state == "finished", 30, "the file to finish")
-            s = wait_status(c, "f", lambda s: s.queue_depth == 0 and s.shots == NUM_FRAMES, 10, "all Shots")
+            s = wait_status(c, "f", lambda s: s.state == "finished", 60, "the file to finish")
+            s = wait_status(c, "f", lambda s: s.queue_depth == 0 and s.shots == NUM_FRAMES, 60, "all Shots")
             assert s.span_end_s == pytest.approx((NUM_FRAMES - 1) / FPS)
     finally:
         second.stop()
@@ -120,7 +120,7 @@ def test_sigterm_saves_and_curve_keeps_strangers_out(media, tmp_path):
         with serve.client(timeout_s=1.0) as c, pytest.raises(EngineTimeout):  # no key at all
             c.ping()
         with serve.client(curve=ours) as c:
-            s = wait_status(c, "f", lambda s: s.shots == NUM_FRAMES, 30, "the whole file")
+            s = wait_status(c, "f", lambda s: s.shots == NUM_FRAMES, 60, "the whole file")
         serve.process.send_signal(signal.SIGTERM)
         assert serve.process.wait(timeout=30) == 0, serve.output()
     finally:
