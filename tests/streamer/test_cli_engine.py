@@ -1,0 +1,218 @@
+"""The client commands as a user runs them (``python -m mixmalmm.clients.cli``, a subprocess) against the
+real engine: the tiny model behind a real ``Server`` on loopback, fed the generated H.264 file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mixmalmm.clients.cli import EXIT_ENGINE_ERROR, EXIT_OK
+from mixmalmm.model import MALMM
+from mixmalmm.streamer.engine import SNAPSHOT_SUFFIX, Engine, EngineConfig
+from mixmalmm.streamer.server import Server
+
+from .conftest import FPS, NUM_FRAMES
+
+CLI = [sys.executable, "-m", "mixmalmm.clients.cli"]
+LAST_S = (NUM_FRAMES - 1) / FPS  # the last frame's time: 5.9 s
+
+
+@pytest.fixture(scope="module")
+def model():
+    return MALMM.tiny().eval()
+
+
+@contextlib.contextmanager
+def serving(model, state_dir: Path | None):
+    """An engine behind a real server on loopback ports; yields the server."""
+    box: list[Server] = []
+    engine = Engine(model, EngineConfig(state_dir=state_dir and str(state_dir), snapshot_period_s=3600),
+                    publish=lambda event: box[0].publish(event))
+    server = Server(engine, request_endpoint="tcp://127.0.0.1:*", event_endpoint="tcp://127.0.0.1:*")
+    box.append(server)
+    engine.start()
+    server.start()
+    try:
+        yield server
+    finally:
+        engine.shutdown(save=False)
+        server.stop()
+
+
+def mixmalmm(server: Server, *args: str) -> subprocess.CompletedProcess:
+    """Run a client command against ``server`` as a user would."""
+    return subprocess.run([*CLI, *args, "--server", server.request_address, "--timeout", "20", "--retries", "0"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == EXIT_OK, (result.returncode, result.stdout, result.stderr)
+    assert result.stderr == ""
+    return result.stdout
+
+
+def one_json(result: subprocess.CompletedProcess) -> dict:
+    [line] = ok(result).splitlines()
+    return json.loads(line)
+
+
+def refused(result: subprocess.CompletedProcess) -> str:
+    """The stderr line of a command the engine refused (exit status 1, no traceback, nothing on stdout)."""
+    assert result.returncode == EXIT_ENGINE_ERROR == 1, (result.returncode, result.stdout, result.stderr)
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    return result.stderr
+
+
+def refused_json(result: subprocess.CompletedProcess) -> dict:
+    """The error object a ``--json`` command the engine refused prints (exit status 1)."""
+    assert result.returncode == EXIT_ENGINE_ERROR == 1, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    [line] = result.stdout.splitlines()
+    return json.loads(line)["error"]
+
+
+def wait_for_status(server: Server, stream: str, predicate, timeout: float, what: str) -> dict:
+    """Poll ``status STREAM --json`` until ``predicate(stream status)``; returns that status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = one_json(mixmalmm(server, "status", stream, "--json"))["streams"][0]
+        if predicate(status):
+            return status
+        assert time.monotonic() < deadline, f"{what} not within {timeout} s: {status}"
+        time.sleep(0.2)
+
+
+def test_a_file_added_asked_saved_and_removed(model, media, tmp_path):
+    state_dir = tmp_path / "state"
+    uri = str(media.h264)
+    with serving(model, state_dir) as server:
+        added = one_json(mixmalmm(server, "streams", "add", "f", uri, "--pace", "fast", "--no-actionshot", "--json"))
+        assert (added["stream"], added["uri"], added["mode"], added["questions"]) == ("f", uri, "replay", [])
+        assert added["state"] in ("connecting", "live", "finished")
+
+        # Without ActionShot every frame is a Shot; a replay drops none. The memory holds M = 10 entries
+        # plus the newest Shot's (11/10).
+        status = wait_for_status(server, "f", lambda s: s["state"] == "finished" and s["shots"] == NUM_FRAMES, 30,
+                                 "the whole file stepped")
+        assert {k: status[k] for k in ("stream", "uri", "frames", "shots", "drops", "reconnects", "memory_entries",
+                                       "memory_capacity", "span_start_s", "queue_depth", "last_error")} == {
+            "stream": "f", "uri": uri, "frames": NUM_FRAMES, "shots": NUM_FRAMES, "drops": 0, "reconnects": 0,
+            "memory_entries": 11, "memory_capacity": 10, "span_start_s": 0.0, "queue_depth": 0, "last_error": None}
+        assert status["span_end_s"] == pytest.approx(LAST_S)
+        engine = one_json(mixmalmm(server, "status", "--json"))["engine"]
+        assert (engine["model"], engine["device"], engine["questions_answered"]) == ("MALMM", "cpu", 0)
+        assert engine["question_latency_p50_s"] is None and engine["persist_error"] is None
+
+        lines = ok(mixmalmm(server, "status")).splitlines()
+        assert re.fullmatch(r"engine: model MALMM on cpu, up \d+ s, 0 questions answered, "
+                            r"0 requests in flight, 0 Shots queued", lines[0]), lines[0]
+        assert lines[1] == ""
+        assert lines[2].split() == ["STREAM", "STATE", "FPS", "IN", "FPS", "OUT", "FRAMES", "SHOTS", "DROPS",
+                                    "RECONNECTS", "QUEUE", "MEMORY", "SPAN", "URI"]
+        row = lines[3].split()
+        assert row[:2] == ["f", "finished"] and float(row[2]) >= 0 and float(row[3]) >= 0
+        assert row[4:] == ["60", "60", "0", "0", "0", "11/10", "0.0", "s", "-", "5.9", "s", uri]
+        assert len(lines) == 4
+
+        # An ad-hoc question: the whole file is in memory.
+        answer = one_json(mixmalmm(server, "ask", "f", "what moved?", "--max-new-tokens", "5", "--json"))
+        assert isinstance(answer["answer"], str) and answer["answer"] == answer["answer"].strip() != ""
+        assert (answer["stream"], answer["question"], answer["standing"], answer["question_id"]) == (
+            "f", "what moved?", False, None)
+        assert answer["span_start_s"] == 0.0 and answer["span_end_s"] == pytest.approx(LAST_S)
+        assert 0 < answer["latency_s"] < 20
+        lines = ok(mixmalmm(server, "ask", "f", "what moved?", "--max-new-tokens", "5")).splitlines()
+        assert lines[0] == answer["answer"]  # the memory no longer changes: the same answer
+        assert re.fullmatch(r"\(f: memory covers 0\.0 s - 5\.9 s of the stream; ad-hoc question; "
+                            r"answered in \d+\.\d\d s\)", lines[1]), lines[1]
+        assert len(lines) == 2
+        assert one_json(mixmalmm(server, "status", "--json"))["engine"]["questions_answered"] == 2
+
+        # A standing question registered after the file ended has seen no frame: it is answered ad hoc,
+        # and the answer names it.
+        assert ok(mixmalmm(server, "questions", "add", "f", "q1", "what moved?")) == (
+            "added question q1 on f (on request): what moved?\n")
+        listed = one_json(mixmalmm(server, "streams", "list", "--json"))["streams"]
+        assert [(s["stream"], s["state"], s["questions"]) for s in listed] == [
+            ("f", "finished", [{"stream": "f", "question_id": "q1", "text": "what moved?", "period_s": None}])]
+        late = one_json(mixmalmm(server, "ask", "f", "what moved?", "--max-new-tokens", "5", "--json"))
+        assert (late["standing"], late["question_id"], late["answer"]) == (False, "q1", answer["answer"])
+        assert ok(mixmalmm(server, "questions", "remove", "f", "q1")) == (
+            "removed question q1 from f: what moved?\n")
+        assert refused(mixmalmm(server, "questions", "remove", "f", "q1")) == (
+            "mixmalmm questions: the server refused: unknown_question: stream 'f' has no standing question 'q1'\n")
+        assert one_json(mixmalmm(server, "ask", "f", "what moved?", "--max-new-tokens", "5", "--json"))[
+            "question_id"] is None
+
+        # A snapshot of the memory, written where the engine keeps its state.
+        path = state_dir / f"f{SNAPSHOT_SUFFIX}"
+        [saved] = one_json(mixmalmm(server, "snapshot", "f", "--json"))["saved"]
+        assert (saved["stream"], saved["path"]) == ("f", str(path))
+        assert saved["size_bytes"] == path.stat().st_size > 0
+        lines = ok(mixmalmm(server, "snapshot")).splitlines()
+        assert lines[0].split() == ["STREAM", "SIZE", "TIME", "PATH", "(on", "the", "server)"]
+        assert lines[1].split()[0] == "f" and lines[1].split()[-1] == str(path) and len(lines) == 2
+
+        # Removed: the stream, its saved state, and any question about it.
+        assert ok(mixmalmm(server, "streams", "remove", "f")) == f"removed stream f (was finished): {uri}\n"
+        assert not path.exists()
+        assert refused(mixmalmm(server, "ask", "f", "what moved?")) == (
+            "mixmalmm ask: the server refused: unknown_stream: no stream 'f'\n")
+        assert refused_json(mixmalmm(server, "ask", "f", "what moved?", "--json")) == {
+            "code": "unknown_stream", "message": "no stream 'f'"}
+        assert ok(mixmalmm(server, "status")).splitlines()[1] == "no streams (add one with `mixmalmm streams add ID URI`)"
+
+
+def test_watch_standing_answers_while_a_file_plays(model, media):
+    with serving(model, None) as server:
+        watcher = subprocess.Popen([*CLI, "watch", "g", "--events", server.event_address, "--count", "4",
+                                    "--timeout", "20", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        try:
+            assert watcher.stderr.readline().startswith(f"watching events of g from {server.event_address}")
+            # Real time: the file plays for 6 s, long after the question is registered.
+            ok(mixmalmm(server, "streams", "add", "g", str(media.h264), "--no-actionshot"))
+            assert ok(mixmalmm(server, "questions", "add", "g", "q1", "what moved?", "--period", "0.5")) == (
+                "added question q1 on g (every 0.5 s): what moved?\n")
+            out, err = watcher.communicate(timeout=30)
+        finally:
+            if watcher.poll() is None:
+                watcher.kill()
+                watcher.communicate()
+        assert watcher.returncode == EXIT_OK, (out, err)
+        events = [json.loads(line) for line in out.splitlines()]
+        assert len(events) == 4 and {e["stream"] for e in events} == {"g"}
+        # Nothing is missed once subscribed (no gap lines): one sequence, step 1.
+        seqs = [e["seq"] for e in events]
+        assert seqs == list(range(seqs[0], seqs[0] + 4))
+        assert {e["type"] for e in events} <= {"stream_state", "answer"}
+        answers = [e for e in events if e["type"] == "answer"]
+        assert answers, events
+        ends = [e["span_end_s"] for e in answers]
+        assert ends == sorted(ends)  # the memory grows while the file plays
+        for e in answers:
+            assert (e["question_id"], e["question"], e["span_start_s"]) == ("q1", "what moved?", 0.0)
+            assert 0.0 <= e["span_end_s"] <= LAST_S and e["answer"] == e["answer"].strip()
+        for e in events:
+            if e["type"] == "stream_state":
+                assert e["state"] in ("connecting", "live")  # the file plays on for seconds
+
+        # The question has seen frames since: asked by its text, it is answered from its own memory.
+        asked = one_json(mixmalmm(server, "ask", "g", "what moved?", "--json"))
+        assert (asked["standing"], asked["question_id"], asked["span_start_s"]) == (True, "q1", 0.0)
+        lines = ok(mixmalmm(server, "ask", "g", "what moved?")).splitlines()
+        assert re.fullmatch(r"\(g: memory covers 0\.0 s - \d\.\d s of the stream; standing question q1; "
+                            r"answered in \d+\.\d\d s\)", lines[1]), lines[1]
+
+        # This engine keeps no state directory: a snapshot is refused, named.
+        assert refused(mixmalmm(server, "snapshot")) == (
+            "mixmalmm snapshot: the server refused: bad_request: the engine runs without a state directory\n")
+        assert refused_json(mixmalmm(server, "snapshot", "g", "--json")) == {
+            "code": "bad_request", "message": "the engine runs without a state directory"}
