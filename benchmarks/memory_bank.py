@@ -30,7 +30,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _median_ms(step, frames: int, device: torch.device) -> float:
+def _median_ms(step, frames: int, device: torch.device, warmup: int = 3) -> float:
+    # Untimed frames first: the allocator and the thread pool settle (the first large temporaries
+    # otherwise pay page faults on every frame).
+    for _ in range(warmup):
+        step()
     times = []
     for _ in range(frames):
         _sync(device)
