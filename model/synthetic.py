@@ -205,7 +205,7 @@ def random_scenario(seed: int, frames: int | None = None) -> Scenario:
     for i in range(n):
         inside = i == 0 and enters[0] == 0 and rng.random() < 0.5
         edge = "inside" if inside else str(rng.choice(["left", "right", "top", "bottom"]))
-        radius = float(rng.uniform(0.09, 0.13))
+        radius = float(rng.uniform(0.12, 0.16))
         change = new_colour = turn = leave = None
         appear_by = enters[i] + 6  # slid in by then (speed >= 0.02 per frame)
         free = [c for c in palette if c not in colours and c not in used]  # every colour names one shape
@@ -249,11 +249,11 @@ def demo_scenario() -> Scenario:
         background=Background("gradient", (40, 52, 70), (92, 84, 70), angle=30.0, seed=0),
         shapes=(
             ShapeScript("circle", "red", enter=0, edge="inside", along=0.5, speed=0.02, angle=20.0,
-                        radius=0.12, start=(0.22, 0.3), turn=16, turn_angle=110.0, leave=38),
+                        radius=0.14, start=(0.22, 0.3), turn=16, turn_angle=110.0, leave=38),
             ShapeScript("square", "blue", enter=10, edge="top", along=0.6, speed=0.022, angle=35.0,
-                        radius=0.11, change=30, new_colour="green"),
+                        radius=0.13, change=30, new_colour="green"),
             ShapeScript("triangle", "yellow", enter=20, edge="right", along=0.78, speed=0.024, angle=-10.0,
-                        radius=0.12, turn=44, turn_angle=-70.0),
+                        radius=0.14, turn=44, turn_angle=-70.0),
         ),
     )
 

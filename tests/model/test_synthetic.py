@@ -132,7 +132,9 @@ def test_memory_answers_match_the_pixels_of_past_frames():
                     assert now[0] != answer  # and it did change
                 checked += 1
             elif kind == "count_entered":
-                on_screen = max(len(found) for found in seen)
+                whole = [found for f, found in zip(range(0, video.frames, 2), seen, strict=True)
+                         if not overlapping(video, f)]  # a shape cut in two by another counts twice
+                on_screen = max((len(found) for found in whole), default=0)
                 assert on_screen <= NUMBERS.index(answer) <= len(colours_seen), (seed, answer)
                 checked += 1
             elif kind == "shape_left":
