@@ -5,6 +5,8 @@ register_question, remove_question, answer, restore, clip_query_output, clip_los
 `StreamState` (snapshot), `StateSnapshot` (save / load), `Answer`, and the LAVIS checkpoint loader.
 """
 
+import mixmalmm.kernels  # noqa: F401, I001  (first: it sets the OpenMP wait policy before torch loads)
+
 from .lavis import CheckpointMismatchError, LavisLoadReport, lavis_state_dict, load_lavis_checkpoint
 from .malmm import MALMM, Answer, StreamConfig, default_dtype
 from .state import QuestionState, StateSnapshot, StreamState
