@@ -1,10 +1,10 @@
 """The engine: many streams around one model, questions at any moment, state kept across restarts.
 
-Data flow (shared/DESIGN.md §2): one decode thread per stream reads its source, folds frames into
-ActionShot composites and preprocesses each Shot for the vision encoder; a bounded queue per stream
-hands Shots to the single model thread (live: the oldest Shot is dropped and counted when the model
-falls behind; replay: the decode thread waits); the model thread takes at most one Shot per stream per
-round, runs the vision encoder on all of them as one batch and steps every stream's state.
+Data flow (shared/DESIGN.md §2): one decode thread per stream reads its source and folds frames into
+ActionShot composites; a bounded queue per stream hands Shots to the single model thread (live: the
+oldest Shot is dropped and counted when the model falls behind; replay: the decode thread waits); the
+model thread takes at most one Shot per stream per round (round robin), preprocesses them and runs the
+vision encoder on all of them as one batch, then steps every stream's state.
 
 Questions never wait for the ingest backlog: each stream's state has a lock held only while one Shot
 is folded in, so an answer waits at most one step. The Q-Former output is taken under that lock (a
@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
-import torch
 
 from mixmalmm.clients import protocol as P
 from mixmalmm.model import MALMM, StateSnapshot, StreamState
 
 from .pipeline import StreamPipeline
+from .preprocess import preprocess
 from .shotqueue import ShotQueue
 from .sources import SourceError
 
@@ -187,8 +187,7 @@ class Engine:
                 stream.pipeline = StreamPipeline(
                     sid, request.uri, mode=request.mode, pace=request.pace,
                     actionshot=request.actionshot or self.config.default_actionshot,
-                    image_size=self.model.image_size, mean=self._image_processor.image_mean,
-                    std=self._image_processor.image_std, queue=queue, network_options=self.config.network_options,
+                    queue=queue, network_options=self.config.network_options,
                     on_state=lambda old, new, msg: self._on_state(stream, old, new, msg),
                     resume_after=resume_after,
                 )
@@ -247,14 +246,20 @@ class Engine:
     # ------------------------------------------------------------------ model loop
 
     def _model_loop(self) -> None:
+        start = 0  # round robin: with more streams than max_batch, none waits behind the others
         while not self._stop.is_set():
             batch = []
-            for stream in self.streams():
+            streams = self.streams()
+            start = start % len(streams) if streams else 0
+            visited = 0
+            for stream in streams[start:] + streams[:start]:
+                visited += 1
                 item = stream.queue.get_nowait()
                 if item is not None:
                     batch.append((stream, item))
                 if len(batch) == self.config.max_batch:
                     break
+            start += visited
             if not batch:
                 with self._work:
                     self._work.wait(timeout=0.1)
@@ -267,14 +272,16 @@ class Engine:
                     stream.last_error = f"model step failed: {exc}"
 
     def _step(self, batch) -> None:
-        pixels = torch.stack([item.pixels for _, item in batch])
+        proc = self._image_processor
+        pixels = preprocess([shot.image for _, shot in batch], self.model.image_size, proc.image_mean,
+                            proc.image_std, device=self.model.device)
         features = self.model.encode_frames(pixels)
         streams = [s for s, _ in batch]
         locks = sorted(streams, key=lambda s: s.id)  # one global order: no deadlock between steps
         for s in locks:
             s.lock.acquire()
         try:
-            self.model.step([s.state for s in streams], features, [(i.start, i.end) for _, i in batch])
+            self.model.step([s.state for s in streams], features, [(shot.start, shot.end) for _, shot in batch])
         finally:
             for s in locks:
                 s.lock.release()

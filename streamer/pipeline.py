@@ -1,4 +1,7 @@
-"""One stream's decode thread: source -> ActionShot -> preprocessing -> the stream's ShotQueue.
+"""One stream's decode thread: source -> ActionShot -> the stream's ShotQueue.
+
+The thread does no torch work: the model thread preprocesses the Shots of all streams as one batch
+(torch's thread pool, entered from many decode threads at once, slows every call down).
 
 The thread owns its source. Live sources reconnect by themselves (their state machine: connecting,
 live, reconnecting, failed); a file ends as "finished". Every state change is reported through
@@ -12,15 +15,13 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from mixmalmm.clients import protocol as P
 
 from .actionshot import ActionShot, PassThrough
-from .frames import Shot
-from .preprocess import preprocess
-from .shotqueue import ShotItem, ShotQueue
+from .shotqueue import ShotQueue
 from .sources import NETWORK_SCHEMES, FileSource, SourceState, open_source
 
 log = logging.getLogger("mixmalmm.pipeline")
@@ -34,7 +35,7 @@ RESUME_GAP_S = 1e-3
 
 
 class StreamPipeline:
-    """Decodes one source on its own thread and queues preprocessed Shots for the model.
+    """Decodes one source on its own thread and queues its Shots for the model.
 
     mode: "live" drops the oldest queued Shot when the model falls behind; "replay" waits for room;
     "auto" picks live for network and camera sources, replay for files. pace: for replay, "realtime"
@@ -49,9 +50,6 @@ class StreamPipeline:
         mode: str,
         pace: str,
         actionshot: P.ActionShotSettings,
-        image_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
         queue: ShotQueue,
         on_state: StateCallback,
         network_options: dict | None = None,
@@ -61,9 +59,6 @@ class StreamPipeline:
         self.uri = uri
         self.queue = queue
         self.settings = actionshot
-        self.image_size = image_size
-        self.mean = tuple(mean)
-        self.std = tuple(std)
         self._on_state = on_state
         # Opening validates the URI (unknown scheme, missing file) before the stream is accepted.
         options = {"realtime": pace == "realtime", "queue_size": 8}
@@ -135,10 +130,6 @@ class StreamPipeline:
         if new != self.state and new not in ("finished", "stopped", "failed"):
             self._set_state(new, stats.last_error if new == "reconnecting" else None)
 
-    def _shot_item(self, shot: Shot) -> ShotItem:
-        pixels = preprocess([shot.image], self.image_size, self.mean, self.std)[0]
-        return ShotItem(pixels=pixels, start=shot.start, end=shot.end, frames=shot.count)
-
     def _run(self) -> None:
         s = self.settings
         if s.enabled:
@@ -158,12 +149,12 @@ class StreamPipeline:
                 self.frames += 1
                 self._in_times.append(time.time())
                 shot = accumulator.push(frame)
-                if shot is not None and not self.queue.put(self._shot_item(shot), stop=self._stop):
+                if shot is not None and not self.queue.put(shot, stop=self._stop):
                     break
             if not self._stop.is_set():
                 shot = accumulator.flush()
                 if shot is not None:
-                    self.queue.put(self._shot_item(shot), stop=self._stop)
+                    self.queue.put(shot, stop=self._stop)
         except Exception as exc:  # the source gave up (attempts exhausted) or its data is unusable
             log.warning("stream %s: %s", self.stream_id, exc)
             self._set_state("failed", str(exc))

@@ -9,24 +9,12 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import torch
-
-
-@dataclass
-class ShotItem:
-    """One Shot ready for the model: pixels [3, H, W] (normalised), its first/last frame time
-    (seconds) and the number of frames it blends."""
-
-    pixels: torch.Tensor
-    start: float
-    end: float
-    frames: int = 1
+from .frames import Shot
 
 
 class ShotQueue:
-    """A bounded FIFO of ShotItems.
+    """A bounded FIFO of Shots (still uint8 images: the model thread preprocesses them in batches).
 
     drop_oldest: when full, `put` drops the oldest item (counted in `dropped`) instead of waiting.
     on_put: called after every put (the engine uses it to wake the model thread).
@@ -38,7 +26,7 @@ class ShotQueue:
         self.capacity = capacity
         self.drop_oldest = drop_oldest
         self.dropped = 0
-        self._items: collections.deque[ShotItem] = collections.deque()
+        self._items: collections.deque[Shot] = collections.deque()
         self._cond = threading.Condition()
         self._on_put = on_put
         self._closed = False
@@ -47,7 +35,7 @@ class ShotQueue:
         with self._cond:
             return len(self._items)
 
-    def put(self, item: ShotItem, stop: threading.Event | None = None) -> bool:
+    def put(self, item: Shot, stop: threading.Event | None = None) -> bool:
         """Add an item; returns False when the queue was closed (or `stop` set) while waiting for room."""
         with self._cond:
             while len(self._items) >= self.capacity and not self._closed:
@@ -65,7 +53,7 @@ class ShotQueue:
             self._on_put()
         return True
 
-    def get_nowait(self) -> ShotItem | None:
+    def get_nowait(self) -> Shot | None:
         with self._cond:
             if not self._items:
                 return None

@@ -246,3 +246,17 @@ def test_restart_restores_memory_and_standing_questions(model, media, tmp_path):
             want.answer, want.standing, want.span_start_s, want.span_end_s)
     finally:
         second.shutdown(save=False)
+
+
+def test_more_streams_than_a_batch_all_progress(model):
+    engine = Engine(model, EngineConfig(max_batch=1)).start()
+    try:
+        for sid in ("a", "b", "c"):
+            engine.add_stream(P.AddStream(id=0, stream=sid, uri="synthetic:?num_frames=100000&width=32&height=32",
+                                          pace="fast", actionshot=EVERY_FRAME))
+        wait_for(lambda: sum(s.state.frames for s in engine.streams()) >= 60, 60, "60 Shots in all")
+        folded = [s.state.frames for s in engine.streams()]
+        # Round robin over streams whose queues never run dry: each gets a third, give or take a round.
+        assert max(folded) - min(folded) <= 3, folded
+    finally:
+        engine.shutdown(save=False)
