@@ -502,7 +502,8 @@ def sample_indices(frames: int, how: str, count: int | None = None, stride: int 
     if how == "uniform":
         if count is None or count < 1:
             raise ValueError(f"uniform sampling needs count >= 1, got {count}")
-        return sorted({int(round(x)) for x in np.linspace(0, frames - 1, min(count, frames))})
+        # From the newest frame back, so one frame means the newest (a question is about "now").
+        return sorted({int(round(x)) for x in np.linspace(frames - 1, 0, min(count, frames))})
     raise ValueError(f"how must be 'stride' or 'uniform', got {how!r}")
 
 
@@ -556,8 +557,8 @@ class SyntheticQA:
             raise ValueError(f"count must be >= 1, got {count}")
         if sampling not in ("mixed", "stride", "uniform"):
             raise ValueError(f"sampling must be 'mixed', 'stride' or 'uniform', got {sampling!r}")
-        if not 2 <= frames[0] <= frames[1] <= 24:
-            raise ValueError(f"frames must be a range (lo, hi) with 2 <= lo <= hi <= 24, got {frames}")
+        if not 1 <= frames[0] <= frames[1] <= 24:
+            raise ValueError(f"frames must be a range (lo, hi) with 1 <= lo <= hi <= 24, got {frames}")
         if not 1 <= stride <= MAX_VIDEO_FRAMES // 2:
             raise ValueError(f"stride must be in 1..{MAX_VIDEO_FRAMES // 2}, got {stride}")
         unknown = set(kinds or ()) - set(QUESTION_TYPES)

@@ -479,12 +479,17 @@ class _KindIndexed:
         return self._kinds.get(i) or self.dataset[i].kind
 
 
-def world_datasets(train_size: int, val_size: int, seed: int) -> tuple:
-    """Training and validation sets of the synthetic world (disjoint video seeds: seed and seed + 1)."""
+def world_datasets(
+    train_size: int, val_size: int, seed: int, frames: tuple[int, int] = (6, 20), kinds: Sequence[str] | None = None
+) -> tuple:
+    """Training and validation sets of the synthetic world (disjoint video seeds: seed and seed + 1).
+
+    frames: clip lengths (T) drawn per clip; kinds: question types (default: all).
+    """
     from .synthetic import SyntheticQA
 
-    train_set = SyntheticQA(train_size, seed, size=(64, 128))
-    val_set = _KindIndexed(SyntheticQA(val_size, seed + 1, size=128))
+    train_set = SyntheticQA(train_size, seed, size=(64, 128), frames=frames, kinds=kinds)
+    val_set = _KindIndexed(SyntheticQA(val_size, seed + 1, size=128, frames=frames, kinds=kinds))
     return train_set, val_set
 
 
@@ -503,6 +508,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--train-size", type=int, default=6000, help="training clips per epoch (each its own video)")
     p.add_argument("--val-size", type=int, default=300)
+    p.add_argument("--frames", default="6,20", help="LO,HI: frames per training clip, drawn per clip")
+    p.add_argument("--kinds", help="comma-separated question types to train on (default: all)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -556,7 +563,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(args)
-    train_set, val_set = world_datasets(args.train_size, args.val_size, args.seed)
+    try:
+        lo, hi = (int(x) for x in args.frames.split(","))
+    except ValueError:
+        raise SystemExit(f"--frames takes LO,HI (two integers), got {args.frames!r}") from None
+    kinds = args.kinds.split(",") if args.kinds else None
+    train_set, val_set = world_datasets(args.train_size, args.val_size, args.seed, (lo, hi), kinds)
     config = TrainConfig(
         out=str(out), epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
