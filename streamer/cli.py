@@ -174,8 +174,11 @@ def run_serve(args: argparse.Namespace) -> int:
                           snapshot_period_s=args.snapshot_period, default_actionshot=actionshot_settings(args))
     stopping = threading.Event()
     server_box: list = []
-    engine = Engine(model, config, publish=lambda event: server_box and server_box[0].publish(event),
-                    model_name=name)
+    try:
+        engine = Engine(model, config, publish=lambda event: server_box and server_box[0].publish(event),
+                        model_name=name)
+    except OSError as exc:  # the state directory cannot be made
+        raise UserError(f"--state-dir {args.state_dir}: {exc}") from exc
     try:
         limits = P.Limits(max_message_bytes=args.max_message_bytes, max_question_chars=args.max_question_chars)
         server = Server(engine, request_endpoint=args.bind, event_endpoint=args.events, curve=curve,

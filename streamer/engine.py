@@ -32,7 +32,7 @@ import msgspec
 from mixmalmm.clients import protocol as P
 from mixmalmm.model import MALMM, StateSnapshot, StreamState
 
-from .pipeline import StreamPipeline
+from .pipeline import StreamPipeline, rate
 from .preprocess import preprocess
 from .shotqueue import ShotQueue
 from .sources import SourceError
@@ -93,11 +93,9 @@ class Stream:
     def live(self) -> bool:
         return self.pipeline.live if self.pipeline is not None else self.request.mode == "live"
 
-    def fps_out(self, now: float, window_s: float = 5.0) -> float:
-        recent = [t for t in self.out_times if now - t <= window_s]
-        if len(recent) < 2:
-            return 0.0
-        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
+    def fps_out(self, now: float) -> float:
+        """Shots per second folded into memory over the last few seconds."""
+        return rate(self.out_times, now)
 
 
 class Engine:

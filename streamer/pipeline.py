@@ -107,11 +107,9 @@ class StreamPipeline:
         """Frames the source's own bounded buffer dropped (live sources only)."""
         return self.source.stats.dropped
 
-    def fps_in(self, now: float, window_s: float = 5.0) -> float:
-        recent = [t for t in list(self._in_times) if now - t <= window_s]
-        if len(recent) < 2:
-            return 0.0
-        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
+    def fps_in(self, now: float) -> float:
+        """Frames per second decoded over the last few seconds."""
+        return rate(self._in_times, now)
 
     # ------------------------------------------------------------------ thread
 
@@ -162,6 +160,14 @@ class StreamPipeline:
         finally:
             self.source.close()
         self._set_state("stopped" if self._stop.is_set() else "finished")
+
+
+def rate(times: collections.deque[float], now: float, window_s: float = 5.0) -> float:
+    """Events per second over the last `window_s` seconds, from their wall-clock times (seconds)."""
+    recent = [t for t in list(times) if now - t <= window_s]
+    if len(recent) < 2:
+        return 0.0
+    return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
 
 
 # The source's states as the protocol names them.
