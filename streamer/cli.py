@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -155,7 +156,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from mixmalmm.clients import protocol as P
 
     from .engine import Engine, EngineConfig
-    from .server import CurveKeys, Server, ServerError
+    from .server import CurveKeys, Server, ServerError, check_bind_security
 
     if args.snapshot_period <= 0:
         raise UserError(f"--snapshot-period must be > 0 seconds, got {args.snapshot_period}")
@@ -169,16 +170,24 @@ def run_serve(args: argparse.Namespace) -> int:
             raise UserError(f"CURVE keys: {exc}") from exc
     elif args.curve_clients:
         raise UserError("--curve-clients needs --curve-secret, the server's key pair")
+    if args.state_dir:  # checked before the model loads: cheap mistakes first
+        try:
+            Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--state-dir {args.state_dir}: {exc}") from exc
+    try:
+        for endpoint in (args.bind, args.events):
+            check_bind_security(endpoint, curve, args.insecure)
+    except ServerError as exc:
+        raise UserError(str(exc)) from exc
+    settings = actionshot_settings(args)
     model, name = load_model(args)
     config = EngineConfig(max_batch=args.max_batch, state_dir=args.state_dir,
-                          snapshot_period_s=args.snapshot_period, default_actionshot=actionshot_settings(args))
+                          snapshot_period_s=args.snapshot_period, default_actionshot=settings)
     stopping = threading.Event()
     server_box: list = []
-    try:
-        engine = Engine(model, config, publish=lambda event: server_box and server_box[0].publish(event),
-                        model_name=name)
-    except OSError as exc:  # the state directory cannot be made
-        raise UserError(f"--state-dir {args.state_dir}: {exc}") from exc
+    engine = Engine(model, config, publish=lambda event: server_box and server_box[0].publish(event),
+                    model_name=name)
     try:
         limits = P.Limits(max_message_bytes=args.max_message_bytes, max_question_chars=args.max_question_chars)
         server = Server(engine, request_endpoint=args.bind, event_endpoint=args.events, curve=curve,
