@@ -18,22 +18,8 @@ from mixmalmm.clients import protocol as p
 from mixmalmm.clients.cli import EXIT_ENGINE_ERROR, EXIT_NO_REPLY, EXIT_OK, EXIT_USAGE
 from mixmalmm.streamer.server import CurveKeys, Server
 
-from .store_engine import StoreEngine
-
 ANY_PORT = "tcp://127.0.0.1:*"
 CLI = [sys.executable, "-m", "mixmalmm.clients.cli"]
-
-
-@pytest.fixture
-def engine():
-    return StoreEngine()
-
-
-@pytest.fixture
-def server(engine):
-    server = Server(engine, request_endpoint=ANY_PORT, event_endpoint=ANY_PORT).start()
-    yield server
-    server.stop()
 
 
 def free_address() -> str:

@@ -22,23 +22,10 @@ from mixmalmm.clients import (
     Subscriber,
 )
 from mixmalmm.clients import protocol as p
-from mixmalmm.streamer.server import Server
 
 from .store_engine import StoreEngine
 
 ANY_PORT = "tcp://127.0.0.1:*"
-
-
-@pytest.fixture
-def engine():
-    return StoreEngine()
-
-
-@pytest.fixture
-def server(engine):
-    server = Server(engine, request_endpoint=ANY_PORT, event_endpoint=ANY_PORT).start()
-    yield server
-    server.stop()
 
 
 class Peer:
