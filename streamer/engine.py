@@ -117,6 +117,7 @@ class Engine:
         self._started = time.time()
         self._latencies: collections.deque[float] = collections.deque(maxlen=2048)
         self._answered = 0
+        self._stats_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.persist_error: str | None = None
         self._image_processor = model.processor.image_processor
@@ -298,6 +299,7 @@ class Engine:
                 raise P.RequestError(P.ErrorCode.UNAVAILABLE, f"stream {sid!r} has seen no frame yet")
             output, mode = self.model.query_output(stream.state, question)
             span = stream.state.time_span()
+            qid = next((q.question_id for q in stream.standing.values() if q.text == question), None)
         tokens = self.model.generate_tokens(
             output, self.model.prompt(question),
             max_new_tokens=max_new_tokens or self.config.max_new_tokens,
@@ -305,9 +307,9 @@ class Engine:
         )
         text = self.model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         latency = time.perf_counter() - arrived
-        self._latencies.append(latency)
-        self._answered += 1
-        qid = next((q.question_id for q in stream.standing.values() if q.text == question), None)
+        with self._stats_lock:  # several server workers answer at once
+            self._latencies.append(latency)
+            self._answered += 1
         return P.AskResult(
             stream=sid, question=question, answer=text, standing=mode == "standing", question_id=qid,
             span_start_s=span[0] if span else None, span_end_s=span[1] if span else None, latency_s=latency,
@@ -345,9 +347,9 @@ class Engine:
         while not self._stop.wait(0.05):
             now = time.monotonic()
             for stream in self.streams():
-                for q in list(stream.standing.values()):
-                    if q.period_s is None or now < q.next_due:
-                        continue
+                with stream.lock:  # requests add and remove questions from other threads
+                    due = [q for q in stream.standing.values() if q.period_s is not None and now >= q.next_due]
+                for q in due:
                     q.next_due = now + q.period_s
                     self.answer_standing(stream.id, q.question_id)
             if self.config.state_dir and now >= next_snapshot:
@@ -391,7 +393,8 @@ class Engine:
 
     def status(self, sid: str | None = None) -> P.StatusResult:
         streams = [self._get(sid)] if sid else self.streams()
-        lat = sorted(self._latencies)
+        with self._stats_lock:
+            lat = sorted(self._latencies)
 
         def pct(q: float) -> float | None:
             return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
