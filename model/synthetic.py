@@ -621,7 +621,7 @@ class SyntheticQA:
 
 
 DEMO_FPS = 8.0
-DEMO_STEP = 4  # the engine's ActionShot `step`: the model sees every 4th frame (16 of 64)
+DEMO_STEP = 8  # the engine's ActionShot `step`: the model sees every 8th frame (8 of 64)
 # ActionShot settings for the demo stream: this world's frames differ by a few levels per frame, far
 # below the default threshold (127.5), so a composite would otherwise swallow the whole video.
 DEMO_ACTIONSHOT = {"enabled": False, "step": DEMO_STEP, "threshold": 127.5, "max_frames": 120}

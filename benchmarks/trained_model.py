@@ -1,0 +1,201 @@
+"""Accuracy of the shipped default model on held-out synthetic videos, per question type.
+
+    python benchmarks/trained_model.py                 # 60 held-out videos, all conditions
+    python benchmarks/trained_model.py --videos 30     # quicker
+
+Every video (72 frames, 8 fps, rendered at 128 px, seeds never used in training) is streamed through the
+model the way the engine does it — `streamer.preprocess` then `MALMM.step`, one Shot at a time — and every
+question the video answers at its end is asked. Conditions (columns):
+
+- stride, M as trained, standing: every `--step`-th frame; each question registered before the first
+  frame (its own query banks: exact MA-LMM).
+- ... ad hoc: the same stream, the questions answered by one extra Q-Former pass over the default
+  question's banks.
+- stride, M = 0: no memory banks (the Q-Former sees the newest frame only).
+- ActionShot: `streamer.actionshot.ActionShot` composites (every `--actionshot-step`-th frame, cut at
+  `--threshold` grey levels or `--max-frames` frames), standing questions.
+- stride (ActionShot's count): single frames every k-th frame, k chosen so the count matches ActionShot's.
+- uniform (ActionShot's count): MA-LMM's uniform sampling of the whole video, the same count of frames.
+
+Prints a markdown table of exact-match accuracy per question type (present / memory), with the chance
+level of always giving a type's most common answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections import Counter, defaultdict
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from mixmalmm.model import MALMM, StreamConfig, load_default_model  # noqa: E402
+from mixmalmm.model.synthetic import (  # noqa: E402
+    DEMO_FPS,
+    MAX_VIDEO_FRAMES,
+    QUESTION_TYPES,
+    demo_video,
+    make_video,
+    sample_indices,
+)
+from mixmalmm.model.train import normalise_answer  # noqa: E402
+from mixmalmm.streamer.actionshot import ActionShot, PassThrough, uniform_indices  # noqa: E402
+from mixmalmm.streamer.frames import Frame, Shot  # noqa: E402
+from mixmalmm.streamer.preprocess import preprocess  # noqa: E402
+
+HELD_OUT_SEED = 900_000_000  # training uses seeds below 10^7 (seed * 1_000_003 + index)
+
+
+def frames_of(video, size: int) -> list[Frame]:
+    return [Frame(video.render(i, size), i / DEMO_FPS, i, 0.0) for i in range(video.frames)]
+
+
+def shots_for(condition: str, frames: list[Frame], args, count: int | None = None) -> list[Shot]:
+    if condition == "actionshot":
+        acc = ActionShot(threshold=args.threshold, max_frames=args.max_frames, step=args.actionshot_step)
+        return list(acc.feed(frames))
+    if condition == "stride":
+        return list(PassThrough(step=args.step).feed(frames))
+    if condition == "stride_matched":  # every k-th frame, ending on the newest, about `count` frames
+        k = max(1, math.ceil(len(frames) / count))
+        return [Shot.of_frame(frames[i]) for i in sample_indices(len(frames), "stride", stride=k)]
+    if condition == "uniform_matched":
+        return [Shot.of_frame(frames[i]) for i in uniform_indices(len(frames), count)]
+    raise ValueError(condition)
+
+
+def run_stream(model: MALMM, shots: list[Shot], questions: list[str], adhoc_too: bool = False):
+    """Stream the shots with every question standing; returns {question: (standing text, adhoc text)}."""
+    state = model.create_state("bench")
+    for q in questions:
+        model.register_question(state, q)
+    mean, std = model.processor.image_processor.image_mean, model.processor.image_processor.image_std
+    pixels = preprocess(shots, model.image_size, mean, std)
+    feats = model.encode_frames(pixels)
+    for t, shot in enumerate(shots):
+        model.step([state], feats[t : t + 1], [(shot.start, shot.end)])
+    out = {}
+    for q in questions:
+        standing = model.answer(state, q, max_new_tokens=4)
+        assert standing.mode == "standing"
+        adhoc = model.answer(state, q, max_new_tokens=4, adhoc=True).text if adhoc_too else None
+        out[q] = (standing.text, adhoc)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--videos", type=int, default=60)
+    p.add_argument("--size", type=int, default=128, help="render size in pixels")
+    p.add_argument("--step", type=int, default=8, help="stride: every step-th frame (as the demo: DEMO_STEP)")
+    p.add_argument("--actionshot-step", type=int, default=4, help="ActionShot: sample every step-th frame")
+    p.add_argument("--threshold", type=float, default=8.0,
+                   help="ActionShot cut, grey levels (this world's camera noise alone differs by about 3.4)")
+    p.add_argument("--max-frames", type=int, default=4, help="ActionShot: most sampled frames per composite")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--model", help="a MALMM.save_pretrained folder (default: the shipped default model)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def load(config=None) -> MALMM:
+        return MALMM.from_pretrained(args.model, config=config) if args.model else load_default_model(config=config)
+
+    model = load()
+    M = model.config.memory_bank_length
+    no_memory = load(StreamConfig(memory_bank_length=0))
+    columns = {
+        "stride_standing": f"stride {args.step}, M={M}, standing",
+        "stride_adhoc": f"stride {args.step}, M={M}, ad hoc",
+        "stride_nomem": f"stride {args.step}, M=0",
+        "actionshot": "ActionShot",
+        "stride_matched": "stride, same count",
+        "uniform_matched": "uniform, same count",
+    }
+    correct: dict[str, Counter] = {c: Counter() for c in columns}
+    asked: Counter = Counter()
+    answers_by_type: dict[str, Counter] = defaultdict(Counter)
+    shot_counts: dict[str, list[int]] = defaultdict(list)
+    t0 = time.time()
+    for v in range(args.videos):
+        video = make_video(HELD_OUT_SEED + v, frames=MAX_VIDEO_FRAMES)
+        qa = video.questions()
+        if not qa:
+            continue
+        questions = [q for q, _, _ in qa]
+        frames = frames_of(video, args.size)
+        with torch.inference_mode():
+            stride = shots_for("stride", frames, args)
+            action = shots_for("actionshot", frames, args)
+            matched = {c: shots_for(c, frames, args, len(action)) for c in ("stride_matched", "uniform_matched")}
+            results = {
+                "stride": run_stream(model, stride, questions, adhoc_too=True),
+                "stride_nomem": run_stream(no_memory, stride, questions),
+                "actionshot": run_stream(model, action, questions),
+                **{c: run_stream(model, s, questions) for c, s in matched.items()},
+            }
+        shot_counts["stride"].append(len(stride))
+        shot_counts["actionshot"].append(len(action))
+        for c, s in matched.items():
+            shot_counts[c].append(len(s))
+        for q, a, kind in qa:
+            asked[kind] += 1
+            answers_by_type[kind][a] += 1
+            got = {
+                "stride_standing": results["stride"][q][0],
+                "stride_adhoc": results["stride"][q][1],
+                "stride_nomem": results["stride_nomem"][q][0],
+                "actionshot": results["actionshot"][q][0],
+                "stride_matched": results["stride_matched"][q][0],
+                "uniform_matched": results["uniform_matched"][q][0],
+            }
+            for c, text in got.items():
+                correct[c][kind] += normalise_answer(text) == a
+
+    seconds = time.time() - t0
+    demo = demo_video()
+    demo_frames = frames_of(demo, args.size)
+    demo_q = demo.questions()
+    with torch.inference_mode():
+        demo_out = run_stream(model, shots_for("stride", demo_frames, args), [q for q, _, _ in demo_q], True)
+    demo_ok = sum(normalise_answer(demo_out[q][0]) == a for q, a, _ in demo_q)
+    demo_adhoc = sum(normalise_answer(demo_out[q][1]) == a for q, a, _ in demo_q)
+
+    def pct(c: Counter, kinds) -> str:
+        n = sum(asked[k] for k in kinds)
+        return f"{100 * sum(c[k] for k in kinds) / n:.1f}" if n else "-"
+
+    header = ["question type", "memory?", "asked", "majority"] + list(columns.values())
+    print(f"Default model (M={M}) on {args.videos} held-out videos of {MAX_VIDEO_FRAMES} frames at {args.size} px; "
+          f"exact-match accuracy, %. Shots per video (mean): "
+          + ", ".join(f"{k} {np.mean(v):.1f}" for k, v in shot_counts.items())
+          + f". ActionShot: step {args.actionshot_step}, threshold {args.threshold}, max {args.max_frames} frames.\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for kind, qt in QUESTION_TYPES.items():
+        if not asked[kind]:
+            continue
+        majority = Counter({kind: answers_by_type[kind].most_common(1)[0][1]})
+        row = [kind, "yes" if qt.memory else "no", str(asked[kind]), pct(majority, [kind])]
+        row += [pct(correct[c], [kind]) for c in columns]
+        print("| " + " | ".join(row) + " |")
+    for label, kinds in (
+        ("present (all)", [k for k, q in QUESTION_TYPES.items() if not q.memory]),
+        ("memory (all)", [k for k, q in QUESTION_TYPES.items() if q.memory]),
+        ("all", list(QUESTION_TYPES)),
+    ):
+        majority = Counter({k: answers_by_type[k].most_common(1)[0][1] for k in kinds if answers_by_type[k]})
+        row = [f"**{label}**", "", str(sum(asked[k] for k in kinds)), pct(majority, kinds)]
+        row += [pct(correct[c], kinds) for c in columns]
+        print("| " + " | ".join(row) + " |")
+    print(f"\nDemo video (stride {args.step}): {demo_ok}/{len(demo_q)} standing, {demo_adhoc}/{len(demo_q)} ad hoc. "
+          f"{seconds:.0f} s for the held-out set.")
+
+
+if __name__ == "__main__":
+    main()
