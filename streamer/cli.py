@@ -104,13 +104,17 @@ def load_model(args: argparse.Namespace):
 
 
 def builtin_model():
-    """The model shipped with mixmalmm (trained on the synthetic world), or the tiny random one."""
-    from mixmalmm import model as M
+    """The model shipped with mixmalmm (trained on the synthetic world); while none is shipped, the
+    tiny model with random weights (it runs everything end to end, its answers are noise)."""
+    from mixmalmm.model import MALMM, default_model_path, load_default_model
 
-    loader = getattr(M, "load_default_model", None)
-    if loader is not None:
-        return loader()
-    return M.MALMM.tiny()
+    try:
+        default_model_path()
+    except FileNotFoundError:
+        log.warning("no trained default model is shipped with this version: using the tiny model with "
+                    "random weights (answers are noise; pass --model for real weights)")
+        return MALMM.tiny()
+    return load_default_model()
 
 
 def parse_source(text: str, index: int) -> tuple[str, str]:
