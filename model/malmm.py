@@ -515,15 +515,24 @@ class MALMM(nn.Module):
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
         question = question if question is not None else self._default_question(state)
         output, mode = self.query_output(state, question, adhoc=adhoc)
-        tokens = self.generate_tokens(
-            output, self.prompt(question), max_new_tokens=max_new_tokens, num_beams=num_beams,
-            length_penalty=length_penalty,
+        tokens, text = self.generate_answer(
+            output, question, max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty
         )
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         return Answer(
             question=question, text=text, token_ids=tokens, time_span=state.time_span(),
             frames=state.frames, mode=mode,
         )
+
+    def generate_answer(
+        self, query_output: torch.Tensor, question: str, *, max_new_tokens: int, num_beams: int = 1,
+        length_penalty: float = 1.0,
+    ) -> tuple[list[int], str]:
+        """(token ids, text) answering `question` from query outputs [1, Q, C_q] (see `query_output`)."""
+        tokens = self.generate_tokens(
+            query_output, self.prompt(question), max_new_tokens=max_new_tokens, num_beams=num_beams,
+            length_penalty=length_penalty,
+        )
+        return tokens, self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     @torch.inference_mode()
     def generate_tokens(

@@ -300,12 +300,10 @@ class Engine:
             output, mode = self.model.query_output(stream.state, question)
             span = stream.state.time_span()
             qid = next((q.question_id for q in stream.standing.values() if q.text == question), None)
-        tokens = self.model.generate_tokens(
-            output, self.model.prompt(question),
-            max_new_tokens=max_new_tokens or self.config.max_new_tokens,
+        _, text = self.model.generate_answer(
+            output, question, max_new_tokens=max_new_tokens or self.config.max_new_tokens,
             num_beams=num_beams or self.config.num_beams,
         )
-        text = self.model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         latency = time.perf_counter() - arrived
         with self._stats_lock:  # several server workers answer at once
             self._latencies.append(latency)
