@@ -114,20 +114,18 @@ class StreamingMemoryBank:
         self._triton = use_triton(self.device, backend)
         B, S, N, C = batch, capacity + 1, tokens, channels
         kw = {"device": self.device}
-        self.data = torch.zeros(B, S, N, C, dtype=dtype, **kw)
-        self.sizes = torch.zeros(B, S, N, dtype=torch.int32, **kw)
-        self.seq = torch.full((B, S, N), FREE_SEQ, dtype=torch.int64, **kw)
-        self.t_first = torch.zeros(B, S, N, dtype=torch.float64, **kw)
-        self.t_last = torch.zeros(B, S, N, dtype=torch.float64, **kw)
-        self.sim = torch.full((B, S, N), float("-inf"), dtype=torch.float32, **kw)
-        self.prev = torch.full((B, S, N), -1, dtype=torch.int64, **kw)
-        self.next = torch.full((B, S, N), -1, dtype=torch.int64, **kw)
-        self.tail = torch.full((B, N), -1, dtype=torch.int64, **kw)
-        self.free = torch.zeros(B, N, dtype=torch.int64, **kw)
+        self.data = torch.empty(B, S, N, C, dtype=dtype, **kw)
+        self.sizes = torch.empty(B, S, N, dtype=torch.int32, **kw)  # 0: a free slot
+        self.seq = torch.empty(B, S, N, dtype=torch.int64, **kw)
+        self.t_first = torch.empty(B, S, N, dtype=torch.float64, **kw)
+        self.t_last = torch.empty(B, S, N, dtype=torch.float64, **kw)
+        self.sim = torch.empty(B, S, N, dtype=torch.float32, **kw)
+        self.prev = torch.empty(B, S, N, dtype=torch.int64, **kw)
+        self.next = torch.empty(B, S, N, dtype=torch.int64, **kw)
+        self.tail = torch.empty(B, N, dtype=torch.int64, **kw)
+        self.free = torch.empty(B, N, dtype=torch.int64, **kw)
         self._cols = _Columns(B, S, N, self.device)
-        self.count = 0  # entries held, the same in every column
-        self.frames = 0  # entries ever appended: the next entry's sequence number
-        self.merged = False  # False while entries fill slots 0..count-1 in order
+        self.reset()  # the empty bank's values, in one place
 
     # ---------------------------------------------------------------- properties
 
@@ -291,7 +289,11 @@ class StreamingMemoryBank:
     # ---------------------------------------------------------------- snapshots
 
     def reset(self) -> None:
-        """Forget everything (the tensors keep their storage)."""
+        """Forget everything (the tensors keep their storage).
+
+        count: entries held, the same in every column; frames: entries ever appended (the next
+        entry's sequence number); merged: False while entries fill slots 0..count-1 in order.
+        """
         self.data.zero_()
         self.sizes.zero_()
         self.seq.fill_(FREE_SEQ)
