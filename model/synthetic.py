@@ -396,23 +396,45 @@ class Video:
 
     # ------------------------------------------------------------ ground truth
 
-    def seen_at(self, end: int) -> list[int | None]:
-        """Per shape: the first frame < end with at least SEEN of it visible (None: not yet)."""
+    def seen_at(self, end: int, indices: Sequence[int] | None = None) -> list[int | None]:
+        """Per shape: the first frame < end (of `indices`, if given) with at least SEEN of it visible
+        (None: not yet)."""
+        shown = self._shown(end, indices)
         out = []
         for s in range(len(self.scenario.shapes)):
-            hits = np.nonzero(self.visible[s, :end] >= SEEN)[0]
+            hits = np.nonzero(shown & (self.visible[s] >= SEEN))[0]
             out.append(int(hits[0]) if len(hits) else None)
         return out
 
-    def questions(self, end: int | None = None) -> list[tuple[str, str, str]]:
-        """(question, answer, type name) for every question the frames [0, end) answer unambiguously."""
+    def _shown(self, end: int, indices: Sequence[int] | None) -> np.ndarray:
+        """Boolean [frames]: the frames a model saw (all of [0, end), or `indices`, which must lie below end)."""
+        shown = np.zeros(self.frames, bool)
+        if indices is None:
+            shown[:end] = True
+        else:
+            idx = np.asarray(indices, dtype=int)
+            if len(idx) == 0 or idx.min() < 0 or idx.max() >= end:
+                raise ValueError(f"indices must be frames in [0, {end}), got {list(indices)}")
+            shown[idx] = True
+        return shown
+
+    def questions(self, end: int | None = None, indices: Sequence[int] | None = None) -> list[tuple[str, str, str]]:
+        """(question, answer, type name) for every question the frames [0, end) answer unambiguously.
+
+        indices: the frames a model saw (e.g. every stride-th): then the truth is what those frames show —
+        "now" is the newest of them, a shape has entered when one of them shows it, and a colour before a
+        change counts when one of them shows it — so no question asks about what happened unseen between
+        them. Without indices every frame below end counts.
+        """
         end = self.frames if end is None else end
         if not 1 <= end <= self.frames:
             raise ValueError(f"end must be in 1..{self.frames}, got {end}")
+        shown = self._shown(end, indices)
+        last = int(np.nonzero(shown)[0][-1])  # "now": the newest frame seen
         shapes = self.scenario.shapes
-        now = self.visible[:, end - 1]
-        seen = self.seen_at(end)
-        peak = self.visible[:, :end].max(axis=1)
+        now = self.visible[:, last]
+        seen = self.seen_at(end, indices)
+        peak = self.visible[:, shown].max(axis=1)
         out: list[tuple[str, str, str]] = []
 
         def ask(kind: str, answer: str, shape: str = "") -> None:
@@ -422,7 +444,7 @@ class Video:
         ambiguous_now = bool(((now > 0) & (now < PRESENT)).any())
         for s, script in enumerate(shapes):
             if now[s] >= PRESENT:
-                ask("colour_now", script.colour_at(end - 1), script.shape)
+                ask("colour_now", script.colour_at(last), script.shape)
         if not ambiguous_now:
             ask("count_now", NUMBERS[int((now >= PRESENT).sum())])
         # Past. A shape that peaked between 0 and SEEN may or may not count as having appeared.
@@ -434,15 +456,17 @@ class Video:
             times = sorted(entered)
             if len(times) == 1 or times[1][0] - times[0][0] >= MIN_GAP:
                 ask("first_shape", shapes[times[0][1]].shape)
+        frame = np.arange(self.frames)
+        shown_before_change = MIN_SHOWN if indices is None else 1  # sampled frames are far apart
         for s, script in enumerate(shapes):
-            if script.change is None or script.change >= end or seen[s] is None:
+            if script.change is None or script.change > last or seen[s] is None:
                 continue
-            before = self.visible[s, : script.change] >= SEEN
-            after = self.visible[s, script.change : end] >= SEEN
-            if before.sum() >= MIN_SHOWN and after.any():
+            before = self.visible[s, shown & (frame < script.change)] >= SEEN
+            after = self.visible[s, shown & (frame >= script.change)] >= SEEN
+            if before.sum() >= shown_before_change and after.any():
                 ask("colour_before", script.colour, script.shape)
-        left = [s for s in range(len(shapes)) if seen[s] is not None and now[s] == 0 and self._gone(s, end)]
-        stayed_or_left_ambiguous = any(seen[s] is not None and now[s] == 0 and not self._gone(s, end)
+        left = [s for s in range(len(shapes)) if seen[s] is not None and now[s] == 0 and self._gone(s, last + 1)]
+        stayed_or_left_ambiguous = any(seen[s] is not None and now[s] == 0 and not self._gone(s, last + 1)
                                        for s in range(len(shapes)))
         if len(left) == 1 and not stayed_or_left_ambiguous:
             ask("shape_left", shapes[left[0]].shape)
@@ -604,17 +628,116 @@ class SyntheticQA:
             F = MAX_VIDEO_FRAMES if self.full else int(rng.integers(max(MIN_VIDEO_FRAMES, end), MAX_VIDEO_FRAMES + 1))
             video = make_video(self.video_seed(index) + 7919 * attempt, frames=F)
             end = F if self.full else end
-            options = [q for q in video.questions(end) if q[2] == kind]
-            if not options:
-                continue
-            question, answer, _ = options[int(rng.integers(0, len(options)))]
             if how == "stride":
                 indices = sample_indices(end, "stride", stride=stride)
             else:
                 indices = sample_indices(end, "uniform", count=T)
+            options = [q for q in video.questions(end, indices) if q[2] == kind]
+            if not options:
+                continue
+            question, answer, _ = options[int(rng.integers(0, len(options)))]
             frames = video.render_all(size, indices)
             return Sample(frames, question, answer, kind, self.video_seed(index), end, tuple(indices))
         raise RuntimeError(f"no {kind!r} question for item {index} after 200 videos")
+
+
+@dataclass(frozen=True)
+class VideoSample:
+    """Several questions about one clip: frames [T, H, W, 3] RGB uint8, then per question its answer and type."""
+
+    frames: np.ndarray
+    questions: tuple[str, ...]
+    answers: tuple[str, ...]
+    kinds: tuple[str, ...]
+    seed: int  # the video is make_video(seed, length), seen up to frame end (exclusive)
+    length: int
+    end: int
+    indices: tuple[int, ...]
+
+    def __iter__(self):  # unpacks as (frames, questions, answers): a multi-question dataset item
+        return iter((self.frames, self.questions, self.answers))
+
+
+class SyntheticVideoQA:
+    """A map-style dataset of `VideoSample`s: one clip per item and one question of every type it answers.
+
+    Item i draws, from the seed `seed * 1_000_003 + i`: a video length, a stride in `strides` (the clip is
+    every stride-th frame, ending on the newest, as a stream sampled every step-th frame is asked), and
+    where the video is cut: at its end with probability `at_end` (the video's last 20% is eventless, so
+    this is "after a while"), else anywhere from MIN_END's earliest. Then videos are drawn until one
+    answers some question at that cut; of every type in `kinds` it answers, one question is asked.
+    Questions about one clip share its frames, so a trainer encodes them once (`MALMM.clip_loss(clips=)`).
+    `num_frames(i)` (T) is known without simulating, so a loader can batch equal clip lengths.
+    """
+
+    def __init__(
+        self,
+        count: int,
+        seed: int,
+        *,
+        size: int | Sequence[int] = 64,
+        strides: tuple[int, int] = (6, 9),
+        at_end: float = 0.7,
+        kinds: Sequence[str] | None = None,
+    ) -> None:
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        if not 1 <= strides[0] <= strides[1] <= MAX_VIDEO_FRAMES // 2:
+            raise ValueError(f"strides must be a range (lo, hi) within 1..{MAX_VIDEO_FRAMES // 2}, got {strides}")
+        if not 0.0 <= at_end <= 1.0:
+            raise ValueError(f"at_end must be a probability, got {at_end}")
+        unknown = set(kinds or ()) - set(QUESTION_TYPES)
+        if unknown:
+            raise ValueError(f"unknown question types {sorted(unknown)}; known: {list(QUESTION_TYPES)}")
+        self.count, self.seed, self.strides, self.at_end = count, seed, strides, at_end
+        self.sizes = (size,) if isinstance(size, int) else tuple(size)
+        self.kinds = tuple(kinds) if kinds else tuple(QUESTION_TYPES)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def video_seed(self, index: int) -> int:
+        return self.seed * 1_000_003 + index
+
+    def _draw(self, index: int):
+        """(rng, frames F, end, stride, T, size) for item index: cheap, no simulation."""
+        if not 0 <= index < self.count:
+            raise IndexError(f"item {index} out of range for {self.count} items")
+        rng = np.random.default_rng([self.video_seed(index), 13])
+        F = int(rng.integers(MIN_VIDEO_FRAMES, MAX_VIDEO_FRAMES + 1))
+        stride = int(rng.integers(self.strides[0], self.strides[1] + 1))
+        end = F if rng.random() < self.at_end else int(rng.integers(min(MIN_END.values()), F + 1))
+        T = len(sample_indices(end, "stride", stride=stride))
+        size = self.sizes[int(rng.integers(0, len(self.sizes)))]
+        return rng, F, end, stride, T, size
+
+    def num_frames(self, index: int) -> int:
+        return self._draw(index)[4]
+
+    def __getitem__(self, index: int) -> VideoSample:
+        rng, F, end, stride, _, size = self._draw(index)
+        for attempt in range(200):
+            video_seed = self.video_seed(index) + 7919 * attempt
+            video = make_video(video_seed, frames=F)
+            indices = sample_indices(end, "stride", stride=stride)
+            by_kind: dict[str, list[tuple[str, str]]] = {}
+            for question, answer, kind in video.questions(end, indices):
+                if kind in self.kinds:
+                    by_kind.setdefault(kind, []).append((question, answer))
+            if not by_kind:
+                continue
+            asked = [(*options[int(rng.integers(0, len(options)))], kind) for kind, options in by_kind.items()]
+            return VideoSample(
+                video.render_all(size, indices),
+                tuple(q for q, _, _ in asked),
+                tuple(a for _, a, _ in asked),
+                tuple(k for _, _, k in asked),
+                video_seed,
+                F,
+                end,
+                tuple(indices),
+            )
+        raise RuntimeError(f"no question of types {list(self.kinds)} for item {index} after 200 videos")
 
 
 # ---------------------------------------------------------------- the demo video
@@ -673,4 +796,5 @@ def make_demo_video(path: str | Path, size: int = 128) -> DemoVideo:
     """
     video = demo_video()
     write_video(path, video.render_all(size), DEMO_FPS)
-    return DemoVideo(Path(path), video.frames, DEMO_FPS, video.questions(), dict(DEMO_ACTIONSHOT))
+    seen = range(0, video.frames, DEMO_STEP)  # the frames the engine steps with DEMO_ACTIONSHOT
+    return DemoVideo(Path(path), video.frames, DEMO_FPS, video.questions(indices=seen), dict(DEMO_ACTIONSHOT))

@@ -12,6 +12,7 @@ from mixmalmm.model.synthetic import (
     QUESTION_TYPES,
     SHAPES,
     SyntheticQA,
+    SyntheticVideoQA,
     make_demo_video,
     make_video,
     sample_indices,
@@ -187,3 +188,28 @@ def test_demo_video_is_h264_and_its_answers_hold(tmp_path):
     assert answers["first_shape"] == "circle" and answers["shape_left"] == "circle"
     assert answers["colour_before"] == "blue" and answers["count_entered"] == "three"
     assert answers["count_now"] == "two"
+
+
+def test_video_samples_ask_one_question_of_every_type_the_cut_answers():
+    ds = SyntheticVideoQA(24, seed=8, size=48, strides=(5, 8), at_end=0.5)
+    again = SyntheticVideoQA(24, seed=8, size=48, strides=(5, 8), at_end=0.5)
+    ends_at_video_end = 0
+    for i in range(len(ds)):
+        s = ds[i]
+        np.testing.assert_array_equal(s.frames, again[i].frames)
+        assert (s.questions, s.answers, s.kinds) == (again[i].questions, again[i].answers, again[i].kinds)
+        assert len(s.frames) == len(s.indices) == ds.num_frames(i) and s.frames.shape[1:] == (48, 48, 3)
+        stride = s.indices[1] - s.indices[0] if len(s.indices) > 1 else 5
+        assert 5 <= stride <= 8 and s.indices[-1] == s.end - 1  # every stride-th frame, ending on the newest
+        truth = make_video(s.seed, s.length).questions(s.end)
+        assert set(s.kinds) == {k for _, _, k in truth} and len(s.kinds) == len(set(s.kinds))
+        assert set(zip(s.questions, s.answers, s.kinds, strict=True)) <= set(truth)
+        np.testing.assert_array_equal(s.frames, make_video(s.seed, s.length).render_all(48, s.indices))
+        frames, questions, answers = s  # the multi-question dataset item
+        assert questions == s.questions and answers == s.answers
+        ends_at_video_end += s.end == s.length
+    assert 6 <= ends_at_video_end <= 18  # at_end=0.5 of 24
+    only = SyntheticVideoQA(6, seed=8, kinds=["count_now", "first_shape"])
+    assert all(set(only[i].kinds) <= {"count_now", "first_shape"} for i in range(6))
+    with pytest.raises(ValueError, match="strides"):
+        SyntheticVideoQA(3, seed=0, strides=(0, 4))
