@@ -52,6 +52,11 @@ class StreamConfig:
     default_question: the question whose query banks serve ad-hoc questions.
     max_instruction_tokens: Q-Former instruction tokens kept (MA-LMM's max_txt_len, truncating left).
     freeze_vision / freeze_llm: keep these modules frozen in training, as MA-LMM does.
+    present_frame: the Q-Former's cross-attention also reads the newest frame once more, marked by a
+    learned embedding (`present_embedding`, C_vis), after the visual memory bank. MA-LMM's bank carries
+    absolute frame positions only, so nothing tells "now" apart from the past; a stream answers questions
+    about the present, and this lets a model learn them. Off by default (exact MA-LMM); the shipped
+    default model is trained with it on.
     """
 
     memory_bank_length: int = 10
@@ -62,6 +67,7 @@ class StreamConfig:
     max_instruction_tokens: int = 128
     freeze_vision: bool = True
     freeze_llm: bool = True
+    present_frame: bool = False
 
     def __post_init__(self) -> None:
         if self.memory_bank_length < 0:
@@ -127,6 +133,11 @@ class MALMM(nn.Module):
         self.frame_position = nn.Embedding(self.config.max_num_frames, vision_hidden)
         nn.init.zeros_(self.frame_position.weight)  # zero: InstructBLIP weights work zero-shot
         self.frame_position.to(device=self.query_tokens.device, dtype=self.vision_model.dtype)
+        self.present_embedding: nn.Parameter | None = None
+        if self.config.present_frame:
+            self.present_embedding = nn.Parameter(
+                torch.zeros(vision_hidden, device=self.query_tokens.device, dtype=self.vision_model.dtype)
+            )
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.qformer_tokenizer = processor.qformer_tokenizer
@@ -180,8 +191,11 @@ class MALMM(nn.Module):
 
             extra = load_file(str(weights))
             table = extra.get("frame_position.weight")
-            if table is None or set(extra) != {"frame_position.weight"}:
-                raise ValueError(f"'{weights}' must hold exactly 'frame_position.weight', has {sorted(extra)}")
+            expected = set(model._extra_weights())
+            # A folder saved without the present frame may start a model with it (the embedding stays zero).
+            if table is None or not set(extra) <= expected:
+                raise ValueError(f"'{weights}' must hold 'frame_position.weight' (and, for a model with "
+                                 f"present_frame, 'present_embedding'), has {sorted(extra)}")
             if table.shape != model.frame_position.weight.shape:
                 raise ValueError(
                     f"'{weights}': frame_position.weight is {tuple(table.shape)}, the model needs "
@@ -189,6 +203,12 @@ class MALMM(nn.Module):
                 )
             with torch.no_grad():
                 model.frame_position.weight.copy_(table)
+                present = extra.get("present_embedding")
+                if present is not None and model.present_embedding is not None:
+                    if present.shape != model.present_embedding.shape:
+                        raise ValueError(f"'{weights}': present_embedding is {tuple(present.shape)}, the model "
+                                         f"needs {tuple(model.present_embedding.shape)}")
+                    model.present_embedding.copy_(present)
         if lavis_checkpoint is not None:
             from .lavis import load_lavis_checkpoint
 
@@ -210,14 +230,31 @@ class MALMM(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v for k, v in self.state_dict().items() if not k.startswith("frame_position.")}
+        extra = self._extra_weights()
+        state = {k: v for k, v in self.state_dict().items() if k not in extra}
         with torch.device("meta"):
             skeleton = InstructBlipForConditionalGeneration(self.blip_config)
         skeleton.save_pretrained(folder, state_dict=state)
         self.processor.save_pretrained(folder)
-        table = self.frame_position.weight.detach().cpu().contiguous()
-        save_file({"frame_position.weight": table}, str(folder / MALMM_WEIGHTS))
+        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(folder / MALMM_WEIGHTS))
         (folder / MALMM_CONFIG).write_text(json.dumps(asdict(self.config), indent=2))
+
+    def _extra_weights(self) -> dict[str, torch.Tensor]:
+        """MA-LMM's weights beyond transformers' InstructBLIP (kept in malmm.safetensors)."""
+        extra = {"frame_position.weight": self.frame_position.weight}
+        if self.present_embedding is not None:
+            extra["present_embedding"] = self.present_embedding
+        return extra
+
+    def _with_present(self, source: torch.Tensor, frame: torch.Tensor, mask: torch.Tensor | None = None):
+        """Cross-attention source [B, S, C] (and mask) with the newest frame [B, N, C] appended, marked,
+        when `config.present_frame`; unchanged otherwise."""
+        if self.present_embedding is None:
+            return source, mask
+        source = torch.cat([source, frame + self.present_embedding.to(frame.dtype)], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones(frame.shape[:2], dtype=mask.dtype, device=mask.device)], dim=1)
+        return source, mask
 
     def _freeze(self) -> None:
         if self.config.freeze_vision:
@@ -385,10 +422,10 @@ class MALMM(nn.Module):
             if state.visual_bank is not None:
                 state.visual_bank.append(x, start)
                 entries, _ = state.visual_bank.view()  # <= M past frames + this one, mask-free
-                visual.append(entries.reshape(1, -1, entries.shape[-1]))
+                visual.append(self._with_present(entries.reshape(1, -1, entries.shape[-1]), x)[0])
             else:
                 state.last_frame = x.clone()
-                visual.append(x)
+                visual.append(self._with_present(x, x)[0])
             state.frames += 1
             state.first_time = start if state.first_time is None else state.first_time
             state.last_time = end if state.last_time is None else max(state.last_time, end)
@@ -463,10 +500,11 @@ class MALMM(nn.Module):
         ids = self._qformer_ids(self.prompt(question))
         if state.visual_bank is not None:
             entries, valid = state.visual_bank.view()
-            context = VisualContext(
-                states=entries.reshape(1, -1, entries.shape[-1]),
-                mask=None if valid is None else valid.reshape(1, -1),
+            newest = state.visual_bank.ordered()[0][:, -1] if self.present_embedding is not None else None
+            states, mask = self._with_present(
+                entries.reshape(1, -1, entries.shape[-1]), newest, None if valid is None else valid.reshape(1, -1)
             )
+            context = VisualContext(states=states, mask=mask)
             memories = []
             for bank in state.default.banks:
                 past = None
@@ -475,7 +513,7 @@ class MALMM(nn.Module):
                     past = ordered[:, :-1]  # drop the newest step: the ad-hoc pass stands in for it
                 memories.append(ReadOnlyMemory(past))
         else:
-            context = VisualContext(states=state.last_frame)
+            context = VisualContext(states=self._with_present(state.last_frame, state.last_frame)[0])
             memories = None
         hidden = self.qformer(self.query_tokens, ids, None, context, memories)
         return hidden[:, : self.num_queries]
@@ -613,10 +651,13 @@ class MALMM(nn.Module):
         *,
         adhoc: bool = False,
         memory_gradients: bool | Literal["visual"] = False,
+        clips: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """MA-LMM over whole clips: every frame in order, one question per clip, memory as in MA-LMM.
+        """MA-LMM over whole clips: every frame in order, one question per row, memory as in MA-LMM.
 
-        pixels: [B, T, 3, H, W]; questions: B strings (formatted with the prompt template).
+        pixels: [V, T, 3, H, W]; questions: B strings (formatted with the prompt template); clips: the
+        clip each question is about (B indices into V; default: question b about clip b, V = B) —
+        several questions about one clip share its vision encoder pass.
         Returns the last step's query outputs [B, Q, C_q]. Gradients flow into the Q-Former, query
         tokens and frame position table (the vision encoder runs without gradients when frozen).
 
@@ -631,9 +672,16 @@ class MALMM(nn.Module):
             raise ValueError(f"memory_gradients must be False, True or 'visual', got {memory_gradients!r}")
         if pixels.dim() != 5 or pixels.shape[2] != 3:
             raise ValueError(f"clips must be [B, T, 3, H, W], got shape {tuple(pixels.shape)}")
-        B, T = pixels.shape[:2]
-        if len(questions) != B:
-            raise ValueError(f"need one question per clip: {B} clips, {len(questions)} questions")
+        V, T = pixels.shape[:2]
+        B = len(questions)
+        if clips is None:
+            if B != V:
+                raise ValueError(f"need one question per clip: {V} clips, {B} questions")
+            rows = None
+        else:
+            if len(clips) != B or any(not 0 <= int(c) < V for c in clips):
+                raise ValueError(f"clips must give each of the {B} questions a clip index in 0..{V - 1}, got {list(clips)}")
+            rows = torch.as_tensor([int(c) for c in clips], dtype=torch.long, device=self.device)
         ids, text_mask = self._qformer_batch([self.prompt(q) for q in questions])
         if adhoc:
             default_ids, default_mask = self._qformer_batch([self.prompt(self.config.default_question)] * B)
@@ -648,11 +696,13 @@ class MALMM(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
                 feats = self.vision_model(pixel_values=frame).last_hidden_state  # [B, N, C_vis]
             feats = feats + self.frame_position.weight[self.frame_index(t)].to(feats.dtype)
+            if rows is not None:
+                feats = feats.index_select(0, rows)  # [B, N, C_vis]: each question's clip
             if visual_memory is not None:
                 source, _ = visual_memory.exchange(feats, None)  # [B, (<=M+1)*N, C_vis]
             else:
                 source = feats
-            context = VisualContext(states=source)
+            context = VisualContext(states=self._with_present(source, feats)[0])
             if adhoc and t == T - 1:  # the question reads the default banks, which it does not write
                 past = None if memories is None else [ReadOnlyMemory(m.entries) for m in memories]
                 hidden = self.qformer(queries, ids, text_mask, context, past)
@@ -678,15 +728,18 @@ class MALMM(nn.Module):
         *,
         adhoc: bool = False,
         memory_gradients: bool | Literal["visual"] = False,
+        clips: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """MA-LMM's training loss: LLM cross-entropy of each answer given the clip and its question.
 
-        pixels: [B, T, 3, H, W]; questions, answers: B strings. Returns a scalar (mean over answer tokens).
-        adhoc, memory_gradients: as in `clip_query_output`.
+        pixels: [V, T, 3, H, W]; questions, answers: B strings. Returns a scalar (mean over answer tokens).
+        adhoc, memory_gradients, clips: as in `clip_query_output`.
         """
         if len(answers) != len(questions):
             raise ValueError(f"need one answer per question: {len(questions)} questions, {len(answers)} answers")
-        output = self.clip_query_output(pixels, questions, adhoc=adhoc, memory_gradients=memory_gradients)
+        output = self.clip_query_output(
+            pixels, questions, adhoc=adhoc, memory_gradients=memory_gradients, clips=clips
+        )
         proj = self.language_projection(output)  # [B, Q, D]
         tok = self.tokenizer
         eos = tok.eos_token_id

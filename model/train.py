@@ -64,6 +64,8 @@ class ModelSizes:
     llm_layers: int = 2
     dropout: float = 0.0
     init_scale: float = 1.0  # weights' std = init_scale / sqrt(fan-in) (BERT's fixed 0.02 suits widths ~2500)
+    position_scale: float = 1.0  # frame position table: sinusoids of this amplitude (0: MA-LMM's zeros)
+    present_scale: float = 1.0  # present-frame marker (StreamConfig.present_frame): std per channel
 
 
 def scratch_model(
@@ -113,7 +115,28 @@ def scratch_model(
         vision.class_embedding.normal_(0.0, scale / math.sqrt(sizes.vision_hidden))
         vision.position_embedding.normal_(0.0, scale / math.sqrt(sizes.vision_hidden))
         blip.query_tokens.normal_(0.0, scale / math.sqrt(sizes.qformer_hidden))
-    return MALMM(blip, processor, config or StreamConfig())
+    model = MALMM(blip, processor, config or StreamConfig())
+    with torch.no_grad():
+        table = model.frame_position.weight
+        table.copy_(sinusoidal_positions(*table.shape) * sizes.position_scale)
+        if model.present_embedding is not None:  # as strong as a feature channel: the newest frame stands out
+            model.present_embedding.normal_(0.0, sizes.present_scale)
+    return model
+
+
+def sinusoidal_positions(rows: int, width: int, period: float = 10_000.0) -> torch.Tensor:
+    """Transformer sinusoids [rows, width]: channel pairs (sin, cos) of t / period^(2i / width).
+
+    The frame position table of a model from scratch starts here instead of at MA-LMM's zeros (which suit
+    pretrained InstructBLIP weights): frames are told apart from the first step, and the slow channels
+    change almost linearly with t, so attention can prefer the newest or the oldest frame at once.
+    """
+    t = torch.arange(rows, dtype=torch.float64)[:, None]
+    freq = period ** (-torch.arange(0, width, 2, dtype=torch.float64) / width)
+    out = torch.zeros(rows, width, dtype=torch.float64)
+    out[:, 0::2] = torch.sin(t * freq)
+    out[:, 1::2] = torch.cos(t * freq)[:, : width // 2]
+    return out.float()
 
 
 # ---------------------------------------------------------------- frames to pixels
@@ -158,9 +181,17 @@ def jpeg_augment(frames: np.ndarray, rng: np.random.Generator, p: float = 0.5) -
 # ---------------------------------------------------------------- batches
 
 
-def _item(dataset, index: int) -> tuple[np.ndarray, str, str]:
+def _item(dataset, index: int) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...]]:
+    """(frames, questions, answers) of item index: a dataset item is (frames, question, answer) or
+    (frames, questions, answers) with several questions about the same clip."""
     frames, question, answer = dataset[index]
-    return frames, question, answer
+    if isinstance(question, str) != isinstance(answer, str):
+        raise ValueError(f"item {index}: give one question and one answer, or a sequence of each")
+    if isinstance(question, str):
+        return frames, (question,), (answer,)
+    if len(question) != len(answer) or not question:
+        raise ValueError(f"item {index}: {len(question)} questions and {len(answer)} answers")
+    return frames, tuple(question), tuple(answer)
 
 
 def epoch_batches(dataset, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -183,7 +214,7 @@ def epoch_batches(dataset, batch_size: int, seed: int, epoch: int) -> list[list[
     return batches
 
 
-def _by_length(items: list[tuple[np.ndarray, str, str]]) -> list[list[tuple[np.ndarray, str, str]]]:
+def _by_length(items: list[tuple]) -> list[list[tuple]]:
     groups: dict[int, list] = defaultdict(list)
     for it in items:
         groups[len(it[0])].append(it)
@@ -211,34 +242,37 @@ def evaluate(
 ) -> dict:
     """Exact-match accuracy of greedy answers over a dataset, with the offline clip pass.
 
-    kinds: index -> a group name (e.g. the question type) for per-group accuracy. Returns
-    {"accuracy", "count", "groups": {name: (correct, count)}}.
+    kinds: index -> a group name (e.g. the question type) for per-group accuracy; items with several
+    questions and a `kinds` attribute (`SyntheticVideoQA`) are grouped by it. Returns
+    {"accuracy", "count" (questions), "groups": {name: (correct, count)}}.
     """
     was_training = model.training
     model.eval()
     mean, std = model.processor.image_processor.image_mean, model.processor.image_processor.image_std
-    correct, groups = 0, defaultdict(lambda: [0, 0])
-    indices = list(range(len(dataset)))
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        items = [(i, *_item(dataset, i)) for i in chunk]
+    correct, asked, groups = 0, 0, defaultdict(lambda: [0, 0])
+    for start in range(0, len(dataset), batch_size):
         by_t: dict[int, list] = defaultdict(list)
-        for it in items:
-            by_t[len(it[1])].append(it)
+        for i in range(start, min(len(dataset), start + batch_size)):
+            sample = dataset[i]
+            frames, questions, answers = _item([sample], 0)
+            names = getattr(sample, "kinds", None)
+            if not (isinstance(names, tuple) and len(names) == len(questions)):
+                names = (kinds(i) if kinds else "all",) * len(questions)
+            by_t[len(frames)].append((frames, questions, answers, names))
         for group in by_t.values():
-            pixels = torch.stack([frames_to_pixels(f, model.image_size, mean, std) for _, f, _, _ in group])
-            outputs = model.clip_query_output(pixels, [q for _, _, q, _ in group], adhoc=adhoc)
-            for row, (i, _, q, a) in enumerate(group):
+            pixels = torch.stack([frames_to_pixels(f, model.image_size, mean, std) for f, _, _, _ in group])
+            rows = [(c, q, a, k) for c, (_, qs, ans, ks) in enumerate(group) for q, a, k in zip(qs, ans, ks, strict=True)]
+            outputs = model.clip_query_output(pixels, [q for _, q, _, _ in rows], adhoc=adhoc, clips=[c for c, *_ in rows])
+            for row, (_, q, a, name) in enumerate(rows):
                 tokens = model.generate_tokens(outputs[row : row + 1], model.prompt(q), max_new_tokens=max_new_tokens)
                 text = model.tokenizer.decode(tokens, skip_special_tokens=True)
                 ok = normalise_answer(text) == normalise_answer(a)
                 correct += ok
-                name = kinds(i) if kinds else "all"
+                asked += 1
                 groups[name][0] += ok
                 groups[name][1] += 1
     model.train(was_training)
-    n = len(indices)
-    return {"accuracy": correct / n, "count": n, "groups": {k: tuple(v) for k, v in sorted(groups.items())}}
+    return {"accuracy": correct / max(1, asked), "count": asked, "groups": {k: tuple(v) for k, v in sorted(groups.items())}}
 
 
 # ---------------------------------------------------------------- training
@@ -264,6 +298,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     log_every: int = 20
     eval_batch_size: int = 32
+    eval_every: int = 0  # also validate every this many optimiser steps (0: after each epoch only)
     max_steps: int = 0  # stop (with a checkpoint) after this many optimiser steps; the schedule still spans
     # every epoch, so a run stopped here and resumed is the same run (0: no stop)
     extra: dict = field(default_factory=dict)  # what built the model and data (for the record)
@@ -371,16 +406,19 @@ class Trainer:
         adhoc = bool(rng.random() < cfg.adhoc_fraction)
         mean, std = model.processor.image_processor.image_mean, model.processor.image_processor.image_std
         items = [_item(self.train_set, i) for i in indices]
+        asked = sum(len(q) for _, q, _ in items)
         total = None
         for group in _by_length(items):
             frames = [jpeg_augment(f, rng) if cfg.augment else f for f, _, _ in group]
             pixels = torch.stack([frames_to_pixels(f, model.image_size, mean, std) for f in frames])
+            clips = [c for c, (_, qs, _) in enumerate(group) for _ in qs]
+            questions = [q for _, qs, _ in group for q in qs]
+            answers = [a for _, _, answers in group for a in answers]
             with self.autocast():
                 loss = model.clip_loss(
-                    pixels, [q for _, q, _ in group], [a for _, _, a in group],
-                    adhoc=adhoc, memory_gradients=cfg.memory_gradients,
+                    pixels, questions, answers, adhoc=adhoc, memory_gradients=cfg.memory_gradients, clips=clips
                 )
-            weighted = loss.float() * (len(group) / len(items))
+            weighted = loss.float() * (len(questions) / asked)
             total = weighted if total is None else total + weighted
         return total, adhoc
 
@@ -418,6 +456,8 @@ class Trainer:
                         f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.1f} clips/s"
                     )
                     losses = []
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.batch_in_epoch < len(batches):
+                    self.history.append({"epoch": self.epoch, "step": self.step, **self.validate()})
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
             if self.batch_in_epoch >= len(batches):  # the epoch is complete: validate, checkpoint
@@ -441,7 +481,7 @@ class Trainer:
                 self.model, self.val_set, batch_size=self.config.eval_batch_size, adhoc=True
             )["accuracy"]
         groups = " ".join(f"{k} {c}/{n}" for k, (c, n) in result["groups"].items())
-        self.log(f"epoch {self.epoch} validation exact match {result['accuracy']:.3f} ({groups})")
+        self.log(f"epoch {self.epoch} step {self.step} validation exact match {result['accuracy']:.3f} ({groups})")
         return out
 
 
@@ -480,16 +520,22 @@ class _KindIndexed:
 
 
 def world_datasets(
-    train_size: int, val_size: int, seed: int, frames: tuple[int, int] = (6, 20), kinds: Sequence[str] | None = None
+    train_size: int,
+    val_size: int,
+    seed: int,
+    frames: tuple[int, int] = (6, 20),
+    kinds: Sequence[str] | None = None,
+    **clips,
 ) -> tuple:
     """Training and validation sets of the synthetic world (disjoint video seeds: seed and seed + 1).
 
-    frames: clip lengths (T) drawn per clip; kinds: question types (default: all).
+    frames: clip lengths (T) drawn per clip; kinds: question types (default: all); clips: how clips are
+    cut (`SyntheticQA`'s full, sampling, stride).
     """
     from .synthetic import SyntheticQA
 
-    train_set = SyntheticQA(train_size, seed, size=(64, 128), frames=frames, kinds=kinds)
-    val_set = _KindIndexed(SyntheticQA(val_size, seed + 1, size=128, frames=frames, kinds=kinds))
+    train_set = SyntheticQA(train_size, seed, size=(64, 128), frames=frames, kinds=kinds, **clips)
+    val_set = _KindIndexed(SyntheticQA(val_size, seed + 1, size=128, frames=frames, kinds=kinds, **clips))
     return train_set, val_set
 
 
@@ -505,10 +551,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", default="scratch",
                    help="'scratch' (a small model over the world's vocabulary) or a MALMM.save_pretrained folder")
     p.add_argument("--memory-bank-length", type=int, default=8, help="M, entries per memory bank (0: no memory)")
+    p.add_argument("--present-frame", action="store_true",
+                   help="cross-attention also reads the newest frame, marked (StreamConfig.present_frame)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--train-size", type=int, default=6000, help="training clips per epoch (each its own video)")
     p.add_argument("--val-size", type=int, default=300)
     p.add_argument("--frames", default="6,20", help="LO,HI: frames per training clip, drawn per clip")
+    p.add_argument("--sampling", choices=["mixed", "stride", "uniform"], default="mixed",
+                   help="how clips sample their video: every --stride-th frame, uniformly, or either per clip")
+    p.add_argument("--stride", type=int, default=4, help="frame stride for --sampling stride")
+    p.add_argument("--full", action="store_true", help="whole videos, questions asked at their end")
+    p.add_argument("--videos", action="store_true",
+                   help="each item a clip (every --strides-th frame, cut at the video's end with probability "
+                        "--at-end) with one question of every type it answers; --frames/--sampling/--stride/--full "
+                        "do not apply")
+    p.add_argument("--strides", default="6,9", help="LO,HI: strides drawn per clip with --videos")
+    p.add_argument("--at-end", type=float, default=0.7, help="with --videos: share of clips cut at the video's end")
     p.add_argument("--kinds", help="comma-separated question types to train on (default: all)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1)
@@ -533,6 +591,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=0,
                    help="stop after N optimiser steps, with a checkpoint to --resume from (0: run all epochs)")
     p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=0, help="also validate every N optimiser steps")
     p.add_argument("--resume", help="a checkpoint.pt to continue from (same data settings)")
     for name, default in asdict(ModelSizes()).items():
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
@@ -545,6 +604,7 @@ def build_model(args: argparse.Namespace) -> MALMM:
         memory_bank_length=args.memory_bank_length,
         freeze_vision=not (args.train_vision or args.train_all),
         freeze_llm=not (args.train_llm or args.train_all),
+        present_frame=args.present_frame,
     )
     if args.init == "scratch":
         from .synthetic import vocabulary
@@ -568,12 +628,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         raise SystemExit(f"--frames takes LO,HI (two integers), got {args.frames!r}") from None
     kinds = args.kinds.split(",") if args.kinds else None
-    train_set, val_set = world_datasets(args.train_size, args.val_size, args.seed, (lo, hi), kinds)
+    if args.videos:
+        from .synthetic import SyntheticVideoQA
+
+        try:
+            strides = tuple(int(x) for x in args.strides.split(","))
+            if len(strides) != 2:
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"--strides takes LO,HI (two integers), got {args.strides!r}") from None
+        clips = dict(strides=strides, at_end=args.at_end, kinds=kinds)
+        train_set = SyntheticVideoQA(args.train_size, args.seed, size=(64, 128), **clips)
+        val_set = SyntheticVideoQA(args.val_size, args.seed + 1, size=128, **clips)
+    else:
+        train_set, val_set = world_datasets(
+            args.train_size, args.val_size, args.seed, (lo, hi), kinds,
+            full=args.full, sampling=args.sampling, stride=args.stride,
+        )
     config = TrainConfig(
         out=str(out), epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         seed=args.seed, adhoc_fraction=args.adhoc_fraction, memory_gradients={"none": False, "visual": "visual", "all": True}[args.memory_gradients],
         augment=not args.no_augment, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        eval_every=args.eval_every,
         max_steps=args.max_steps, extra={"argv": list(argv) if argv is not None else None},
     )
     log_file = (out / "train_log.txt").open("a")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mixmalmm.model import StreamConfig
-from mixmalmm.model.synthetic import SyntheticQA, vocabulary
+from mixmalmm.model.synthetic import SyntheticQA, SyntheticVideoQA, vocabulary
 from mixmalmm.model.train import (
     ModelSizes,
     TrainConfig,
@@ -21,9 +21,14 @@ TINY = ModelSizes(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1
                   num_query_tokens=4, llm_hidden=32, llm_layers=1)
 
 
-def tiny_model(memory_bank_length: int = 3, seed: int = 0):
-    config = StreamConfig(memory_bank_length=memory_bank_length, freeze_vision=False, freeze_llm=False)
-    return scratch_model(vocabulary(), TINY, config, seed=seed)
+def tiny_model(memory_bank_length: int = 3, seed: int = 0, present_frame: bool = False):
+    config = StreamConfig(memory_bank_length=memory_bank_length, freeze_vision=False, freeze_llm=False,
+                          present_frame=present_frame)
+    model = scratch_model(vocabulary(), TINY, config, seed=seed)
+    if present_frame:
+        with torch.no_grad():  # a trained marker is not zero
+            model.present_embedding.copy_(torch.randn(model.present_embedding.shape, generator=torch.Generator().manual_seed(seed)))
+    return model
 
 
 def pixels_of(model, samples):
@@ -31,9 +36,10 @@ def pixels_of(model, samples):
     return torch.stack([frames_to_pixels(s.frames, model.image_size, mean, std) for s in samples])
 
 
+@pytest.mark.parametrize("present_frame", [False, True])
 @pytest.mark.parametrize("memory_bank_length", [0, 3])
-def test_the_trained_clip_pass_equals_streaming_for_standing_and_adhoc_questions(memory_bank_length):
-    model = tiny_model(memory_bank_length, seed=1).eval()
+def test_the_trained_clip_pass_equals_streaming_for_standing_and_adhoc_questions(memory_bank_length, present_frame):
+    model = tiny_model(memory_bank_length, seed=1, present_frame=present_frame).eval()
     ds = SyntheticQA(40, seed=2, size=32, sampling="uniform", frames=(7, 7))
     samples = [ds[i] for i in range(3)]  # questions of different lengths: the clip pass pads them
     assert len({len(model.qformer_tokenizer(s.question).input_ids) for s in samples}) > 1
@@ -162,3 +168,51 @@ def test_command_line_trains_and_saves_a_loadable_model(tmp_path):
     assert "validation exact match" in (out / "train_log.txt").read_text()
     with pytest.raises(SystemExit):
         main(["--out", str(out), "--memory-gradients", "some"])
+
+
+def test_questions_sharing_a_clip_equal_the_clip_repeated_and_train_together(tmp_path):
+    model = tiny_model(3, seed=6).eval()
+    ds = SyntheticVideoQA(8, seed=9, size=32, strides=(8, 8), at_end=1.0)
+    sample = max((ds[i] for i in range(len(ds))), key=lambda s: len(s.questions))
+    n = len(sample.questions)
+    assert n >= 3
+    pixels = torch.stack([frames_to_pixels(sample.frames, model.image_size, (0.5,) * 3, (0.25,) * 3)])
+    with torch.no_grad():
+        shared = model.clip_query_output(pixels, sample.questions, clips=[0] * n)
+        repeated = model.clip_query_output(pixels.expand(n, -1, -1, -1, -1), sample.questions)
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="clip index in 0..0"):
+        model.clip_query_output(pixels, sample.questions, clips=[1] * n)
+    with pytest.raises(ValueError, match="one question per clip"):
+        model.clip_query_output(pixels, sample.questions)
+    # The trainer takes multi-question items; evaluation counts and groups every question by its type.
+    trainer = Trainer(tiny_model(3, seed=6), ds, ds, run_config(tmp_path, "videos", epochs=1), log=lambda _: None)
+    summary = trainer.run()
+    asked = sum(len(ds[i].questions) for i in range(len(ds)))
+    groups = summary["history"][-1]["val_groups"]
+    assert sum(c for _, c in groups.values()) == asked
+    assert set(groups) == {k for i in range(len(ds)) for k in ds[i].kinds}
+
+
+def test_the_present_frame_is_saved_loaded_and_changes_only_what_it_should(tmp_path):
+    from mixmalmm.model import MALMM
+
+    plain = tiny_model(3, seed=8)
+    present = tiny_model(3, seed=8, present_frame=True)
+    assert "present_embedding" not in dict(plain.named_parameters())  # exact MA-LMM: no extra weight
+    present.save_pretrained(tmp_path / "present")
+    loaded = MALMM.from_pretrained(tmp_path / "present")
+    assert loaded.config.present_frame
+    torch.testing.assert_close(loaded.present_embedding, present.present_embedding, rtol=0, atol=0)
+    # A folder saved without it starts a present-frame model at zero; the reverse is an error.
+    plain.save_pretrained(tmp_path / "plain")
+    started = MALMM.from_pretrained(tmp_path / "plain", config=StreamConfig(memory_bank_length=3, present_frame=True))
+    assert started.present_embedding.abs().sum() == 0
+    with pytest.raises(ValueError, match="present_embedding"):
+        MALMM.from_pretrained(tmp_path / "present", config=StreamConfig(memory_bank_length=3))
+    # The marked newest frame is read: outputs differ from the same weights without it.
+    ds = SyntheticQA(4, seed=2, size=32, sampling="uniform", frames=(4, 4))
+    pixels, questions = pixels_of(plain, [ds[0]]), [ds[0].question]
+    with torch.no_grad():
+        assert not torch.allclose(plain.eval().clip_query_output(pixels, questions),
+                                  present.eval().clip_query_output(pixels, questions))
