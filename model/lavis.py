@@ -119,6 +119,8 @@ def _group(our_key: str) -> str:
         return "llm"
     if our_key == "frame_position.weight":
         return "frame_position"
+    if our_key == "present_embedding":
+        return "present"  # mixmalmm's present-frame marker: MA-LMM has none, LAVIS never holds it
     return "qformer"  # query tokens, ln_vision, Q-Former, projection: always required
 
 
@@ -127,7 +129,7 @@ def lavis_state_dict(model, *, vision: bool = True, llm: bool = True) -> dict[st
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         group = _group(key)
-        if (group == "vision" and not vision) or (group == "llm" and not llm):
+        if (group == "vision" and not vision) or (group == "llm" and not llm) or group == "present":
             continue
         if key.endswith("self_attn.qkv.bias") and key.startswith("vision_model."):
             i = key.split(".")[3]

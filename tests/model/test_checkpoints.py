@@ -175,3 +175,20 @@ def test_bad_checkpoint_files(tmp_path):
     torch.save({"model": "nope"}, other)
     with pytest.raises(ValueError, match="no LAVIS state dict"):
         load_lavis_checkpoint(model, other)
+
+
+def test_a_lavis_checkpoint_loads_into_a_present_frame_model_and_leaves_its_marker():
+    source = MALMM.tiny(StreamConfig(memory_bank_length=2), seed=8)
+    target = MALMM.tiny(StreamConfig(memory_bank_length=2, present_frame=True), seed=9)
+    with torch.no_grad():
+        target.present_embedding.fill_(0.5)
+        for layer in source.vision_model.encoder.layers:  # EVA ViT has no k bias (see above)
+            C = layer.self_attn.qkv.bias.shape[0] // 3
+            layer.self_attn.qkv.bias[C : 2 * C] = 0
+    state = lavis_state_dict(target)
+    assert not any("present" in k for k in state)  # LAVIS has no name for it: never exported
+    report = load_lavis_checkpoint(target, lavis_state_dict(source))
+    assert "present" not in report.loaded
+    assert bool((target.present_embedding == 0.5).all())
+    for key, value in source.state_dict().items():
+        assert torch.equal(value, target.state_dict()[key]), key
