@@ -8,6 +8,7 @@ from the script: a shape "is there" when enough of it is visible, with occlusion
 Questions are about the present (they need the newest frame only) or the past (they need memory):
 
     colour_now     "what colour is the circle now?"                  present
+    shape_now      "which shape is red now?"                         present
     count_now      "how many shapes are there now?"                  present
     first_shape    "which shape appeared first?"                     memory
     count_entered  "how many shapes have entered?"                   memory
@@ -50,14 +51,14 @@ PRESENT = 0.5  # a shape is there "now" when this fraction is visible; below it 
 MIN_GAP = 6  # frames between two appearances for "which shape appeared first?"
 # Earliest video frame at which a question type is often answerable (random scenarios script their
 # events relative to the video's length): clips of a type end no earlier than this.
-MIN_END = {"colour_now": 12, "count_now": 12, "first_shape": 12, "count_entered": 12, "colour_before": 24,
+MIN_END = {"colour_now": 12, "shape_now": 12, "count_now": 12, "first_shape": 12, "count_entered": 12, "colour_before": 24,
            "shape_left": 32}
 MIN_SHOWN = 4  # frames a colour must have been visible before "what colour was it before it changed?"
 
 
 @dataclass(frozen=True)
 class QuestionType:
-    """A kind of question: its name, template ({shape} is filled in) and whether it needs the past."""
+    """A kind of question: its name, template ({shape} or {colour} is filled in) and whether it needs the past."""
 
     name: str
     template: str
@@ -68,6 +69,7 @@ QUESTION_TYPES: dict[str, QuestionType] = {
     q.name: q
     for q in (
         QuestionType("colour_now", "what colour is the {shape} now?", False),
+        QuestionType("shape_now", "which shape is {colour} now?", False),
         QuestionType("count_now", "how many shapes are there now?", False),
         QuestionType("first_shape", "which shape appeared first?", True),
         QuestionType("count_entered", "how many shapes have entered?", True),
@@ -83,7 +85,7 @@ _EXTRA_WORDS = ("question", "short", "answer", "is", "happening", "in", "video",
 def vocabulary() -> list[str]:
     """Every word of this world's questions, answers and prompts (punctuation is added by the tokenizer)."""
     words: list[str] = []
-    texts = [q.template.replace("{shape}", s) for q in QUESTION_TYPES.values() for s in SHAPES]
+    texts = [q.template.format(shape=s, colour=c) for q in QUESTION_TYPES.values() for s in SHAPES for c in COLOURS]
     for text in [*texts, *ANSWER_WORDS, *_EXTRA_WORDS]:
         for w in text.replace("?", " ").split():
             if w not in words:
@@ -437,14 +439,15 @@ class Video:
         peak = self.visible[:, shown].max(axis=1)
         out: list[tuple[str, str, str]] = []
 
-        def ask(kind: str, answer: str, shape: str = "") -> None:
-            out.append((QUESTION_TYPES[kind].template.format(shape=shape), answer, kind))
+        def ask(kind: str, answer: str, shape: str = "", colour: str = "") -> None:
+            out.append((QUESTION_TYPES[kind].template.format(shape=shape, colour=colour), answer, kind))
 
         # Present. A shape between 0 and PRESENT visible is neither clearly there nor clearly gone.
         ambiguous_now = bool(((now > 0) & (now < PRESENT)).any())
         for s, script in enumerate(shapes):
             if now[s] >= PRESENT:
                 ask("colour_now", script.colour_at(last), script.shape)
+                ask("shape_now", script.shape, colour=script.colour_at(last))
         if not ambiguous_now:
             ask("count_now", NUMBERS[int((now >= PRESENT).sum())])
         # Past. A shape that peaked between 0 and SEEN may or may not count as having appeared.

@@ -106,6 +106,14 @@ def test_present_answers_match_the_pixels_of_the_newest_frame():
                 if not border and area > 300:  # whole and unoccluded enough to tell its shape
                     assert classify(fill) == shape, (seed, question, fill)
                 checked += 1
+            elif kind == "shape_now":
+                colour = question.split()[3]
+                match = [b for b in found if b[0] == colour]
+                assert match, (seed, question, answer, found)
+                name, area, fill, border = match[0]
+                if not border and area > 300:
+                    assert classify(fill) == answer, (seed, question, fill)
+                checked += 1
     assert checked >= 60
 
 
@@ -159,7 +167,7 @@ def test_sample_indices():
 
 def test_tokenizers_round_trip_every_question_and_answer():
     llm, qformer = world_tokenizers()
-    texts = [q.template.format(shape=s) for q in QUESTION_TYPES.values() for s in SHAPES]
+    texts = [q.template.format(shape=s, colour=c) for q in QUESTION_TYPES.values() for s in SHAPES for c in COLOURS]
     texts += list(ANSWER_WORDS) + ["what is happening in the video?"]
     for tok in (llm, qformer):
         assert tok.unk_token_id not in tok(" ".join(texts) + " Question: Short answer:").input_ids
