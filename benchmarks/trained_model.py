@@ -28,13 +28,14 @@ import math
 import os
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mixmalmm.model import MALMM, StreamConfig, load_default_model  # noqa: E402
+from mixmalmm.model import MALMM, load_default_model  # noqa: E402
 from mixmalmm.model.synthetic import (  # noqa: E402
     DEMO_FPS,
     MAX_VIDEO_FRAMES,
@@ -108,7 +109,7 @@ def main() -> None:
 
     model = load()
     M = model.config.memory_bank_length
-    no_memory = load(StreamConfig(memory_bank_length=0))
+    no_memory = load(replace(model.config, memory_bank_length=0))
     columns = {
         "stride_standing": f"stride {args.step}, M={M}, standing",
         "stride_adhoc": f"stride {args.step}, M={M}, ad hoc",
