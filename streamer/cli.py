@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 EXIT_OK = 0
@@ -72,7 +73,7 @@ def load_model(args: argparse.Namespace):
     """The model the options name: a weights folder (plus an MA-LMM checkpoint), or the built-in one."""
     import torch
 
-    from mixmalmm.model import MALMM, StreamConfig, default_dtype
+    from mixmalmm.model import MALMM, default_dtype
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -89,17 +90,15 @@ def load_model(args: argparse.Namespace):
             model, name = builtin_model(), "built-in"
         except (FileNotFoundError, OSError, ValueError) as exc:
             raise UserError(f"the built-in model could not be loaded ({exc}); reinstall mixmalmm or pass --model") from exc
-        if args.memory_bank_length is not None and args.memory_bank_length != model.config.memory_bank_length:
-            model.config.memory_bank_length = args.memory_bank_length
+        if args.memory_bank_length is not None:
+            model.config = replace(model.config, memory_bank_length=args.memory_bank_length)
         return model.to(device=device, dtype=dtype).eval(), name
-    config = None
-    if args.memory_bank_length is not None:
-        config = StreamConfig(memory_bank_length=args.memory_bank_length)
     try:
-        model = MALMM.from_pretrained(args.model, config=config, lavis_checkpoint=args.malmm_checkpoint,
-                                      device=device, dtype=dtype)
+        model = MALMM.from_pretrained(args.model, lavis_checkpoint=args.malmm_checkpoint, device=device, dtype=dtype)
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise UserError(str(exc)) from exc
+    if args.memory_bank_length is not None:  # the folder's other streaming settings (present_frame...) stay
+        model.config = replace(model.config, memory_bank_length=args.memory_bank_length)
     return model.eval(), args.model
 
 

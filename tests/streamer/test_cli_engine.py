@@ -216,3 +216,16 @@ def test_watch_standing_answers_while_a_file_plays(model, media):
             "mixmalmm snapshot: the server refused: bad_request: the engine runs without a state directory\n")
         assert refused_json(mixmalmm(server, "snapshot", "g", "--json")) == {
             "code": "bad_request", "message": "the engine runs without a state directory"}
+
+
+def test_memory_bank_length_from_the_command_line_keeps_the_folders_other_settings(tmp_path):
+    from mixmalmm.model import MALMM, StreamConfig
+    from mixmalmm.streamer.cli import build_parser, load_model
+
+    MALMM.tiny(StreamConfig(memory_bank_length=4, present_frame=True)).save_pretrained(tmp_path / "m")
+    folder = str(tmp_path / "m")
+    for extra, expected in (([], 4), (["--memory-bank-length", "3"], 3)):
+        args = build_parser().parse_args(["replay", "x.mp4", "--device", "cpu", "--model", folder, *extra])
+        model, _ = load_model(args)
+        assert (model.config.memory_bank_length, model.config.present_frame) == (expected, True)
+        assert model.present_embedding is not None

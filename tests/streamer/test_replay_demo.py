@@ -52,7 +52,7 @@ def test_replay_answers_at_times_and_at_the_end_and_draws_the_memory(media, tmp_
     proc = run([
         "replay", str(media.h264), "--max-frames", "5", "--ask", "what is happening?",
         "--ask-at", "2.5", "what colour is the square?", "--standing", "what is the man doing?",
-        "--thumbnails", "8", "--progress", "--out", str(out),
+        "--thumbnails", "8", "--progress", "--memory-bank-length", "10", "--out", str(out),
     ], tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "answers.json").read_text())
