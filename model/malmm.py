@@ -671,7 +671,7 @@ class MALMM(nn.Module):
         if memory_gradients not in (False, True, "visual"):
             raise ValueError(f"memory_gradients must be False, True or 'visual', got {memory_gradients!r}")
         if pixels.dim() != 5 or pixels.shape[2] != 3:
-            raise ValueError(f"clips must be [B, T, 3, H, W], got shape {tuple(pixels.shape)}")
+            raise ValueError(f"clips must be [V, T, 3, H, W], got shape {tuple(pixels.shape)}")
         V, T = pixels.shape[:2]
         B = len(questions)
         if clips is None:

@@ -553,7 +553,33 @@ class Sample:
         return iter((self.frames, self.question, self.answer))
 
 
-class SyntheticQA:
+class _SeededVideos:
+    """What both datasets share: `count` items, item i drawn from the video seed `seed * 1_000_003 + i`,
+    render sizes, question types, and a per-item random generator (checked index, a salt per dataset)."""
+
+    def __init__(self, count: int, seed: int, size: int | Sequence[int], kinds: Sequence[str] | None) -> None:
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        unknown = set(kinds or ()) - set(QUESTION_TYPES)
+        if unknown:
+            raise ValueError(f"unknown question types {sorted(unknown)}; known: {list(QUESTION_TYPES)}")
+        self.count, self.seed = count, seed
+        self.sizes = (size,) if isinstance(size, int) else tuple(size)
+        self.kinds = tuple(kinds) if kinds else tuple(QUESTION_TYPES)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def video_seed(self, index: int) -> int:
+        return self.seed * 1_000_003 + index
+
+    def _rng(self, index: int, salt: int) -> np.random.Generator:
+        if not 0 <= index < self.count:
+            raise IndexError(f"item {index} out of range for {self.count} items")
+        return np.random.default_rng([self.video_seed(index), salt])
+
+
+class SyntheticQA(_SeededVideos):
     """A map-style dataset of `Sample`s, each from its own seeded video; deterministic for (seed, index).
 
     Item i draws, from the seed `seed * 1_000_003 + i`: a question type (uniform over `kinds`), how the
@@ -580,33 +606,18 @@ class SyntheticQA:
         frames: tuple[int, int] = (6, 20),
         kinds: Sequence[str] | None = None,
     ) -> None:
-        if count < 1:
-            raise ValueError(f"count must be >= 1, got {count}")
+        super().__init__(count, seed, size, kinds)
         if sampling not in ("mixed", "stride", "uniform"):
             raise ValueError(f"sampling must be 'mixed', 'stride' or 'uniform', got {sampling!r}")
         if not 1 <= frames[0] <= frames[1] <= 24:
             raise ValueError(f"frames must be a range (lo, hi) with 1 <= lo <= hi <= 24, got {frames}")
         if not 1 <= stride <= MAX_VIDEO_FRAMES // 2:
             raise ValueError(f"stride must be in 1..{MAX_VIDEO_FRAMES // 2}, got {stride}")
-        unknown = set(kinds or ()) - set(QUESTION_TYPES)
-        if unknown:
-            raise ValueError(f"unknown question types {sorted(unknown)}; known: {list(QUESTION_TYPES)}")
-        self.count, self.seed, self.full = count, seed, full
-        self.sizes = (size,) if isinstance(size, int) else tuple(size)
-        self.sampling, self.stride, self.frames = sampling, stride, frames
-        self.kinds = tuple(kinds) if kinds else tuple(QUESTION_TYPES)
-
-    def __len__(self) -> int:
-        return self.count
-
-    def video_seed(self, index: int) -> int:
-        return self.seed * 1_000_003 + index
+        self.full, self.sampling, self.stride, self.frames = full, sampling, stride, frames
 
     def _draw(self, index: int):
         """(rng, kind, how, T, stride, size) for item index: cheap, no simulation."""
-        if not 0 <= index < self.count:
-            raise IndexError(f"item {index} out of range for {self.count} items")
-        rng = np.random.default_rng([self.video_seed(index), 11])
+        rng = self._rng(index, 11)
         kind = self.kinds[int(rng.integers(0, len(self.kinds)))]
         how = self.sampling if self.sampling != "mixed" else ("stride" if rng.random() < 0.5 else "uniform")
         T = int(rng.integers(self.frames[0], self.frames[1] + 1))
@@ -661,7 +672,7 @@ class VideoSample:
         return iter((self.frames, self.questions, self.answers))
 
 
-class SyntheticVideoQA:
+class SyntheticVideoQA(_SeededVideos):
     """A map-style dataset of `VideoSample`s: one clip per item and one question of every type it answers.
 
     Item i draws, from the seed `seed * 1_000_003 + i`: a video length, a stride in `strides` (the clip is
@@ -683,30 +694,16 @@ class SyntheticVideoQA:
         at_end: float = 0.7,
         kinds: Sequence[str] | None = None,
     ) -> None:
-        if count < 1:
-            raise ValueError(f"count must be >= 1, got {count}")
+        super().__init__(count, seed, size, kinds)
         if not 1 <= strides[0] <= strides[1] <= MAX_VIDEO_FRAMES // 2:
             raise ValueError(f"strides must be a range (lo, hi) within 1..{MAX_VIDEO_FRAMES // 2}, got {strides}")
         if not 0.0 <= at_end <= 1.0:
             raise ValueError(f"at_end must be a probability, got {at_end}")
-        unknown = set(kinds or ()) - set(QUESTION_TYPES)
-        if unknown:
-            raise ValueError(f"unknown question types {sorted(unknown)}; known: {list(QUESTION_TYPES)}")
-        self.count, self.seed, self.strides, self.at_end = count, seed, strides, at_end
-        self.sizes = (size,) if isinstance(size, int) else tuple(size)
-        self.kinds = tuple(kinds) if kinds else tuple(QUESTION_TYPES)
-
-    def __len__(self) -> int:
-        return self.count
-
-    def video_seed(self, index: int) -> int:
-        return self.seed * 1_000_003 + index
+        self.strides, self.at_end = strides, at_end
 
     def _draw(self, index: int):
         """(rng, frames F, end, stride, T, size) for item index: cheap, no simulation."""
-        if not 0 <= index < self.count:
-            raise IndexError(f"item {index} out of range for {self.count} items")
-        rng = np.random.default_rng([self.video_seed(index), 13])
+        rng = self._rng(index, 13)
         F = int(rng.integers(MIN_VIDEO_FRAMES, MAX_VIDEO_FRAMES + 1))
         stride = int(rng.integers(self.strides[0], self.strides[1] + 1))
         end = F if rng.random() < self.at_end else int(rng.integers(min(MIN_END.values()), F + 1))

@@ -182,9 +182,14 @@ def jpeg_augment(frames: np.ndarray, rng: np.random.Generator, p: float = 0.5) -
 
 
 def _item(dataset, index: int) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...]]:
-    """(frames, questions, answers) of item index: a dataset item is (frames, question, answer) or
-    (frames, questions, answers) with several questions about the same clip."""
-    frames, question, answer = dataset[index]
+    """(frames, questions, answers) of item index (see `_unpack`)."""
+    return _unpack(dataset[index], index)
+
+
+def _unpack(item, index: int) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...]]:
+    """A dataset item, (frames, question, answer) or (frames, questions, answers) with several questions
+    about the same clip, as (frames, questions, answers)."""
+    frames, question, answer = item
     if isinstance(question, str) != isinstance(answer, str):
         raise ValueError(f"item {index}: give one question and one answer, or a sequence of each")
     if isinstance(question, str):
@@ -254,7 +259,7 @@ def evaluate(
         by_t: dict[int, list] = defaultdict(list)
         for i in range(start, min(len(dataset), start + batch_size)):
             sample = dataset[i]
-            frames, questions, answers = _item([sample], 0)
+            frames, questions, answers = _unpack(sample, i)
             names = getattr(sample, "kinds", None)
             if not (isinstance(names, tuple) and len(names) == len(questions)):
                 names = (kinds(i) if kinds else "all",) * len(questions)
