@@ -475,6 +475,34 @@ class Video:
             ask("shape_left", shapes[left[0]].shape)
         return out
 
+    def shape_colours(self, index: int) -> np.ndarray:
+        """What frame `index` shows, per kind of SHAPES: 0 when that kind is not in view, 1 + its colour's
+        index in COLOURS when at least PRESENT of it is visible, -1 when it is partly in view (ambiguous).
+        The labels a vision encoder pretrains on (`labelled_frames`)."""
+        out = np.zeros(len(SHAPES), np.int64)
+        palette = list(COLOURS)
+        for s, script in enumerate(self.scenario.shapes):
+            visible = self.visible[s, index]
+            if visible >= PRESENT:
+                out[SHAPES.index(script.shape)] = 1 + palette.index(script.colour_at(index))
+            elif visible > 0:
+                out[SHAPES.index(script.shape)] = -1
+        return out
+
+    def shape_map(self, index: int) -> np.ndarray:
+        """What each pixel of frame `index` shows, at TRUTH_SIZE: 0 background, else 1 + kind * len(COLOURS) +
+        colour (indices in SHAPES and COLOURS) of the shape drawn on top there. int64 [TRUTH_SIZE, TRUTH_SIZE]."""
+        out = np.zeros((TRUTH_SIZE, TRUTH_SIZE), np.int64)
+        palette = list(COLOURS)
+        mask = np.zeros((TRUTH_SIZE, TRUTH_SIZE), np.uint8)
+        for script, centres in zip(self.scenario.shapes, self.centres, strict=True):  # later ones on top
+            if np.isnan(centres[index, 0]):
+                continue
+            mask[:] = 0
+            _draw(mask, script.shape, centres[index], script.radius, 1, False)
+            out[mask.astype(bool)] = 1 + SHAPES.index(script.shape) * len(palette) + palette.index(script.colour_at(index))
+        return out
+
     def _gone(self, s: int, end: int) -> bool:
         """Shape s has left for good by frame end-1 (it was scripted to leave and is no longer drawn)."""
         leave = self.scenario.shapes[s].leave
@@ -508,6 +536,24 @@ def simulate_video(scenario: Scenario) -> Video:
 def make_video(seed: int, frames: int | None = None) -> Video:
     """`simulate_video(random_scenario(seed, frames))`."""
     return simulate_video(random_scenario(seed, frames))
+
+
+def labelled_frames(
+    videos: int, seed: int, per_video: int = 8, sizes: Sequence[int] = (64, 128)
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Single frames for pretraining a vision encoder: `per_video` random frames of each of `videos` random
+    videos (video seeds `seed * 1_000_003 + v`, as the question datasets'), each rendered at a size drawn
+    from `sizes`; their labels [N, len(SHAPES)] (`Video.shape_colours`: which colour each kind of shape
+    wears, 0 absent, -1 unknown) and their pixel maps [N, TRUTH_SIZE, TRUTH_SIZE] (`Video.shape_map`)."""
+    rng = np.random.default_rng([seed, 11])
+    frames, labels, maps = [], [], []
+    for v in range(videos):
+        video = make_video(seed * 1_000_003 + v)
+        for index in rng.integers(0, video.frames, per_video):
+            frames.append(video.render(int(index), int(rng.choice(sizes))))
+            labels.append(video.shape_colours(int(index)))
+            maps.append(video.shape_map(int(index)))
+    return frames, np.stack(labels), np.stack(maps)
 
 
 # ---------------------------------------------------------------- sampling frames for the model

@@ -11,7 +11,9 @@ same number of frames. The vision encoder and the LLM are frozen by default, as 
 vocabulary) needs. AdamW with linear warm-up and cosine decay, gradient accumulation, autocast on CUDA
 (bfloat16 where supported, else float16 with a gradient scaler; CPU stays float32), a checkpoint after
 every epoch (and every `--checkpoint-every` steps) that `--resume` continues from identically, and
-exact-match accuracy on a validation set after every epoch.
+exact-match accuracy on a validation set after every epoch. A model from scratch can first pretrain its vision
+encoder alone (`--vision-steps`, `pretrain_vision`) on single frames labelled with the colour each kind
+of shape wears, as MA-LMM starts from a pretrained encoder.
 
 Datasets are generic: any sequence of (frames [T, H, W, 3] RGB uint8, question, answer) items; if it
 also has `num_frames(i)`, batches hold clips of equal T without loading them first. The command line
@@ -150,12 +152,23 @@ def frames_to_pixels(
     Antialiased bicubic resize (as InstructBLIP's image processor), rounded to uint8 levels, then
     (x / 255 - mean) / std per channel.
     """
+    return _normalise(resize_frames(frames, image_size).float(), mean, std)
+
+
+def resize_frames(frames: np.ndarray, image_size: int) -> torch.Tensor:
+    """RGB uint8 frames [T, H, W, 3] -> uint8 [T, 3, image_size, image_size]: antialiased bicubic resize
+    (as InstructBLIP's image processor), rounded to uint8 levels."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be RGB uint8 [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False)
-        x = x.round().clamp(0, 255)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    if x.shape[-2:] == (image_size, image_size):
+        return x
+    x = F.interpolate(x.float(), size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def _normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8-level pixels [T, 3, S, S] (float) -> (x / 255 - mean) / std per channel."""
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return (x / 255.0 - m) / s
@@ -319,6 +332,16 @@ def _lr_lambda(total: int, warmup: int, min_ratio: float) -> Callable[[int], flo
     return f
 
 
+def _adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (biases and norms: none)."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.999),
+    )
+
+
 def _autocast(device: torch.device):
     """(autocast context factory, GradScaler or None): bf16/fp16 autocast on CUDA, nothing elsewhere."""
     if device.type != "cuda":
@@ -341,12 +364,7 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: every parameter is frozen")
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]  # biases, norms: no weight decay
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=(0.9, 0.999),
-        )
+        self.optimizer = _adamw(params, config.lr, config.weight_decay)
         self.steps_per_epoch = math.ceil(len(epoch_batches(train_set, config.batch_size, config.seed, 0)) / config.grad_accum)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -499,6 +517,132 @@ def train(model: MALMM, train_set, val_set, config: TrainConfig, *, resume: str 
     return trainer.run()
 
 
+# ---------------------------------------------------------------- pretraining the vision encoder
+
+
+def pretrain_vision(
+    model: MALMM,
+    train_set: tuple,
+    val_set: tuple | None,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    warmup_steps: int = 100,
+    weight_decay: float = 0.05,
+    augment: bool = True,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    log_every: int = 100,
+) -> dict:
+    """Pretrain the vision encoder alone on labelled single frames, before the model learns to answer.
+
+    MA-LMM starts from a pretrained vision encoder (EVA-CLIP); a model from scratch needs one too. Trained
+    only through the answers, ours learns colours and counts but never tells shapes apart (a question about
+    a shape's name stays at chance); a direct, dense signal teaches it in minutes.
+
+    train_set / val_set: (frames, labels) or (frames, labels, maps): RGB uint8 frames [H, W, 3] of any
+    size; integer labels [N, K], K slots each holding a class in 0..C-1 (-1: unknown, no loss); maps
+    [N, h, w], a class per pixel of a grid over the frame (0 for background), e.g. the synthetic world's
+    `labelled_frames` (per kind of shape: absent or the colour it wears; per pixel: which shape of which
+    colour is there). A linear head on the encoder's class token and mean patch token predicts every slot,
+    and with maps another one predicts each patch token's commonest class in the map (so each patch knows
+    what it is part of, which the Q-Former's cross-attention can look up); the heads are thrown away
+    after. augment: JPEG-compress each training frame with probability 1/2 (`jpeg_augment`), once. The
+    encoder is trained whatever its freeze flag (the flag is restored). Returns the validation accuracy
+    over all known slots ("all"), over slots whose class is not 0 ("named") and, with maps, over patches
+    that are not background ("patches").
+    """
+    frames, labels, maps = (*train_set, None)[:3]
+    if len(frames) != len(labels) or len(frames) == 0 or (maps is not None and len(maps) != len(frames)):
+        raise ValueError(f"give one label row (and map) per frame: {len(frames)} frames, {len(labels)} label rows")
+    device, size = model.device, model.image_size
+    mean, std = model.processor.image_processor.image_mean, model.processor.image_processor.image_std
+    classes = int(labels.max()) + 1
+    slots = labels.shape[1]
+    grid = size // model.vision_model.config.patch_size
+    map_classes = 0
+    if maps is not None:  # enough classes for the validation maps too
+        map_classes = 1 + int(max(maps.max(), val_set[2].max() if val_set is not None and len(val_set) > 2 else 0))
+
+    def patch_labels(m: np.ndarray) -> torch.Tensor:  # [N, h, w] -> [N, grid * grid], commonest class
+        onehot = F.one_hot(torch.as_tensor(m), map_classes).permute(0, 3, 1, 2).float()
+        return F.adaptive_avg_pool2d(onehot, grid).argmax(1).flatten(1)
+
+    def pixels(batch: Sequence[np.ndarray]) -> torch.Tensor:
+        return torch.cat([resize_frames(f[None], size) for f in batch])
+
+    rng = np.random.default_rng([seed, 13])
+    if augment:  # half of them JPEG-compressed, as decoded video is
+        frames = [jpeg_augment(f[None], rng)[0] for f in frames]
+    store = pixels(frames)  # uint8, a quarter of float32's memory
+    vision = model.vision_model
+    was_trainable = [p.requires_grad for p in vision.parameters()]
+    vision.requires_grad_(True)
+    width = vision.config.hidden_size
+    torch.manual_seed(seed)
+    head = nn.Linear(2 * width, slots * classes).to(device)
+    patch_head = nn.Linear(width, max(1, map_classes)).to(device)
+    for layer in (head, patch_head):
+        nn.init.normal_(layer.weight, 0.0, 1.0 / math.sqrt(layer.in_features))
+        nn.init.zeros_(layer.bias)
+    params = [*vision.parameters(), *head.parameters(), *(patch_head.parameters() if map_classes else ())]
+    optimizer = _adamw(params, lr, weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, warmup_steps, 0.05))
+
+    def logits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = vision(pixel_values=_normalise(x.float(), mean, std).to(device)).last_hidden_state
+        slot_logits = head(torch.cat([hidden[:, 0], hidden[:, 1:].mean(1)], -1)).view(-1, slots, classes)
+        return slot_logits, patch_head(hidden[:, 1:])
+
+    def accuracy() -> dict:
+        if val_set is None:
+            return {}
+        vision.eval()
+        x, y = pixels(val_set[0]), torch.as_tensor(val_set[1])
+        with torch.no_grad():
+            out = [logits(x[i : i + 256]) for i in range(0, len(x), 256)]
+        vision.train()
+        right = torch.cat([o[0].argmax(-1).cpu() for o in out]) == y
+        known, named = y >= 0, y > 0
+        result = {"all": float(right[known].float().mean()), "named": float(right[named].float().mean())}
+        if map_classes:
+            truth = patch_labels(val_set[2])
+            guess = torch.cat([o[1].argmax(-1).cpu() for o in out])
+            result["patches"] = float((guess == truth)[truth > 0].float().mean())
+        return result
+
+    targets = torch.as_tensor(labels)
+    patch_targets = patch_labels(maps) if map_classes else None
+    vision.train()
+    t0, losses = time.time(), []
+    try:
+        for step in range(1, steps + 1):
+            idx = torch.from_numpy(rng.integers(0, len(store), batch_size))
+            slot_logits, patch_logits = logits(store[idx])
+            loss = F.cross_entropy(slot_logits.reshape(-1, classes), targets[idx].reshape(-1).to(device), ignore_index=-1)
+            if patch_targets is not None:
+                loss = loss + F.cross_entropy(patch_logits.reshape(-1, map_classes), patch_targets[idx].reshape(-1).to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            if log_every and step % log_every == 0:
+                log(f"vision step {step}/{steps} loss {np.mean(losses):.4f} "
+                    f"{step * batch_size / (time.time() - t0):.0f} frames/s")
+                losses = []
+        result = accuracy()
+    finally:
+        for p, trainable in zip(vision.parameters(), was_trainable, strict=True):
+            p.requires_grad_(trainable)
+        vision.eval()
+    if result:
+        patches = f", {result['patches']:.3f} of patches on a shape" if "patches" in result else ""
+        log(f"vision validation: {result['all']:.3f} of all slots, {result['named']:.3f} of named ones{patches}")
+    return {**result, "steps": steps, "seconds": time.time() - t0}
+
+
 # ---------------------------------------------------------------- the synthetic world's datasets
 
 
@@ -598,6 +742,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=0, help="also validate every N optimiser steps")
     p.add_argument("--resume", help="a checkpoint.pt to continue from (same data settings)")
+    p.add_argument("--vision-steps", type=int, default=0,
+                   help="first pretrain the vision encoder this many steps on labelled single frames "
+                        "(which colour each kind of shape wears; skipped with --resume)")
+    p.add_argument("--vision-videos", type=int, default=1500, help="videos of the pretraining frames (8 frames each)")
+    p.add_argument("--vision-lr", type=float, default=2e-3)
     for name, default in asdict(ModelSizes()).items():
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
                        help=f"model size for --init scratch (default {default})")
@@ -666,10 +815,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_file.write(stamped + "\n")
         log_file.flush()
 
+    summary = {}
+    if args.vision_steps and not args.resume:
+        from .synthetic import labelled_frames
+
+        log(f"pretraining the vision encoder: {args.vision_videos} videos x 8 frames, {args.vision_steps} steps")
+        summary["vision"] = pretrain_vision(
+            model, labelled_frames(args.vision_videos, args.seed + 2), labelled_frames(150, args.seed + 3),
+            steps=args.vision_steps, lr=args.vision_lr, seed=args.seed, log=log, log_every=args.log_every,
+        )
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {sum(p.numel() for p in model.parameters())} parameters ({n_train} trained); "
         f"{len(train_set)} training clips x {args.epochs} epochs, batch {args.batch_size} x {args.grad_accum}")
-    summary = train(model, train_set, val_set, config, resume=args.resume, log=log)
+    summary = {**train(model, train_set, val_set, config, resume=args.resume, log=log), **summary}
     final = out / FINAL
     # Saved for streaming: the freeze flags go back to MA-LMM's defaults for whoever fine-tunes it next.
     model.config = replace(model.config, freeze_vision=True, freeze_llm=True)

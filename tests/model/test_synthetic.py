@@ -13,6 +13,7 @@ from mixmalmm.model.synthetic import (
     SHAPES,
     SyntheticQA,
     SyntheticVideoQA,
+    labelled_frames,
     make_demo_video,
     make_video,
     sample_indices,
@@ -115,6 +116,42 @@ def test_present_answers_match_the_pixels_of_the_newest_frame():
                     assert classify(fill) == answer, (seed, question, fill)
                 checked += 1
     assert checked >= 60
+
+
+def test_frame_labels_match_the_pixels():
+    checked = 0
+    for seed in range(30):
+        video = make_video(seed)
+        for index in range(0, video.frames, 7):
+            if overlapping(video, index):
+                continue
+            labels = video.shape_colours(index)
+            found = blobs(noise_free(video, index))
+            if (labels >= 0).all():  # nothing half in view: every shape in view is named, nothing else
+                assert (labels > 0).sum() == len(found), (seed, index, labels, found)
+            for kind, label in enumerate(labels):
+                if label <= 0:
+                    continue
+                match = [b for b in found if b[0] == list(COLOURS)[label - 1]]
+                assert match, (seed, index, labels, found)
+                _, area, fill, border = match[0]
+                if not border and area > 300:
+                    assert classify(fill) == SHAPES[kind], (seed, index, fill)
+                checked += 1
+    assert checked >= 100
+    frames, labels, maps = labelled_frames(4, seed=9, per_video=3, sizes=(32, 48))
+    again = labelled_frames(4, seed=9, per_video=3, sizes=(32, 48))
+    assert len(frames) == 12 and labels.shape == (12, len(SHAPES)) and labels.min() >= -1
+    assert maps.shape == (12, 64, 64) and np.array_equal(maps, again[2])
+    named = maps[maps > 0] - 1  # every shape named in the labels covers pixels of its class in the map
+    for frame_labels, frame_map in zip(labels, maps, strict=True):
+        for kind, label in enumerate(frame_labels):
+            if label > 0:
+                assert (frame_map == 1 + kind * len(COLOURS) + label - 1).any()
+    assert named.max() < len(SHAPES) * len(COLOURS)
+    assert {f.shape for f in frames} <= {(32, 32, 3), (48, 48, 3)}
+    assert all(np.array_equal(a, b) for a, b in zip(frames, again[0], strict=True))
+    assert np.array_equal(labels, again[1])
 
 
 def test_memory_answers_match_the_pixels_of_past_frames():

@@ -14,6 +14,7 @@ from mixmalmm.model.train import (
     frames_to_pixels,
     main,
     normalise_answer,
+    pretrain_vision,
     scratch_model,
 )
 
@@ -216,3 +217,22 @@ def test_the_present_frame_is_saved_loaded_and_changes_only_what_it_should(tmp_p
     with torch.no_grad():
         assert not torch.allclose(plain.eval().clip_query_output(pixels, questions),
                                   present.eval().clip_query_output(pixels, questions))
+
+
+def test_vision_pretraining_learns_its_frames_and_changes_only_the_encoder():
+    from mixmalmm.model.synthetic import labelled_frames
+
+    model = scratch_model(vocabulary(), TINY, StreamConfig(memory_bank_length=2), seed=2)  # vision frozen
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    frames, labels, maps = labelled_frames(6, seed=5, per_video=6, sizes=(32, 64))
+    lines = []
+    result = pretrain_vision(model, (frames, labels, maps), (frames, labels, maps), steps=250, batch_size=12,
+                             lr=3e-3, warmup_steps=20, log=lines.append, log_every=50)
+    assert result["all"] >= 0.95 and result["named"] >= 0.9 and result["patches"] >= 0.8, result  # 36 frames learnt
+    assert len(lines) == 6 and lines[-1].startswith("vision validation")
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("vision_model.") for k in changed)
+    assert not any(p.requires_grad for p in model.vision_model.parameters())  # the freeze flag is restored
+    with pytest.raises(ValueError, match="one label row"):
+        pretrain_vision(model, (frames, labels[:3]), None, steps=1)
