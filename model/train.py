@@ -606,7 +606,7 @@ def pretrain_vision(
         right = torch.cat([o[0].argmax(-1).cpu() for o in out]) == y
         known, named = y >= 0, y > 0
         result = {"all": float(right[known].float().mean()), "named": float(right[named].float().mean())}
-        if map_classes:
+        if map_classes and len(val_set) > 2:
             truth = patch_labels(val_set[2])
             guess = torch.cat([o[1].argmax(-1).cpu() for o in out])
             result["patches"] = float((guess == truth)[truth > 0].float().mean())

@@ -234,5 +234,7 @@ def test_vision_pretraining_learns_its_frames_and_changes_only_the_encoder():
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("vision_model.") for k in changed)
     assert not any(p.requires_grad for p in model.vision_model.parameters())  # the freeze flag is restored
+    result = pretrain_vision(model, (frames, labels, maps), (frames, labels), steps=2, log=lines.append)
+    assert set(result) == {"all", "named", "steps", "seconds"}  # validation without maps: no patch score
     with pytest.raises(ValueError, match="one label row"):
         pretrain_vision(model, (frames, labels[:3]), None, steps=1)
