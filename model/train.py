@@ -581,19 +581,20 @@ def pretrain_vision(
     vision.requires_grad_(True)
     width = vision.config.hidden_size
     torch.manual_seed(seed)
-    head = nn.Linear(2 * width, slots * classes).to(device)
-    patch_head = nn.Linear(width, max(1, map_classes)).to(device)
-    for layer in (head, patch_head):
+    heads = [nn.Linear(2 * width, slots * classes).to(device)]
+    if map_classes:
+        heads.append(nn.Linear(width, map_classes).to(device))
+    for layer in heads:
         nn.init.normal_(layer.weight, 0.0, 1.0 / math.sqrt(layer.in_features))
         nn.init.zeros_(layer.bias)
-    params = [*vision.parameters(), *head.parameters(), *(patch_head.parameters() if map_classes else ())]
-    optimizer = _adamw(params, lr, weight_decay)
+    optimizer = _adamw([*vision.parameters(), *(p for h in heads for p in h.parameters())], lr, weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, warmup_steps, 0.05))
 
-    def logits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Slot logits [B, slots, classes] and, with maps, patch logits [B, patches, map_classes]."""
         hidden = vision(pixel_values=_normalise(x.float(), mean, std).to(device)).last_hidden_state
-        slot_logits = head(torch.cat([hidden[:, 0], hidden[:, 1:].mean(1)], -1)).view(-1, slots, classes)
-        return slot_logits, patch_head(hidden[:, 1:])
+        slot_logits = heads[0](torch.cat([hidden[:, 0], hidden[:, 1:].mean(1)], -1)).view(-1, slots, classes)
+        return slot_logits, heads[1](hidden[:, 1:]) if map_classes else None
 
     def accuracy() -> dict:
         if val_set is None:

@@ -87,19 +87,18 @@ def load_model(args: argparse.Namespace):
         if args.malmm_checkpoint:
             raise UserError("--malmm-checkpoint needs --model, the InstructBLIP folder it applies to")
         try:
-            model, name = builtin_model(), "built-in"
+            model, name = builtin_model().to(device=device, dtype=dtype), "built-in"
         except (FileNotFoundError, OSError, ValueError) as exc:
             raise UserError(f"the built-in model could not be loaded ({exc}); reinstall mixmalmm or pass --model") from exc
-        if args.memory_bank_length is not None:
-            model.config = replace(model.config, memory_bank_length=args.memory_bank_length)
-        return model.to(device=device, dtype=dtype).eval(), name
-    try:
-        model = MALMM.from_pretrained(args.model, lavis_checkpoint=args.malmm_checkpoint, device=device, dtype=dtype)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        raise UserError(str(exc)) from exc
-    if args.memory_bank_length is not None:  # the folder's other streaming settings (present_frame...) stay
+    else:
+        try:
+            model = MALMM.from_pretrained(args.model, lavis_checkpoint=args.malmm_checkpoint, device=device, dtype=dtype)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise UserError(str(exc)) from exc
+        name = args.model
+    if args.memory_bank_length is not None:  # the model's other streaming settings (present_frame...) stay
         model.config = replace(model.config, memory_bank_length=args.memory_bank_length)
-    return model.eval(), args.model
+    return model.eval(), name
 
 
 def builtin_model():
