@@ -694,15 +694,15 @@ class MALMM(nn.Module):
         for t in range(T):
             frame = pixels[:, t].to(device=self.device, dtype=self.dtype)
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
-                feats = self.vision_model(pixel_values=frame).last_hidden_state  # [B, N, C_vis]
+                feats = self.vision_model(pixel_values=frame).last_hidden_state  # [V, N, C_vis]
             feats = feats + self.frame_position.weight[self.frame_index(t)].to(feats.dtype)
-            if rows is not None:
-                feats = feats.index_select(0, rows)  # [B, N, C_vis]: each question's clip
+            # The visual bank depends on the clip only: it is kept once per clip ([V, ...]) and each
+            # question's row picks its clip's keys and values after they are projected once.
             if visual_memory is not None:
-                source, _ = visual_memory.exchange(feats, None)  # [B, (<=M+1)*N, C_vis]
+                source, _ = visual_memory.exchange(feats, None)  # [V, (<=M+1)*N, C_vis]
             else:
                 source = feats
-            context = VisualContext(states=self._with_present(source, feats)[0])
+            context = VisualContext(states=self._with_present(source, feats)[0], index=rows)
             if adhoc and t == T - 1:  # the question reads the default banks, which it does not write
                 past = None if memories is None else [ReadOnlyMemory(m.entries) for m in memories]
                 hidden = self.qformer(queries, ids, text_mask, context, past)
