@@ -45,6 +45,7 @@ NUMBERS = ("zero", "one", "two", "three")
 ANSWER_WORDS = (*COLOURS, *SHAPES, *NUMBERS)
 
 MIN_VIDEO_FRAMES, MAX_VIDEO_FRAMES = 40, 72  # random videos' lengths (frames, 8 fps)
+BUSY_FRAMES = 56  # the shortest busy video (`SyntheticVideoQA(busy=)`): shorter ones rarely fit every event
 TRUTH_SIZE = 64  # pixels of the masks behind the ground truth
 SEEN = 0.3  # a shape has appeared once this fraction of it is visible
 PRESENT = 0.5  # a shape is there "now" when this fraction is visible; below it and above 0 is ambiguous
@@ -503,6 +504,22 @@ class Video:
             out[mask.astype(bool)] = 1 + SHAPES.index(script.shape) * len(palette) + palette.index(script.colour_at(index))
         return out
 
+    def overlapping(self) -> np.ndarray:
+        """Boolean [frames]: some shape covers part of another there (their TRUTH_SIZE masks intersect)."""
+        out = np.zeros(self.frames, bool)
+        mask = np.zeros((TRUTH_SIZE, TRUTH_SIZE), np.uint8)
+        for f in range(self.frames):
+            drawn = [(s, c[f]) for s, c in zip(self.scenario.shapes, self.centres, strict=True) if not np.isnan(c[f, 0])]
+            if len(drawn) < 2:
+                continue
+            covered = np.zeros((TRUTH_SIZE, TRUTH_SIZE), np.int32)
+            for script, centre in drawn:
+                mask[:] = 0
+                _draw(mask, script.shape, centre, script.radius, 1, False)
+                covered += mask
+            out[f] = bool((covered > 1).any())
+        return out
+
     def _gone(self, s: int, end: int) -> bool:
         """Shape s has left for good by frame end-1 (it was scripted to leave and is no longer drawn)."""
         leave = self.scenario.shapes[s].leave
@@ -533,23 +550,43 @@ def simulate_video(scenario: Scenario) -> Video:
     return Video(scenario=scenario, centres=centres, visible=visible)
 
 
+def busy_scenario(scenario: Scenario) -> bool:
+    """Every kind of event in one video: three shapes, one of them leaves and one changes colour."""
+    shapes = scenario.shapes
+    return len(shapes) == 3 and any(s.leave is not None for s in shapes) and any(s.change is not None for s in shapes)
+
+
 def make_video(seed: int, frames: int | None = None) -> Video:
     """`simulate_video(random_scenario(seed, frames))`."""
     return simulate_video(random_scenario(seed, frames))
 
 
 def labelled_frames(
-    videos: int, seed: int, per_video: int = 8, sizes: Sequence[int] = (64, 128)
+    videos: int, seed: int, per_video: int = 8, sizes: Sequence[int] = (64, 128), overlap: float = 0.0
 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Single frames for pretraining a vision encoder: `per_video` random frames of each of `videos` random
     videos (video seeds `seed * 1_000_003 + v`, as the question datasets'), each rendered at a size drawn
     from `sizes`; their labels [N, len(SHAPES)] (`Video.shape_colours`: which colour each kind of shape
-    wears, 0 absent, -1 unknown) and their pixel maps [N, TRUTH_SIZE, TRUTH_SIZE] (`Video.shape_map`)."""
+    wears, 0 absent, -1 unknown) and their pixel maps [N, TRUTH_SIZE, TRUTH_SIZE] (`Video.shape_map`).
+
+    overlap: the share of frames drawn, where a video has any, among the frames in which one shape covers
+    part of another (`Video.overlapping`; about 8% of all frames). Drawn from its own generator, so
+    overlap=0 gives the same frames as before it existed."""
+    if not 0.0 <= overlap <= 1.0:
+        raise ValueError(f"overlap must be a probability, got {overlap}")
     rng = np.random.default_rng([seed, 11])
+    own = np.random.default_rng([seed, 19])
     frames, labels, maps = [], [], []
     for v in range(videos):
         video = make_video(seed * 1_000_003 + v)
-        for index in rng.integers(0, video.frames, per_video):
+        indices = rng.integers(0, video.frames, per_video)
+        if overlap > 0:
+            swap = own.random(per_video) < overlap
+            if swap.any():
+                covered = np.nonzero(video.overlapping())[0]
+                if len(covered):
+                    indices = np.where(swap, own.choice(covered, per_video), indices)
+        for index in indices:
             frames.append(video.render(int(index), int(rng.choice(sizes))))
             labels.append(video.shape_colours(int(index)))
             maps.append(video.shape_map(int(index)))
@@ -728,6 +765,10 @@ class SyntheticVideoQA(_SeededVideos):
     answers some question at that cut; of every type in `kinds` it answers, one question is asked.
     Questions about one clip share its frames, so a trainer encodes them once (`MALMM.clip_loss(clips=)`).
     `num_frames(i)` (T) is known without simulating, so a loader can batch equal clip lengths.
+
+    busy: the share of items whose video is redrawn until it is `busy_scenario` (three shapes, one
+    leaves, one changes colour: every event at once, about 4% of random videos) and at least BUSY_FRAMES
+    long. Drawn from its own generator, so busy=0 gives the same items as before it existed.
     """
 
     def __init__(
@@ -739,31 +780,42 @@ class SyntheticVideoQA(_SeededVideos):
         strides: tuple[int, int] = (6, 9),
         at_end: float = 0.7,
         kinds: Sequence[str] | None = None,
+        busy: float = 0.0,
     ) -> None:
         super().__init__(count, seed, size, kinds)
         if not 1 <= strides[0] <= strides[1] <= MAX_VIDEO_FRAMES // 2:
             raise ValueError(f"strides must be a range (lo, hi) within 1..{MAX_VIDEO_FRAMES // 2}, got {strides}")
         if not 0.0 <= at_end <= 1.0:
             raise ValueError(f"at_end must be a probability, got {at_end}")
-        self.strides, self.at_end = strides, at_end
+        if not 0.0 <= busy <= 1.0:
+            raise ValueError(f"busy must be a probability, got {busy}")
+        self.strides, self.at_end, self.busy = strides, at_end, busy
 
     def _draw(self, index: int):
-        """(rng, frames F, end, stride, T, size) for item index: cheap, no simulation."""
+        """(rng, frames F, end, stride, T, size, busy) for item index: cheap, no simulation."""
         rng = self._rng(index, 13)
         F = int(rng.integers(MIN_VIDEO_FRAMES, MAX_VIDEO_FRAMES + 1))
+        busy = False
+        if self.busy > 0:  # its own generator: the draws below stay those of busy=0
+            own = self._rng(index, 17)
+            busy = bool(own.random() < self.busy)
+            if busy:
+                F = int(own.integers(BUSY_FRAMES, MAX_VIDEO_FRAMES + 1))
         stride = int(rng.integers(self.strides[0], self.strides[1] + 1))
         end = F if rng.random() < self.at_end else int(rng.integers(min(MIN_END.values()), F + 1))
         T = len(sample_indices(end, "stride", stride=stride))
         size = self.sizes[int(rng.integers(0, len(self.sizes)))]
-        return rng, F, end, stride, T, size
+        return rng, F, end, stride, T, size, busy
 
     def num_frames(self, index: int) -> int:
         return self._draw(index)[4]
 
     def __getitem__(self, index: int) -> VideoSample:
-        rng, F, end, stride, _, size = self._draw(index)
-        for attempt in range(200):
+        rng, F, end, stride, _, size, busy = self._draw(index)
+        for attempt in range(5000 if busy else 200):
             video_seed = self.video_seed(index) + 7919 * attempt
+            if busy and not busy_scenario(random_scenario(video_seed, F)):
+                continue  # drawing a scenario is cheap; simulating it is not
             video = make_video(video_seed, frames=F)
             indices = sample_indices(end, "stride", stride=stride)
             by_kind: dict[str, list[tuple[str, str]]] = {}
@@ -783,7 +835,9 @@ class SyntheticVideoQA(_SeededVideos):
                 end,
                 tuple(indices),
             )
-        raise RuntimeError(f"no question of types {list(self.kinds)} for item {index} after 200 videos")
+        raise RuntimeError(
+            f"no question of types {list(self.kinds)} for {'busy ' * busy}item {index} after {attempt + 1} videos"
+        )
 
 
 # ---------------------------------------------------------------- the demo video

@@ -717,6 +717,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "do not apply")
     p.add_argument("--strides", default="6,9", help="LO,HI: strides drawn per clip with --videos")
     p.add_argument("--at-end", type=float, default=0.7, help="with --videos: share of clips cut at the video's end")
+    p.add_argument("--busy", type=float, default=0.0,
+                   help="with --videos: share of training clips from videos with every event at once (three shapes, "
+                        "one leaves, one changes colour; about 4%% of random videos); validation keeps the natural mix")
     p.add_argument("--kinds", help="comma-separated question types to train on (default: all)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1)
@@ -748,6 +751,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(which colour each kind of shape wears; skipped with --resume)")
     p.add_argument("--vision-videos", type=int, default=1500, help="videos of the pretraining frames (8 frames each)")
     p.add_argument("--vision-lr", type=float, default=2e-3)
+    p.add_argument("--vision-overlap", type=float, default=0.0,
+                   help="share of pretraining frames in which one shape covers part of another (about 8%% of all)")
     for name, default in asdict(ModelSizes()).items():
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
                        help=f"model size for --init scratch (default {default})")
@@ -793,7 +798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError:
             raise SystemExit(f"--strides takes LO,HI (two integers), got {args.strides!r}") from None
         clips = dict(strides=strides, at_end=args.at_end, kinds=kinds)
-        train_set = SyntheticVideoQA(args.train_size, args.seed, size=(64, 128), **clips)
+        train_set = SyntheticVideoQA(args.train_size, args.seed, size=(64, 128), busy=args.busy, **clips)
         val_set = SyntheticVideoQA(args.val_size, args.seed + 1, size=128, **clips)
     else:
         train_set, val_set = world_datasets(
@@ -822,7 +827,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         log(f"pretraining the vision encoder: {args.vision_videos} videos x 8 frames, {args.vision_steps} steps")
         summary["vision"] = pretrain_vision(
-            model, labelled_frames(args.vision_videos, args.seed + 2), labelled_frames(150, args.seed + 3),
+            model, labelled_frames(args.vision_videos, args.seed + 2, overlap=args.vision_overlap),
+            labelled_frames(150, args.seed + 3),
             steps=args.vision_steps, lr=args.vision_lr, seed=args.seed, log=log, log_every=args.log_every,
         )
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

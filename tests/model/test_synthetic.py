@@ -7,12 +7,14 @@ import pytest
 
 from mixmalmm.model.synthetic import (
     ANSWER_WORDS,
+    BUSY_FRAMES,
     COLOURS,
     NUMBERS,
     QUESTION_TYPES,
     SHAPES,
     SyntheticQA,
     SyntheticVideoQA,
+    busy_scenario,
     labelled_frames,
     make_demo_video,
     make_video,
@@ -154,6 +156,35 @@ def test_frame_labels_match_the_pixels():
     assert np.array_equal(labels, again[1])
 
 
+def test_overlapping_frames_and_pretraining_frames_drawn_among_them():
+    counted = {True: 0, False: 0}
+    for seed in range(20):
+        video = make_video(seed)
+        over = video.overlapping()
+        for f in range(video.frames):
+            drawn = [(s.radius, c[f]) for s, c in zip(video.scenario.shapes, video.centres, strict=True)
+                     if not np.isnan(c[f, 0])]
+            gaps = [np.linalg.norm(a[1] - b[1]) / (a[0] + b[0]) for i, a in enumerate(drawn) for b in drawn[:i]]
+            if all(g > 1.35 for g in gaps):  # beyond both circumradii (a square's is 1.27 r): apart
+                assert not over[f], (seed, f)
+            if any(g < 0.45 for g in gaps):  # inside both inner radii (a triangle's is r / 2): overlapping
+                assert over[f], (seed, f)
+            counted[bool(over[f])] += 1
+    assert counted[True] >= 30 and counted[False] >= 300
+    plain = labelled_frames(12, seed=4, per_video=4, sizes=(32,))
+    assert all(np.array_equal(a, b) for a, b in zip(plain[2], labelled_frames(12, 4, 4, (32,), overlap=0.0)[2]))
+    _, _, maps = labelled_frames(12, seed=4, per_video=4, sizes=(32,), overlap=1.0)
+    for v in range(12):  # every frame of a video with overlaps is one of them (their maps tell which)
+        video = make_video(4 * 1_000_003 + v)
+        covered = np.nonzero(video.overlapping())[0]
+        candidates = [video.shape_map(int(f)) for f in (covered if len(covered) else range(video.frames))]
+        for m in maps[4 * v : 4 * v + 4]:
+            assert any(np.array_equal(m, c) for c in candidates), (v, len(covered))
+    assert sum(len(np.nonzero(make_video(4 * 1_000_003 + v).overlapping())[0]) > 0 for v in range(12)) >= 3
+    with pytest.raises(ValueError, match="overlap must be a probability"):
+        labelled_frames(1, seed=0, overlap=-0.1)
+
+
 def test_memory_answers_match_the_pixels_of_past_frames():
     checked = 0
     for seed in range(40):
@@ -258,3 +289,26 @@ def test_video_samples_ask_one_question_of_every_type_the_cut_answers():
     assert all(set(only[i].kinds) <= {"count_now", "first_shape"} for i in range(6))
     with pytest.raises(ValueError, match="strides"):
         SyntheticVideoQA(3, seed=0, strides=(0, 4))
+
+
+def test_busy_share_of_video_samples_has_every_event_and_leaves_the_others_as_they_were():
+    plain = SyntheticVideoQA(60, seed=4, size=32)
+    busy = SyntheticVideoQA(60, seed=4, size=32, busy=0.5)
+    scenarios = [make_video(busy[i].seed, busy[i].length).scenario for i in range(60)]
+    is_busy = [busy_scenario(sc) for sc in scenarios]
+    assert 18 <= sum(is_busy) <= 42  # half of 60, and busy videos are 4% of random ones
+    for i in range(60):
+        b = busy[i]
+        assert len(b.frames) == busy.num_frames(i) == len(b.indices)
+        if is_busy[i]:
+            assert b.length >= BUSY_FRAMES
+            assert {len(scenarios[i].shapes)} == {3}
+            assert any(s.leave is not None for s in scenarios[i].shapes)
+            assert any(s.change is not None for s in scenarios[i].shapes)
+        else:  # drawn as with busy=0: the same clip, questions and answers
+            p = plain[i]
+            assert (b.seed, b.end, b.questions, b.answers) == (p.seed, p.end, p.questions, p.answers)
+            np.testing.assert_array_equal(b.frames, p.frames)
+    assert sum(busy_scenario(make_video(plain[i].seed, plain[i].length).scenario) for i in range(60)) <= 10
+    with pytest.raises(ValueError, match="busy must be a probability"):
+        SyntheticVideoQA(3, seed=0, busy=1.5)

@@ -1,5 +1,7 @@
 """The training loop: the clip pass it trains equals streaming, the loss falls, resume continues identically."""
 
+import json
+
 import pytest
 import torch
 
@@ -169,6 +171,25 @@ def test_command_line_trains_and_saves_a_loadable_model(tmp_path):
     assert "validation exact match" in (out / "train_log.txt").read_text()
     with pytest.raises(SystemExit):
         main(["--out", str(out), "--memory-gradients", "some"])
+
+
+def test_command_line_pretrains_vision_then_trains_on_busy_whole_videos(tmp_path):
+    from mixmalmm.model import MALMM
+
+    out = tmp_path / "videos"
+    args = ["--out", str(out), "--train-llm", "--videos", "--busy", "0.5", "--strides", "8,8",
+            "--train-size", "6", "--val-size", "3", "--epochs", "1", "--batch-size", "3",
+            "--memory-bank-length", "2", "--log-every", "1", "--vision-steps", "2", "--vision-videos", "2"]
+    for name, value in vars(TINY).items():
+        args += ["--" + name.replace("_", "-"), str(value)]
+    assert main(args) == 0
+    log = (out / "train_log.txt").read_text()
+    assert "vision validation" in log and "validation exact match" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["vision"]) >= {"all", "named"}
+    assert MALMM.from_pretrained(out / "model").config.memory_bank_length == 2
+    with pytest.raises(ValueError, match="busy must be a probability"):
+        main(args[:2] + ["--videos", "--busy", "2", "--train-size", "2", "--val-size", "1"])
 
 
 def test_questions_sharing_a_clip_equal_the_clip_repeated_and_train_together(tmp_path):
