@@ -18,7 +18,9 @@ question the video answers at its end is asked. Conditions (columns):
 - uniform (ActionShot's count): MA-LMM's uniform sampling of the whole video, the same count of frames.
 
 Prints a markdown table of exact-match accuracy per question type (present / memory), with the chance
-level of always giving a type's most common answer.
+level of always giving a type's most common answer; then a second table on `--busy-videos` held-out
+busy videos (`synthetic.busy_scenario`: three shapes, one leaves, one changes colour, as in the demo;
+about 4% of random videos), with the stride columns only.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ from mixmalmm.model.synthetic import (  # noqa: E402
     DEMO_FPS,
     MAX_VIDEO_FRAMES,
     QUESTION_TYPES,
+    busy_scenario,
     demo_video,
     make_video,
+    random_scenario,
     sample_indices,
 )
 from mixmalmm.model.train import normalise_answer  # noqa: E402
@@ -49,7 +53,8 @@ from mixmalmm.streamer.actionshot import ActionShot, PassThrough, uniform_indice
 from mixmalmm.streamer.frames import Frame, Shot  # noqa: E402
 from mixmalmm.streamer.preprocess import preprocess  # noqa: E402
 
-HELD_OUT_SEED = 900_000_000  # training uses seeds below 10^7 (seed * 1_000_003 + index)
+HELD_OUT_SEED = 900_000_000  # training uses seeds below 10^8 (seed * 1_000_003 + index + 7919 * redraws)
+BUSY_SEED = 950_000_000  # busy held-out videos: the first busy scenarios from here on
 
 
 def frames_of(video, size: int) -> list[Frame]:
@@ -92,6 +97,7 @@ def run_stream(model: MALMM, shots: list[Shot], questions: list[str], adhoc_too:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", type=int, default=60)
+    p.add_argument("--busy-videos", type=int, default=30, help="held-out busy videos for the second table (0: none)")
     p.add_argument("--size", type=int, default=128, help="render size in pixels")
     p.add_argument("--step", type=int, default=8, help="stride: every step-th frame (as the demo: DEMO_STEP)")
     p.add_argument("--actionshot-step", type=int, default=4, help="ActionShot: sample every step-th frame")
@@ -159,6 +165,29 @@ def main() -> None:
                 correct[c][kind] += normalise_answer(text) == a
 
     seconds = time.time() - t0
+    busy_columns = {c: columns[c] for c in ("stride_standing", "stride_adhoc", "stride_nomem")}
+    busy_correct: dict[str, Counter] = {c: Counter() for c in busy_columns}
+    busy_asked: Counter = Counter()
+    busy_majority: dict[str, Counter] = defaultdict(Counter)
+    seed, found = BUSY_SEED, 0
+    while found < args.busy_videos:
+        seed += 1
+        if not busy_scenario(random_scenario(seed, MAX_VIDEO_FRAMES)):
+            continue
+        found += 1
+        video = make_video(seed, frames=MAX_VIDEO_FRAMES)
+        qa = video.questions()
+        questions = [q for q, _, _ in qa]
+        with torch.inference_mode():
+            stride = shots_for("stride", frames_of(video, args.size), args)
+            with_memory = run_stream(model, stride, questions, adhoc_too=True)
+            without = run_stream(no_memory, stride, questions)
+        for q, a, kind in qa:
+            busy_asked[kind] += 1
+            busy_majority[kind][a] += 1
+            for c, text in (("stride_standing", with_memory[q][0]), ("stride_adhoc", with_memory[q][1]),
+                            ("stride_nomem", without[q][0])):
+                busy_correct[c][kind] += normalise_answer(text) == a
     demo = demo_video()
     demo_frames = frames_of(demo, args.size)
     demo_q = demo.questions()
@@ -167,15 +196,28 @@ def main() -> None:
     demo_ok = sum(normalise_answer(demo_out[q][0]) == a for q, a, _ in demo_q)
     demo_adhoc = sum(normalise_answer(demo_out[q][1]) == a for q, a, _ in demo_q)
 
+    print(f"Default model (M={M}) on {args.videos} held-out videos of {MAX_VIDEO_FRAMES} frames at {args.size} px; "
+          f"exact-match accuracy, %. Shots per video (mean): "
+          + ", ".join(f"{k} {np.mean(v):.1f}" for k, v in shot_counts.items())
+          + f". ActionShot: step {args.actionshot_step}, threshold {args.threshold}, max {args.max_frames} frames.\n")
+    print_table(columns, correct, asked, answers_by_type)
+    if args.busy_videos:
+        print(f"\nThe same model on {args.busy_videos} held-out busy videos (three shapes, one leaves, one changes "
+              "colour; the demo's kind):\n")
+        print_table(busy_columns, busy_correct, busy_asked, busy_majority)
+    print(f"\nDemo video (stride {args.step}): {demo_ok}/{len(demo_q)} standing, {demo_adhoc}/{len(demo_q)} ad hoc. "
+          f"{seconds:.0f} s for the held-out set.")
+
+
+def print_table(columns: dict[str, str], correct: dict[str, Counter], asked: Counter,
+                answers_by_type: dict[str, Counter]) -> None:
+    """Markdown rows per question type and per present / memory / all, with the majority answer's rate."""
+
     def pct(c: Counter, kinds) -> str:
         n = sum(asked[k] for k in kinds)
         return f"{100 * sum(c[k] for k in kinds) / n:.1f}" if n else "-"
 
     header = ["question type", "memory?", "asked", "majority"] + list(columns.values())
-    print(f"Default model (M={M}) on {args.videos} held-out videos of {MAX_VIDEO_FRAMES} frames at {args.size} px; "
-          f"exact-match accuracy, %. Shots per video (mean): "
-          + ", ".join(f"{k} {np.mean(v):.1f}" for k, v in shot_counts.items())
-          + f". ActionShot: step {args.actionshot_step}, threshold {args.threshold}, max {args.max_frames} frames.\n")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for kind, qt in QUESTION_TYPES.items():
@@ -194,8 +236,6 @@ def main() -> None:
         row = [f"**{label}**", "", str(sum(asked[k] for k in kinds)), pct(majority, kinds)]
         row += [pct(correct[c], kinds) for c in columns]
         print("| " + " | ".join(row) + " |")
-    print(f"\nDemo video (stride {args.step}): {demo_ok}/{len(demo_q)} standing, {demo_adhoc}/{len(demo_q)} ad hoc. "
-          f"{seconds:.0f} s for the held-out set.")
 
 
 if __name__ == "__main__":
