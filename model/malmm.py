@@ -657,7 +657,7 @@ class MALMM(nn.Module):
 
         pixels: [V, T, 3, H, W]; questions: B strings (formatted with the prompt template); clips: the
         clip each question is about (B indices into V; default: question b about clip b, V = B) —
-        several questions about one clip share its vision encoder pass.
+        several questions about one clip share its vision encoder pass and its visual bank.
         Returns the last step's query outputs [B, Q, C_q]. Gradients flow into the Q-Former, query
         tokens and frame position table (the vision encoder runs without gradients when frozen).
 

@@ -752,7 +752,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vision-videos", type=int, default=1500, help="videos of the pretraining frames (8 frames each)")
     p.add_argument("--vision-lr", type=float, default=2e-3)
     p.add_argument("--vision-overlap", type=float, default=0.0,
-                   help="share of pretraining frames in which one shape covers part of another (about 8%% of all)")
+                   help="share of pretraining frames in which one shape covers part of another (6-8%% of all)")
     for name, default in asdict(ModelSizes()).items():
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
                        help=f"model size for --init scratch (default {default})")
