@@ -47,6 +47,7 @@ from mixmalmm.model.synthetic import (  # noqa: E402
     make_video,
     random_scenario,
     sample_indices,
+    simulate_video,
 )
 from mixmalmm.model.train import normalise_answer  # noqa: E402
 from mixmalmm.streamer.actionshot import ActionShot, PassThrough, uniform_indices  # noqa: E402
@@ -172,10 +173,11 @@ def main() -> None:
     seed, found = BUSY_SEED, 0
     while found < args.busy_videos:
         seed += 1
-        if not busy_scenario(random_scenario(seed, MAX_VIDEO_FRAMES)):
+        scenario = random_scenario(seed, MAX_VIDEO_FRAMES)
+        if not busy_scenario(scenario):
             continue
         found += 1
-        video = make_video(seed, frames=MAX_VIDEO_FRAMES)
+        video = simulate_video(scenario)
         qa = video.questions()
         questions = [q for q, _, _ in qa]
         with torch.inference_mode():

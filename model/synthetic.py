@@ -495,29 +495,17 @@ class Video:
         colour (indices in SHAPES and COLOURS) of the shape drawn on top there. int64 [TRUTH_SIZE, TRUTH_SIZE]."""
         out = np.zeros((TRUTH_SIZE, TRUTH_SIZE), np.int64)
         palette = list(COLOURS)
-        mask = np.zeros((TRUTH_SIZE, TRUTH_SIZE), np.uint8)
-        for script, centres in zip(self.scenario.shapes, self.centres, strict=True):  # later ones on top
-            if np.isnan(centres[index, 0]):
-                continue
-            mask[:] = 0
-            _draw(mask, script.shape, centres[index], script.radius, 1, False)
-            out[mask.astype(bool)] = 1 + SHAPES.index(script.shape) * len(palette) + palette.index(script.colour_at(index))
+        for script, mask in zip(self.scenario.shapes, truth_masks(self.scenario, self.centres, index), strict=True):
+            if mask is not None:  # later ones on top
+                out[mask] = 1 + SHAPES.index(script.shape) * len(palette) + palette.index(script.colour_at(index))
         return out
 
     def overlapping(self) -> np.ndarray:
         """Boolean [frames]: some shape covers part of another there (their TRUTH_SIZE masks intersect)."""
         out = np.zeros(self.frames, bool)
-        mask = np.zeros((TRUTH_SIZE, TRUTH_SIZE), np.uint8)
         for f in range(self.frames):
-            drawn = [(s, c[f]) for s, c in zip(self.scenario.shapes, self.centres, strict=True) if not np.isnan(c[f, 0])]
-            if len(drawn) < 2:
-                continue
-            covered = np.zeros((TRUTH_SIZE, TRUTH_SIZE), np.int32)
-            for script, centre in drawn:
-                mask[:] = 0
-                _draw(mask, script.shape, centre, script.radius, 1, False)
-                covered += mask
-            out[f] = bool((covered > 1).any())
+            drawn = [m for m in truth_masks(self.scenario, self.centres, f) if m is not None]
+            out[f] = len(drawn) > 1 and bool((np.sum(drawn, axis=0) > 1).any())
         return out
 
     def _gone(self, s: int, end: int) -> bool:
@@ -537,17 +525,27 @@ def simulate_video(scenario: Scenario) -> Video:
         full.append(max(1, int(m.sum())))
     visible = np.zeros((len(scenario.shapes), F))
     for f in range(F):
-        masks = []
-        for script, c in zip(scenario.shapes, centres, strict=True):
-            m = np.zeros((size, size), np.uint8)
-            if not np.isnan(c[f, 0]):
-                _draw(m, script.shape, c[f], script.radius, 1, False)
-            masks.append(m.astype(bool))
+        masks = truth_masks(scenario, centres, f)
         above = np.zeros((size, size), bool)
         for s in range(len(masks) - 1, -1, -1):  # later shapes are drawn on top
-            visible[s, f] = (masks[s] & ~above).sum() / full[s]
-            above |= masks[s]
+            if masks[s] is not None:
+                visible[s, f] = (masks[s] & ~above).sum() / full[s]
+                above |= masks[s]
     return Video(scenario=scenario, centres=centres, visible=visible)
+
+
+def truth_masks(scenario: Scenario, centres: list[np.ndarray], index: int) -> list[np.ndarray | None]:
+    """Each shape's pixels at frame `index` on the TRUTH_SIZE grid (bool), None where it is not drawn: what
+    visibility, pixel maps and overlaps are measured on."""
+    out: list[np.ndarray | None] = []
+    for script, c in zip(scenario.shapes, centres, strict=True):
+        if np.isnan(c[index, 0]):
+            out.append(None)
+            continue
+        mask = np.zeros((TRUTH_SIZE, TRUTH_SIZE), np.uint8)
+        _draw(mask, script.shape, c[index], script.radius, 1, False)
+        out.append(mask.astype(bool))
+    return out
 
 
 def busy_scenario(scenario: Scenario) -> bool:
@@ -814,9 +812,10 @@ class SyntheticVideoQA(_SeededVideos):
         rng, F, end, stride, _, size, busy = self._draw(index)
         for attempt in range(5000 if busy else 200):
             video_seed = self.video_seed(index) + 7919 * attempt
-            if busy and not busy_scenario(random_scenario(video_seed, F)):
+            scenario = random_scenario(video_seed, F)
+            if busy and not busy_scenario(scenario):
                 continue  # drawing a scenario is cheap; simulating it is not
-            video = make_video(video_seed, frames=F)
+            video = simulate_video(scenario)  # = make_video(video_seed, F)
             indices = sample_indices(end, "stride", stride=stride)
             by_kind: dict[str, list[tuple[str, str]]] = {}
             for question, answer, kind in video.questions(end, indices):
