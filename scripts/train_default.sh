@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Trains the embedded default model from scratch on the synthetic video world and installs it as
-# model/assets/default (CPU, 2 threads; about 58 minutes on a 2-core machine). Deterministic for a seed.
+# model/assets/default (CPU, 2 threads; 46-58 minutes on a 2-core machine). Deterministic for a seed on one
+# machine: run after run it trains the same weights. Another machine (or other builds of the libraries) trains a
+# different model from the first stage on, and so far a weaker one: see model/assets/default/README.md.
 #   stage 0: the vision encoder alone, on single frames labelled with the colour each kind of shape wears
 #            (30% of them frames where one shape covers part of another)
 #   stage 1: single newest frames, questions about the present (vision encoder frozen from here on)
