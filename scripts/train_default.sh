@@ -8,8 +8,9 @@
 #   stage 1: single newest frames, questions about the present (vision encoder frozen from here on)
 #   stage 2: whole clips (every 6th-9th frame) with one question of every type each clip answers, memory on;
 #            30% of them from busy videos (every event at once), which are 4% of random ones
-#   stage 3: stage 2 continued on 8,000 fresh clips (another seed) at a lower peak learning rate; it lifts
-#            "what colour was it before it changed" where the earlier colour is in full view in 0-1 frames
+#   stage 3: stage 2 continued on 8,000 fresh clips (another seed) at a lower peak learning rate; in the run
+#            that trained the shipped weights it lifted "what colour was it before it changed" where the
+#            earlier colour is in full view in 0-1 frames
 # Usage: bash scripts/train_default.sh [RUN_DIR]   (default: runs/default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
