@@ -443,6 +443,9 @@ class Gap:
         return self.received - self.expected
 
 
+_POLL_SLICE_MS = 200  # longest a blocking receive waits before Python looks at signals again
+
+
 class Subscriber:
     """Receives engine events (``protocol.StreamStateEvent``, ``protocol.AnswerEvent``).
 
@@ -489,15 +492,14 @@ class Subscriber:
             raise ClientClosed("the subscriber is closed")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            if deadline is None:
-                wait_ms = -1
-            else:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                wait_ms = max(1, int(left * 1000))
-            if not self._sock.poll(wait_ms, zmq.POLLIN):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 return None
+            # Waits in slices: a Ctrl-C that lands just before zmq_poll blocks (or in another thread) does not
+            # interrupt it, and Python raises KeyboardInterrupt only once the poll returns.
+            wait_ms = _POLL_SLICE_MS if left is None else max(1, min(_POLL_SLICE_MS, int(left * 1000)))
+            if not self._sock.poll(wait_ms, zmq.POLLIN):
+                continue
             event = self._accept(self._sock.recv_multipart())
             if event is not None:
                 return event
