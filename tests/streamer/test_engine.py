@@ -66,12 +66,13 @@ def stream_status(client, sid) -> P.StreamStatus:
 
 def test_questions_while_a_file_and_an_rtsp_stream_flow(running, media, rtsp_server):
     engine, server, client = running
-    info = client.add_stream("file", str(media.h264), pace="realtime", actionshot=EVERY_FRAME)
-    assert info.mode == "replay"
     info = client.add_stream("cam", rtsp_server.url, actionshot=EVERY_FRAME)
     assert info.mode == "live"
     client.add_question("cam", "what", "what is happening?", period_s=0.3)
     wait_for(lambda: stream_status(client, "cam").shots > 0, 60, "camera Shots")
+    # The 6 s file starts once the camera flows: a slow camera start must not let it play past the asks below.
+    info = client.add_stream("file", str(media.h264), pace="realtime", actionshot=EVERY_FRAME)
+    assert info.mode == "replay"
     with Subscriber(server.event_address, ["cam"]) as sub:
         ends = []
         for _ in range(3):  # three moments while both streams play
