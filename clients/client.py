@@ -244,6 +244,23 @@ def _open_dealer(context: zmq.Context, endpoint: str, curve: ClientCurve | None)
     return sock
 
 
+_POLL_SLICE_MS = 200  # longest a blocking receive waits before Python looks at signals again
+
+
+def _wait_readable(sock: zmq.Socket, deadline: float | None) -> bool:
+    """Whether a message arrives on sock before deadline (``time.monotonic()``; None: no end).
+
+    Polls in slices: a Ctrl-C that lands just before zmq_poll blocks (or in another thread) does not
+    interrupt it, and Python raises KeyboardInterrupt only once the poll returns.
+    """
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return False
+        if sock.poll(_POLL_SLICE_MS if left is None else max(1, min(_POLL_SLICE_MS, int(left * 1000))), zmq.POLLIN):
+            return True
+
+
 def _parse_reply(frames: list[bytes], request: AnyRequest) -> tuple[bool, Any]:
     """(matched, result) for one received message; matched is False for a stale reply."""
     if len(frames) != 2 or frames[0] != b"":
@@ -317,9 +334,7 @@ class Client(_Requests):
                 assert self._sock is not None
                 self._sock.send_multipart([b"", body])
                 deadline = time.monotonic() + timeout_s
-                while (left := deadline - time.monotonic()) > 0:
-                    if not self._sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
-                        break
+                while _wait_readable(self._sock, deadline):
                     matched, result = _parse_reply(self._sock.recv_multipart(), request)
                     if matched:
                         return result
@@ -443,9 +458,6 @@ class Gap:
         return self.received - self.expected
 
 
-_POLL_SLICE_MS = 200  # longest a blocking receive waits before Python looks at signals again
-
-
 class Subscriber:
     """Receives engine events (``protocol.StreamStateEvent``, ``protocol.AnswerEvent``).
 
@@ -491,18 +503,11 @@ class Subscriber:
         if self._sock is None:
             raise ClientClosed("the subscriber is closed")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return None
-            # Waits in slices: a Ctrl-C that lands just before zmq_poll blocks (or in another thread) does not
-            # interrupt it, and Python raises KeyboardInterrupt only once the poll returns.
-            wait_ms = _POLL_SLICE_MS if left is None else max(1, min(_POLL_SLICE_MS, int(left * 1000)))
-            if not self._sock.poll(wait_ms, zmq.POLLIN):
-                continue
+        while _wait_readable(self._sock, deadline):
             event = self._accept(self._sock.recv_multipart())
             if event is not None:
                 return event
+        return None
 
     def _accept(self, frames: list[bytes]) -> AnyEvent | None:
         if len(frames) != 2:
