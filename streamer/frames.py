@@ -52,3 +52,42 @@ class Shot:
     def of_frame(cls, frame: Frame) -> Shot:
         """A Shot holding exactly one frame."""
         return cls(frame.rgb, frame.pts, frame.pts, 1, frame.index, frame.index, frame.wall_time)
+
+
+class FrameSampler:
+    """Which frames of a stream are sampled: every `step`-th frame, then at most `fps` per second of pts.
+
+    `keep(pts)` is called once per frame, in order. With `fps`, frames are kept on the grid
+    first_pts + k / fps (the first frame at or after each tick); a stream that jumps ahead by more than
+    a period starts a new grid at the jump, so a gap never releases a burst of frames. (8 fps input,
+    fps 1) keeps frames 0, 8, 16, ...; (30 fps, fps 10) keeps every third frame.
+    """
+
+    def __init__(self, step: int = 1, fps: float | None = None):
+        if int(step) != step or step < 1:
+            raise ValueError(f"the sampling step (stride: every N-th frame) must be a positive integer, got {step!r}")
+        if fps is not None and not fps > 0:  # also rejects NaN
+            raise ValueError(f"the sample rate must be > 0 frames per second, got {fps!r}")
+        self.step = int(step)
+        self.fps = None if fps is None else float(fps)
+        self._seen = 0
+        self._next: float | None = None
+
+    def keep(self, pts: float) -> bool:
+        self._seen += 1
+        if (self._seen - 1) % self.step:
+            return False
+        if self.fps is None:
+            return True
+        period = 1.0 / self.fps
+        if self._next is not None and pts < self._next - 1e-3 * period:
+            return False
+        # Stay on the grid start + k*period unless the stream jumped ahead by more than a period.
+        base = self._next if self._next is not None and pts < self._next + period else pts
+        self._next = base + period
+        return True
+
+    def reset(self) -> None:
+        """Start afresh: the next frame is sampled."""
+        self._seen = 0
+        self._next = None

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from mixmalmm.streamer.frames import Frame
+from mixmalmm.streamer.frames import Frame, FrameSampler
 from mixmalmm.streamer.synthetic import synthetic_rgb
 
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https")
@@ -195,34 +195,6 @@ class _Clock:
         return out
 
 
-class _Selector:
-    """Keeps every `stride`-th frame, then at most `target_fps` frames per second of pts."""
-
-    def __init__(self, stride: int, target_fps: float | None):
-        if int(stride) != stride or stride < 1:
-            raise ValueError(f"stride must be a positive integer, got {stride!r}")
-        if target_fps is not None and not target_fps > 0:
-            raise ValueError(f"target_fps must be > 0, got {target_fps!r}")
-        self.stride = int(stride)
-        self.target_fps = target_fps
-        self._seen = 0
-        self._next: float | None = None
-
-    def keep(self, pts: float) -> bool:
-        self._seen += 1
-        if (self._seen - 1) % self.stride:
-            return False
-        if self.target_fps is None:
-            return True
-        period = 1.0 / self.target_fps
-        if self._next is not None and pts < self._next - 1e-3 * period:
-            return False
-        # Stay on the grid start + k*period unless the stream jumped ahead by more than a period.
-        base = self._next if self._next is not None and pts < self._next + period else pts
-        self._next = base + period
-        return True
-
-
 class Source:
     """Base of all sources: an iterable of `Frame` with a state machine and counters.
 
@@ -249,7 +221,7 @@ class Source:
         drop_oldest: bool | None = None,
     ):
         self.uri = uri
-        self._selector = _Selector(stride, target_fps)
+        self._selector = FrameSampler(stride, target_fps)
         self._realtime = realtime
         self._queue_size = int(queue_size)
         if self._queue_size < 0:
@@ -278,9 +250,9 @@ class Source:
         """Rate of the frames this source yields, frames per second (None until known)."""
         if self._nominal_fps is None:
             return None
-        rate = self._nominal_fps / self._selector.stride
-        if self._selector.target_fps is not None:
-            rate = min(rate, self._selector.target_fps)
+        rate = self._nominal_fps / self._selector.step
+        if self._selector.fps is not None:
+            rate = min(rate, self._selector.fps)
         return rate
 
     @property

@@ -136,7 +136,7 @@ def test_bad_input_gets_a_clear_error(media, tmp_path):
             open_source(uri)
     with pytest.raises(SourceError, match="bad camera in 'webcam:front'"):
         open_source("webcam:front")
-    with pytest.raises(ValueError, match="stride must be a positive integer"):
+    with pytest.raises(ValueError, match="must be a positive integer"):
         open_source(media.h264, stride=0)
     with pytest.raises(ValueError, match="end .* is before start"):
         open_source(media.h264, start=3.0, end=1.0)
