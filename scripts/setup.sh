@@ -31,4 +31,8 @@ if [ "$want_test" = 1 ]; then
 else
     $py -m pip install -q -e .
 fi
+if [ "$want_test" = 1 ]; then
+    # Real recordings for the tests and benchmarks that use real footage (never committed).
+    bash scripts/fetch_footage.sh || echo "setup: could not fetch the real footage; the tests that need it are skipped"
+fi
 echo "setup: ready ($($py -c 'import torch; print("torch", torch.__version__)'))"

@@ -18,7 +18,7 @@ def synthetic_rgb(index: int, width: int, height: int, scene_length: int = 50) -
     """Frame `index` of the synthetic video: [height, width, 3] uint8 RGB.
 
     Within a scene consecutive frames differ by a few grey levels on average; across a scene cut the
-    mean absolute difference is about 150 (above ActionShot's default threshold of 127.5).
+    mean absolute difference is about 150 and every part of the picture changes (an ActionShot cut).
     """
     if width < 8 or height < 8:
         raise ValueError(f"synthetic frames need at least 8x8 pixels, got {width}x{height}")

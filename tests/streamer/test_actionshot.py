@@ -1,4 +1,5 @@
-"""ActionShot: hand-computed cases, the wrap-around fix, online equals offline, pass-through, uniform."""
+"""ActionShot: hand-computed cases, the cut rule's units, the wrap-around fix, online equals offline,
+sampling by time, pass-through, uniform."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixmalmm.streamer.actionshot import (
+    CUT_GRID,
+    CUT_LEVEL,
     ActionShot,
     PassThrough,
-    max_frames_for,
+    changed_share,
     mean_abs_diff,
     offline_action_shots,
     uniform_indices,
@@ -45,7 +48,7 @@ def test_scene_cut_emits_the_composite_with_its_span():
     a, b, cut = frames_of([10, 21, 200])
     acc = ActionShot()
     assert acc.push(a) is None and acc.push(b) is None and acc.pending == 2
-    shot = acc.push(cut)  # |200 - 16| = 184 > 127.5
+    shot = acc.push(cut)  # every block moved by 179 levels > CUT_LEVEL: the whole picture changed
     # cv2.addWeighted: 0.5*10 + 0.5*21 = 15.5, rounded to even -> 16
     np.testing.assert_array_equal(shot.image, flat(16))
     assert (shot.start, shot.end, shot.count) == (0.0, 0.1, 2)
@@ -59,19 +62,60 @@ def test_scene_cut_emits_the_composite_with_its_span():
 def test_slow_motion_blends_and_the_two_blends_differ():
     values = list(range(10))  # brightness rises by one level per frame
     # Exponential: c = rint_even((c + f) / 2): 0, 0, 1, 2, 3, 4, 5, 6, 7, 8; each difference is <= 2.
-    assert summary(run(frames_of(values), threshold=3)) == [(8, 10, 0, 9)]
+    assert summary(run(frames_of(values), threshold=3)) == [(8, 10, 0, 9)]  # (MixMA-LMM's rule, made exact)
     # Mean: frame k against the mean of 0..k-1 differs by (k + 1) / 2; 3.5 > 3 at k = 6: a cut.
     # Means: 0..5 -> 2.5 -> 3 (half up); 6..9 -> 7.5 -> 8.
     assert summary(run(frames_of(values), threshold=3, blend="mean")) == [(3, 6, 0, 5), (8, 4, 6, 9)]
 
 
-def test_frame_limit():
+def test_frame_and_time_limits():
     shots = run(frames_of([50] * 7), max_frames=3)
     assert [s.count for s in shots] == [3, 3, 1]
     assert [(s.start, s.end) for s in shots] == [(0.0, 0.2), (0.3, 0.5), (0.6, 0.6)]
-    assert max_frames_for(24, 5.0) == 120  # MixMA-LMM's default: 24 fps x 5 s
-    assert max_frames_for(30, 2.0, step=3) == 20  # a composite spans at most 2 s of input
-    assert ActionShot.for_rate(10, max_seconds=0.3).max_frames == 3
+    # Seconds of stream time, whatever the rate: a composite spans less than max_seconds.
+    assert [s.count for s in run(frames_of([50] * 7), max_seconds=0.3)] == [3, 3, 1]
+    assert [s.count for s in run(frames_of([50] * 13, fps=20.0), max_seconds=0.3)] == [6, 6, 1]
+    assert [s.count for s in run(frames_of([50] * 240, fps=24.0))] == [120, 120]  # MixMA-LMM's 5 s at 24 fps
+
+
+def test_the_cut_rule_counts_the_share_of_the_picture_that_changed():
+    w, h = CUT_GRID
+    before = np.full((2 * h, 2 * w, 3), 100, np.int16)
+    after = before.copy()
+    after[: h, :, 0] += CUT_LEVEL + 1  # the top half moves by one level more than CUT_LEVEL in red
+    assert changed_share(before[::2, ::2], after[::2, ::2]) == 0.5
+    after[: h, :, 0] = 100 + CUT_LEVEL  # exactly CUT_LEVEL: unchanged
+    assert changed_share(before[::2, ::2], after[::2, ::2]) == 0.0
+    # Through the accumulator: 40 % of the picture repainted is no cut at the default 0.45, 50 % is.
+    base = np.full((48, 64, 3), 90, np.uint8)
+    part = base.copy()
+    part[: int(0.4 * 48)] = 200
+    half = base.copy()
+    half[:24] = 200
+    assert [s.count for s in run(frames_of([base, part]))] == [2]
+    assert [s.count for s in run(frames_of([base, half]))] == [1, 1]
+    assert [s.count for s in run(frames_of([base, part]), cut=0.3)] == [1, 1]
+    assert [s.count for s in run(frames_of([base, half]), cut=None)] == [2]
+
+
+def test_the_cut_rule_compares_consecutive_sampled_frames():
+    # A slow drift (4 levels a frame) never cuts, however far it goes from where the composite began;
+    # MixMA-LMM's rule compares with the composite: a mean composite lags, and the rule cuts.
+    drift = frames_of([4 * k for k in range(40)])
+    for blend in ("exponential", "mean"):
+        assert [s.count for s in run(drift, max_seconds=None, blend=blend)] == [40]
+    assert len(run(drift, max_seconds=None, threshold=30, blend="mean")) > 1
+
+
+def test_sample_fps_keeps_frames_by_stream_time():
+    frames = frames_of(list(range(30)), fps=30.0)
+    shots = list(PassThrough(sample_fps=10).feed(frames))
+    assert [s.first_index for s in shots] == list(range(0, 30, 3))
+    shots = run(frames, sample_fps=10, cut=None)
+    assert [(s.count, s.first_index, s.last_index) for s in shots] == [(10, 0, 27)]
+    # a gap in the stream starts a new grid instead of releasing a burst of frames
+    gappy = [Frame(flat(0), t, i, 0.0) for i, t in enumerate([0.0, 0.1, 0.2, 5.0, 5.05, 5.1, 5.2])]
+    assert [s.first_index for s in PassThrough(sample_fps=10).feed(gappy)] == [0, 1, 2, 3, 5, 6]
 
 
 def test_difference_does_not_wrap_around():
@@ -80,11 +124,11 @@ def test_difference_does_not_wrap_around():
     assert np.abs(frame - composite).mean() == 246
     assert mean_abs_diff(frame, composite) == 10.0
     for blend in ("exponential", "mean"):
-        assert summary(run(frames_of([20, 10]), blend=blend)) == [(15, 2, 0, 1)]
+        assert summary(run(frames_of([20, 10]), blend=blend, threshold=127.5)) == [(15, 2, 0, 1)]
 
 
 def test_step_samples_every_nth_frame():
-    shots = run(frames_of([10, 250, 30, 250, 50, 250]), step=2)  # the 250s are never looked at
+    shots = run(frames_of([10, 250, 30, 250, 50, 250]), step=2, cut=None)  # the 250s are never looked at
     assert summary(shots) == [(35, 3, 0, 4)]  # rint_even((rint_even(20) + 50) / 2) = 35
     assert (shots[0].start, shots[0].end) == (0.0, 0.4)
 
@@ -102,11 +146,20 @@ def test_online_keeps_no_reference_to_its_input():
     assert acc.flush().image[0, 0, 0] == 40
 
 
+OPTIONS = [
+    {},  # the defaults: cut 0.45, 5 s
+    dict(cut=0.05, max_seconds=0.5),
+    dict(cut=None, threshold=4.0, max_frames=5),
+    dict(cut=0.2, threshold=8.0, step=3),
+    dict(sample_fps=4.0, max_seconds=1.0),
+]
+
+
 @pytest.mark.parametrize("blend", ["exponential", "mean"])
-@pytest.mark.parametrize(("threshold", "max_frames", "step"), [(127.5, 120, 1), (4.0, 5, 1), (8.0, 120, 3)])
-def test_online_equals_offline_on_decoded_video(media, blend, threshold, max_frames, step):
+@pytest.mark.parametrize("options", OPTIONS)
+def test_online_equals_offline_on_decoded_video(media, blend, options):
     frames = list(open_source(media.h264))
-    options = dict(threshold=threshold, max_frames=max_frames, step=step, blend=blend)
+    options = dict(options, blend=blend)
     online, offline = run(frames, **options), offline_action_shots(frames, **options)
     assert len(online) == len(offline) > 1
     for a, b in zip(online, offline, strict=True):
@@ -114,32 +167,38 @@ def test_online_equals_offline_on_decoded_video(media, blend, threshold, max_fra
         assert (a.start, a.end, a.count, a.first_index, a.last_index) == (
             b.start, b.end, b.count, b.first_index, b.last_index,
         )  # fmt: skip
-    assert sum(s.count for s in online) == len(frames[::step])
-    if threshold == 127.5 and step == 1:  # the default finds exactly the video's scene cuts
+    if options == {"blend": blend}:  # the default finds exactly the video's scene cuts
         assert [s.first_index for s in online] == [0, 20, 40]
+        assert sum(s.count for s in online) == len(frames)
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     values=st.lists(st.integers(0, 255), min_size=1, max_size=40),
     noise_seed=st.integers(0, 2**16),
-    threshold=st.floats(0, 200),
-    max_frames=st.integers(1, 8),
+    cut=st.one_of(st.none(), st.floats(0.01, 1.0)),
+    threshold=st.one_of(st.none(), st.floats(0, 200)),
+    max_frames=st.one_of(st.none(), st.integers(1, 8)),
+    max_seconds=st.one_of(st.none(), st.floats(0.05, 2.0)),
     step=st.integers(1, 3),
+    sample_fps=st.one_of(st.none(), st.floats(1.0, 20.0)),
     blend=st.sampled_from(["exponential", "mean"]),
 )
-def test_online_equals_offline_property(values, noise_seed, threshold, max_frames, step, blend):
+def test_online_equals_offline_property(values, noise_seed, cut, threshold, max_frames, max_seconds, step,
+                                        sample_fps, blend):
     rng = np.random.default_rng(noise_seed)
     images = [np.clip(v + rng.integers(-40, 41, (3, 5, 3)), 0, 255).astype(np.uint8) for v in values]
     frames = frames_of(images)
-    options = dict(threshold=threshold, max_frames=max_frames, step=step, blend=blend)
+    options = dict(cut=cut, threshold=threshold, max_frames=max_frames, max_seconds=max_seconds, step=step,
+                   sample_fps=sample_fps, blend=blend)
     online, offline = run(frames, **options), offline_action_shots(frames, **options)
     assert [(s.count, s.first_index, s.last_index) for s in online] == [
         (s.count, s.first_index, s.last_index) for s in offline
     ]
     for a, b in zip(online, offline, strict=True):
         np.testing.assert_array_equal(a.image, b.image)
-    assert all(s.count <= max_frames for s in online)
+    assert max_frames is None or all(s.count <= max_frames for s in online)
+    assert max_seconds is None or all(s.end - s.start < max_seconds for s in online)
 
 
 def test_pass_through_and_uniform_sampling():
@@ -157,11 +216,15 @@ def test_pass_through_and_uniform_sampling():
 def test_bad_options():
     with pytest.raises(ValueError, match="blend must be one of"):
         ActionShot(blend="median")
-    with pytest.raises(ValueError, match="step must be a positive integer"):
+    with pytest.raises(ValueError, match="step .* must be a positive integer"):
         ActionShot(step=0)
     with pytest.raises(ValueError, match="max_frames must be a positive integer"):
         ActionShot(max_frames=0)
     with pytest.raises(ValueError, match="threshold must be >= 0"):
         ActionShot(threshold=float("nan"))
-    with pytest.raises(ValueError, match="fps and max_seconds must be > 0"):
-        max_frames_for(0)
+    with pytest.raises(ValueError, match="cut must be a share of the picture"):
+        ActionShot(cut=1.5)
+    with pytest.raises(ValueError, match="max_seconds must be > 0"):
+        ActionShot(max_seconds=0)
+    with pytest.raises(ValueError, match="sample rate must be > 0"):
+        PassThrough(sample_fps=0)
