@@ -46,6 +46,7 @@ from mixmalmm.clients.client import (
     ProtocolError,
     Subscriber,
 )
+from mixmalmm.clients.options import actionshot_from, add_actionshot_options
 
 EXIT_OK = 0
 EXIT_ENGINE_ERROR = 1
@@ -134,16 +135,6 @@ def _seconds(low_exclusive: float, high: float | None = None) -> Callable[[str],
         return value
 
     return parse
-
-
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 255.0:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: a pixel difference from 0 to 255")
-    return value
 
 
 def _check_endpoint(endpoint: str, option: str) -> str:
@@ -348,16 +339,11 @@ def _cmd_streams_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_streams_add(args: argparse.Namespace) -> int:
-    actionshot = None
-    tuned = (args.step, args.threshold, args.max_frames)
-    if args.no_actionshot or any(value is not None for value in tuned):
-        defaults = p.ActionShotSettings()
-        actionshot = p.ActionShotSettings(
-            enabled=not args.no_actionshot,
-            step=defaults.step if args.step is None else args.step,
-            threshold=defaults.threshold if args.threshold is None else args.threshold,
-            max_frames=defaults.max_frames if args.max_frames is None else args.max_frames,
-        )
+    try:
+        actionshot = actionshot_from(args)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    actionshot = actionshot if actionshot.given() else None  # none given: the stream's defaults
     result: p.StreamInfo = _request(
         args, lambda c: c.add_stream(args.stream, args.uri, mode=args.mode, pace=args.pace, actionshot=actionshot)
     )
@@ -654,12 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "replay for files, live otherwise")
     add.add_argument("--pace", choices=["realtime", "fast"], default="realtime",
                      help="replay at the file's own pace (default) or as fast as possible")
-    shots = add.add_argument_group("ActionShot (default: the engine's settings)")
-    shots.add_argument("--step", type=_int_in(1, 10_000), metavar="N", help="sample every N-th decoded frame")
-    shots.add_argument("--threshold", type=_threshold, metavar="T",
-                       help="mean absolute pixel difference (0-255) that starts a new composite")
-    shots.add_argument("--max-frames", type=_int_in(1, 100_000), metavar="N", help="most frames in one composite")
-    shots.add_argument("--no-actionshot", action="store_true", help="no blending: every sampled frame is a Shot")
+    add_actionshot_options(add, "how frames become Shots (default: the engine's, from its model)")
     _add_connection(add)
     add.set_defaults(run=_cmd_streams_add)
     remove = streams_actions.add_parser("remove", help="stop a stream and forget it")

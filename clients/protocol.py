@@ -30,8 +30,9 @@ import time
 from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # ----------------------------------------------------------------------------------------------------
 # Limits (the server's are configurable through ``Limits``; these are the defaults)
@@ -154,20 +155,47 @@ class ListStreams(Request, tag="list_streams"):
 
 
 class ActionShotSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """ActionShot options for one stream (shared/DESIGN.md §5).
+    """How a stream's frames become Shots: which frames are sampled, and ActionShot (shared/DESIGN.md §5).
+
+    Every field may be left out: a field given here replaces the stream's default for it, which comes
+    from the model (its folder's ingest settings: `serve`'s `--model`), then from the server's command
+    line. `list_streams` and `status` show the settings a stream actually runs with, every field set.
 
     enabled: blend similar consecutive frames into composites (false: every sampled frame is a Shot).
     step: sample every ``step``-th decoded frame.
-    threshold: mean absolute difference (0-255 pixel levels) above which a new composite starts.
-    max_frames: most frames one composite may hold (a count of frames, not seconds).
+    sample_fps: then at most this many frames per second of stream time (``null``: every one).
+    cut: start a new composite when at least this share (0-1] of the picture changed since the previous
+      sampled frame (a scene cut); ``null``: never on content.
+    max_seconds: the longest action: a composite spans less than this many seconds of stream time
+      (``null``: no limit).
     blend: ``exponential`` (MixMA-LMM's 0.5/0.5 running blend) or ``mean`` (a true long exposure).
+    threshold: MixMA-LMM's own rule, off (``null``) by default: also cut when the mean absolute
+      difference between the frame and the composite exceeds this many pixel levels (0-255).
+    max_frames: MixMA-LMM's own limit, off (``null``) by default: at most this many sampled frames per
+      composite.
     """
 
-    enabled: bool = True
-    step: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
-    threshold: Annotated[float, msgspec.Meta(ge=0.0, le=255.0)] = 127.5
-    max_frames: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 120
-    blend: Literal["exponential", "mean"] = "exponential"
+    enabled: bool | UnsetType = UNSET
+    step: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | UnsetType = UNSET
+    sample_fps: Annotated[float, msgspec.Meta(gt=0.0, le=1000.0)] | None | UnsetType = UNSET
+    cut: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None | UnsetType = UNSET
+    max_seconds: Annotated[float, msgspec.Meta(gt=0.0, le=86_400.0)] | None | UnsetType = UNSET
+    blend: Literal["exponential", "mean"] | UnsetType = UNSET
+    threshold: Annotated[float, msgspec.Meta(ge=0.0, le=255.0)] | None | UnsetType = UNSET
+    max_frames: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None | UnsetType = UNSET
+
+    def over(self, base: ActionShotSettings) -> ActionShotSettings:
+        """These settings where given, `base`'s elsewhere."""
+        return msgspec.structs.replace(base, **self.given())
+
+    def given(self) -> dict[str, Any]:
+        """The fields that are set, by name."""
+        return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not UNSET}
+
+    @property
+    def complete(self) -> bool:
+        """Whether every field is set (as in the settings a stream runs with)."""
+        return len(self.given()) == len(self.__struct_fields__)
 
 
 class AddStream(Request, tag="add_stream"):
@@ -177,7 +205,8 @@ class AddStream(Request, tag="add_stream"):
     mode: ``live`` drops the oldest frames when the model falls behind (counted); ``replay`` blocks
       instead (nothing dropped); ``auto`` picks replay for files and live otherwise.
     pace: for replay, ``realtime`` follows the file's own timestamps, ``fast`` runs as fast as possible.
-    actionshot: ActionShot settings; ``null`` means the engine's defaults.
+    actionshot: how frames become Shots (`ActionShotSettings`): the fields given replace the stream's
+      defaults (the model's own, then the server's); ``null`` or left out: the defaults.
     """
 
     stream: Name
@@ -271,13 +300,14 @@ class StandingQuestion(msgspec.Struct, kw_only=True):
 
 
 class StreamInfo(msgspec.Struct, kw_only=True):
-    """One stream as the engine runs it."""
+    """One stream as the engine runs it; actionshot: the settings it runs with (every field set)."""
 
     stream: str
     uri: str
     state: StreamState
     mode: Literal["live", "replay"]
     questions: list[StandingQuestion] = []
+    actionshot: ActionShotSettings | None = None
 
 
 class StreamStatus(msgspec.Struct, kw_only=True):
@@ -288,7 +318,7 @@ class StreamStatus(msgspec.Struct, kw_only=True):
     because a live stream fell behind; reconnects: times the
     source reconnected. memory_entries / memory_capacity: visual memory bank entries held / bank length
     M. span_start_s / span_end_s: stream time (seconds) that memory covers. last_error: last source
-    error text.
+    error text. actionshot: the settings the stream runs with (every field set).
     """
 
     stream: str
@@ -306,6 +336,7 @@ class StreamStatus(msgspec.Struct, kw_only=True):
     span_end_s: float | None = None
     queue_depth: int = 0
     last_error: str | None = None
+    actionshot: ActionShotSettings | None = None
 
 
 class EngineStatus(msgspec.Struct, kw_only=True):

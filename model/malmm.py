@@ -57,6 +57,10 @@ class StreamConfig:
     absolute frame positions only, so nothing tells "now" apart from the past; a stream answers questions
     about the present, and this lets a model learn them. Off by default (exact MA-LMM); the shipped
     default model is trained with it on.
+    ingest: how a stream's frames should become this model's input, as the wire protocol's
+    ActionShotSettings fields (`sample_fps`, `step`, `enabled`, `cut`, `max_seconds`, `blend`, ...): the
+    input the model was trained on. The engine (`mixmalmm.streamer.ingest`) uses it unless a request or
+    the command line says otherwise; None: MA-LMM's own (10 frames per second, no ActionShot).
     """
 
     memory_bank_length: int = 10
@@ -68,6 +72,7 @@ class StreamConfig:
     freeze_vision: bool = True
     freeze_llm: bool = True
     present_frame: bool = False
+    ingest: dict | None = None
 
     def __post_init__(self) -> None:
         if self.memory_bank_length < 0:
@@ -78,6 +83,8 @@ class StreamConfig:
             raise ValueError(f"frame_position_policy must be 'clamp' or 'cycle', got {self.frame_position_policy!r}")
         if "{}" not in self.prompt_template:
             raise ValueError(f"prompt_template needs a '{{}}' for the question, got {self.prompt_template!r}")
+        if self.ingest is not None and not isinstance(self.ingest, dict):
+            raise ValueError(f"ingest must be a mapping of ActionShot settings or None, got {self.ingest!r}")
 
 
 @dataclass

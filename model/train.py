@@ -701,6 +701,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", default="scratch",
                    help="'scratch' (a small model over the world's vocabulary) or a MALMM.save_pretrained folder")
     p.add_argument("--memory-bank-length", type=int, default=8, help="M, entries per memory bank (0: no memory)")
+    p.add_argument("--ingest", metavar="JSON",
+                   help="the model's ingest settings, saved in its malmm_config.json: how the engine should turn a "
+                        "stream's frames into its input, e.g. '{\"enabled\": false, \"sample_fps\": 1.0}' "
+                        "(the wire protocol's ActionShotSettings fields)")
     p.add_argument("--present-frame", action="store_true",
                    help="cross-attention also reads the newest frame, marked (StreamConfig.present_frame)")
     p.add_argument("--epochs", type=int, default=4)
@@ -720,6 +724,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--busy", type=float, default=0.0,
                    help="with --videos: share of training clips from videos with every event at once (three shapes, "
                         "one leaves, one changes colour; about 4%% of random videos); validation keeps the natural mix")
+    p.add_argument("--composites", type=float, default=0.0,
+                   help="with --videos: share of clips made of ActionShot composites (each window of STRIDE frames "
+                        "blended into one image, as the engine's ActionShot does with max_seconds = STRIDE / fps)")
+    p.add_argument("--blend", choices=["exponential", "mean"], default="exponential",
+                   help="the composites' blend (as ActionShot's)")
     p.add_argument("--kinds", help="comma-separated question types to train on (default: all)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1)
@@ -759,12 +768,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _ingest(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        ingest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--ingest takes a JSON object, got {text!r}: {exc}") from None
+    if not isinstance(ingest, dict):
+        raise SystemExit(f"--ingest takes a JSON object of ActionShot settings, got {text!r}")
+    return ingest
+
+
 def build_model(args: argparse.Namespace) -> MALMM:
     stream = StreamConfig(
         memory_bank_length=args.memory_bank_length,
         freeze_vision=not (args.train_vision or args.train_all),
         freeze_llm=not (args.train_llm or args.train_all),
         present_frame=args.present_frame,
+        ingest=_ingest(args.ingest),
     )
     if args.init == "scratch":
         from .synthetic import vocabulary
@@ -798,6 +820,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError:
             raise SystemExit(f"--strides takes LO,HI (two integers), got {args.strides!r}") from None
         clips = dict(strides=strides, at_end=args.at_end, kinds=kinds)
+        clips.update(composites=args.composites, blend=args.blend)
         train_set = SyntheticVideoQA(args.train_size, args.seed, size=(64, 128), busy=args.busy, **clips)
         val_set = SyntheticVideoQA(args.val_size, args.seed + 1, size=128, **clips)
     else:

@@ -17,6 +17,9 @@ cd "$(dirname "$0")/.."
 run=${1:-runs/default}
 py=.venv/bin/python
 export OMP_WAIT_POLICY=PASSIVE
+# The input the clips below train on, saved with the model so that the engine feeds it the same: one frame per
+# second of the 8 fps videos (strides 6-9 around 8), each frame its own Shot.
+ingest='{"enabled": false, "sample_fps": 1.0}'
 
 $py -m mixmalmm.model.train --out "$run/stage1" --present-frame --train-llm \
     --sampling uniform --frames 1,1 --kinds colour_now,shape_now,count_now \
@@ -32,7 +35,7 @@ $py -m mixmalmm.model.train --out "$run/stage2" --init "$run/stage1/model" --pre
 $py -m mixmalmm.model.train --out "$run/stage3" --init "$run/stage2/model" --present-frame --train-llm \
     --videos --strides 6,9 --at-end 0.7 --adhoc-fraction 0.25 --busy 0.3 \
     --train-size 8000 --epochs 1 --batch-size 8 --val-size 60 --lr 3e-4 --warmup-steps 20 --seed 10 \
-    --threads 2 --log-every 100 --eval-every 500
+    --threads 2 --log-every 100 --eval-every 500 --ingest "$ingest"
 
 mkdir -p model/assets/default
 find model/assets/default -mindepth 1 ! -name README.md -exec rm -rf {} +  # the README is written by hand

@@ -46,27 +46,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_actionshot_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("ActionShot (frames blended into composites before the model)")
-    g.add_argument("--no-actionshot", action="store_true", help="every sampled frame goes to the model")
-    g.add_argument("--step", type=int, default=1, help="sample every STEP-th decoded frame (default 1)")
-    g.add_argument("--threshold", type=float, default=127.5,
-                   help="mean absolute difference (0-255) that starts a new composite (default 127.5)")
-    g.add_argument("--max-frames", type=int, default=120, help="most frames in one composite (default 120)")
-    g.add_argument("--blend", choices=["exponential", "mean"], default="exponential",
-                   help="exponential: MixMA-LMM's 0.5/0.5 blend; mean: a true long exposure")
+    from mixmalmm.clients.options import add_actionshot_options
+
+    add_actionshot_options(parser, "how frames become Shots (default: the model's own settings; see list_streams)")
 
 
 def actionshot_settings(args: argparse.Namespace):
-    import msgspec
+    """The ActionShot options given (a partial `ActionShotSettings`: the model's settings fill the rest)."""
+    from mixmalmm.clients.options import actionshot_from
 
-    from mixmalmm.clients import protocol as P
-
-    fields = {"enabled": not args.no_actionshot, "step": args.step, "threshold": args.threshold,
-              "max_frames": args.max_frames, "blend": args.blend}
-    try:  # convert (not the constructor) checks the protocol's ranges
-        return msgspec.convert(fields, P.ActionShotSettings)
-    except msgspec.ValidationError as exc:
-        raise UserError(f"bad ActionShot settings: {exc}") from exc
+    try:
+        return actionshot_from(args)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
 
 
 def load_model(args: argparse.Namespace):

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 from .cli import EXIT_ERROR, EXIT_OK, UserError, add_model_arguments
 from .replay import (
     HELD_DEFINITION,
@@ -59,10 +61,11 @@ class SampleVideo:
     """The demo's video and what to ask about it.
 
     path: the video file; frames, fps: its length in frames and rate (frames per second);
-    actionshot: the stream's ActionShot settings (protocol `ActionShotSettings`); standing: the standing
-    question; during: questions asked while it plays; final: (question, expected answer or None) asked
-    at the end; expected_at: the expected answer to a question once the memory reaches a time (seconds),
-    None when unknown; world: what the video shows, in words.
+    actionshot: the stream's ActionShot settings (protocol `ActionShotSettings`, only the fields it sets:
+    the model's own settings fill the rest); standing: the standing question; during: questions asked while
+    it plays; final: (question, expected answer or None) asked at the end; final_for: the same for the
+    frames a model saw (indices), when the video's truth knows; expected_at: the expected answer to a
+    question once the memory reaches a time (seconds), None when unknown; world: what the video shows.
     """
 
     path: Path
@@ -73,6 +76,7 @@ class SampleVideo:
     during: list[str]
     final: list[tuple[str, str | None]]
     expected_at: Callable[[str, float], str | None] = field(default=lambda question, seconds: None)  # unknown
+    final_for: Callable[[list[int]], list[tuple[str, str | None]]] | None = None
     world: str = ""
 
     @property
@@ -105,6 +109,12 @@ def world_sample_video(path: Path, world) -> SampleVideo:
     demo = world.make_demo_video(path)
     kinds = {q: kind for q, _, kind in demo.questions}
     final = [(q, a) for q, a, _ in demo.questions]
+
+    def final_for(seen: list[int]) -> list[tuple[str, str | None]]:
+        """The video's questions with what the frames `seen` show at its end (asked once each)."""
+        truth_seen = {q: a for q, a, _ in demo.video.questions(indices=seen)}
+        return [(q, truth_seen.get(q)) for q, _ in final]
+
     standing = next((q for q in kinds if kinds[q] == "count_now"), final[0][0])
     during = [q for q in kinds if kinds[q] in ("count_entered", "first_shape")][: len(DURING_AT)]
     truth = world.demo_video() if hasattr(world, "demo_video") else None
@@ -117,13 +127,13 @@ def world_sample_video(path: Path, world) -> SampleVideo:
 
     return SampleVideo(
         path=Path(demo.path), frames=demo.frames, fps=demo.fps,
-        actionshot=P.ActionShotSettings(**demo.actionshot), standing=standing, during=during or [final[0][0]],
-        final=final, expected_at=expected_at, world="the synthetic shapes world",
+        actionshot=P.ActionShotSettings(), standing=standing, during=during or [final[0][0]],
+        final=final, expected_at=expected_at, final_for=final_for, world="the synthetic shapes world",
     )
 
 
 def scene_sample_video(path: Path) -> SampleVideo:
-    """8 s of synthetic scenes (160x120 pixels, 10 fps, a cut every 2 s), ActionShot composites of <= 1 s."""
+    """8 s of synthetic scenes (160x120 pixels, 10 fps, a cut every 2 s), ActionShot composites of < 1 s."""
     from mixmalmm.clients import protocol as P
 
     from .synthetic import synthetic_rgb, write_video
@@ -132,7 +142,8 @@ def scene_sample_video(path: Path) -> SampleVideo:
     write_video(path, (synthetic_rgb(i, 160, 120, scene_length=20) for i in range(frames)), fps, "libx264",
                 {"preset": "ultrafast", "g": "10"})
     return SampleVideo(
-        path=path, frames=frames, fps=float(fps), actionshot=P.ActionShotSettings(max_frames=10),
+        path=path, frames=frames, fps=float(fps),
+        actionshot=P.ActionShotSettings(enabled=True, sample_fps=None, max_seconds=1.0),
         standing="what is happening in the video?", during=["what colour is the square?"],
         final=[("what is happening in the video?", None), ("what colour is the square?", None)],
         world="synthetic scenes (no ground truth)",
@@ -186,21 +197,27 @@ def _start(engine, bind: str | None, events: str | None):
     raise AssertionError("unreachable")
 
 
-def _offline_shots(sample: SampleVideo) -> ShotLog:
-    """The Shots the engine will make of the sample video (ActionShot online == offline), for the sheet."""
+def _offline_shots(sample: SampleVideo, settings) -> tuple[ShotLog, list[int]]:
+    """The Shots the engine will make of the sample video with complete ActionShot `settings` (ActionShot
+    online == offline), for the sheet, and the indices of the video's frames they span."""
     from .sources import FileSource
 
-    log = ShotLog()
-    accumulator = make_accumulator(sample.actionshot)
+    log, seen = ShotLog(), []
+    accumulator = make_accumulator(settings)
+
+    def add(shot) -> None:
+        log.add(shot)
+        seen.extend(range(shot.first_index, shot.last_index + 1))
+
     with FileSource(sample.path) as source:
         for frame in source:
             shot = accumulator.push(frame)
             if shot is not None:
-                log.add(shot)
+                add(shot)
     shot = accumulator.flush()
     if shot is not None:
-        log.add(shot)
-    return log
+        add(shot)
+    return log, seen
 
 
 def _record(result, expected: str | None, kind: str) -> dict:
@@ -247,8 +264,13 @@ def run_demo(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot write to --out '{out}': {exc.strerror or exc}") from exc
+    from .ingest import model_settings
+
     sample = make_sample_video(out)
-    log = _offline_shots(sample)
+    settings = sample.actionshot.over(model_settings(model))  # as the engine will resolve them
+    log, seen = _offline_shots(sample, settings)
+    if sample.final_for is not None:  # what the frames the model will see show
+        sample.final = sample.final_for(seen)
     say(f"mixmalmm demo: model {name} on {model.device}; memory {model.config.memory_bank_length} entries per bank")
     say(f"sample video: {sample.path} ({sample.frames} frames, {format_time(sample.duration)} at {sample.fps:g} fps; "
         f"{sample.world}); {len(log.shots)} Shots")
@@ -286,7 +308,8 @@ def _play(args, sample: SampleVideo, log: ShotLog, engine, server, started: floa
     records: list[dict] = []
     with Client(requests, timeout_s=60.0, retries=0) as client, Subscriber(events, [STREAM]) as sub:
         time.sleep(0.2)  # a SUB socket misses what is published before it has joined
-        client.add_stream(STREAM, str(sample.path), mode="replay", pace="realtime", actionshot=sample.actionshot)
+        info = client.add_stream(STREAM, str(sample.path), mode="replay", pace="realtime",
+                                 actionshot=sample.actionshot if sample.actionshot.given() else None)
         client.add_question(STREAM, STANDING_ID, sample.standing, period_s=STANDING_PERIOD_S)
         say(f"stream '{STREAM}' added (played at its own pace); standing question '{STANDING_ID}': "
             f"{sample.standing!r}, answered every {STANDING_PERIOD_S:g} s as events")
@@ -342,7 +365,7 @@ def _play(args, sample: SampleVideo, log: ShotLog, engine, server, started: floa
         "endpoints": {"requests": requests, "events": events}, "stream": STREAM,
         "standing": {"question_id": STANDING_ID, "text": sample.standing, "period_s": STANDING_PERIOD_S,
                      "shots_seen": standing_steps},
-        "actionshot": {f: getattr(sample.actionshot, f) for f in sample.actionshot.__struct_fields__},
+        "actionshot": msgspec.to_builtins(info.actionshot),
         "memory_bank_length": engine.model.config.memory_bank_length, "memory_entries": cover.entries,
         "memory_columns": cover.columns,
         "answers": records,

@@ -32,6 +32,7 @@ import msgspec
 from mixmalmm.clients import protocol as P
 from mixmalmm.model import MALMM, StateSnapshot, StreamState
 
+from .ingest import model_settings
 from .pipeline import StreamPipeline, rate
 from .preprocess import preprocess
 from .shotqueue import ShotQueue
@@ -49,7 +50,8 @@ class EngineConfig:
     max_batch: most streams whose Shots share one vision-encoder batch. queue_shots: Shots a stream
     may have waiting for the model (live streams drop the oldest beyond it). state_dir: where stream
     snapshots live (None: no persistence). snapshot_period_s: seconds between periodic snapshots.
-    max_new_tokens / num_beams: generation defaults for questions that give none.
+    max_new_tokens / num_beams: generation defaults for questions that give none. default_actionshot:
+    the server's own ActionShot settings (only the fields given), over the model's (`ingest`).
     """
 
     max_batch: int = 8
@@ -73,9 +75,11 @@ class Standing:
 class Stream:
     """One stream inside the engine: its pipeline, its model state, its lock and its counters."""
 
-    def __init__(self, sid: str, request: P.AddStream, state: StreamState, queue: ShotQueue):
+    def __init__(self, sid: str, request: P.AddStream, state: StreamState, queue: ShotQueue,
+                 actionshot: P.ActionShotSettings):
         self.id = sid
         self.request = request
+        self.actionshot = actionshot  # the settings it runs with, every field set
         self.state = state
         self.queue = queue
         self.lock = threading.Lock()
@@ -121,6 +125,8 @@ class Engine:
         self._threads: list[threading.Thread] = []
         self.persist_error: str | None = None
         self._image_processor = model.processor.image_processor
+        #: What a stream gets for the ActionShot fields its request leaves out (ValueError: the model's are bad).
+        self.default_actionshot = self.config.default_actionshot.over(model_settings(model))
         if self.config.state_dir:
             Path(self.config.state_dir).mkdir(parents=True, exist_ok=True)
 
@@ -178,14 +184,15 @@ class Engine:
             if sid in self._streams:
                 raise P.RequestError(P.ErrorCode.ALREADY_EXISTS, f"stream {sid!r} already exists")
         queue = ShotQueue(self.config.queue_shots, drop_oldest=True, on_put=self._notify)
-        stream = Stream(sid, request, state or self.model.create_state(sid), queue)
+        actionshot = (request.actionshot or P.ActionShotSettings()).over(self.default_actionshot)
+        stream = Stream(sid, request, state or self.model.create_state(sid), queue, actionshot)
         if not ingest:
             stream.idle_state = "finished"
         else:
             try:
                 stream.pipeline = StreamPipeline(
                     sid, request.uri, mode=request.mode, pace=request.pace,
-                    actionshot=request.actionshot or self.config.default_actionshot,
+                    actionshot=actionshot,
                     queue=queue, network_options=self.config.network_options,
                     on_state=lambda old, new, msg: self._on_state(stream, old, new, msg),
                     resume_after=resume_after,
@@ -387,6 +394,7 @@ class Engine:
             memory_entries=entries, memory_capacity=self.model.config.memory_bank_length,
             span_start_s=span[0] if span else None, span_end_s=span[1] if span else None,
             queue_depth=len(stream.queue), last_error=stream.last_error or (pipe.last_error if pipe else None),
+            actionshot=stream.actionshot,
         )
 
     def status(self, sid: str | None = None) -> P.StatusResult:
@@ -410,6 +418,7 @@ class Engine:
             mode="live" if stream.live else "replay",
             questions=[P.StandingQuestion(stream=stream.id, question_id=q.question_id, text=q.text,
                                           period_s=q.period_s) for q in stream.standing.values()],
+            actionshot=stream.actionshot,
         )
 
     # ------------------------------------------------------------------ persistence

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from mixmalmm.clients import protocol as P
 
-from .actionshot import ActionShot, PassThrough
+from .ingest import make_accumulator
 from .shotqueue import ShotQueue
 from .sources import NETWORK_SCHEMES, FileSource, SourceState, open_source
 
@@ -39,7 +39,8 @@ class StreamPipeline:
 
     mode: "live" drops the oldest queued Shot when the model falls behind; "replay" waits for room;
     "auto" picks live for network and camera sources, replay for files. pace: for replay, "realtime"
-    follows the file's timestamps, "fast" decodes as fast as the model takes Shots.
+    follows the file's timestamps, "fast" decodes as fast as the model takes Shots. actionshot: the
+    complete settings the stream runs with (`ingest.make_accumulator`).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class StreamPipeline:
         self.uri = uri
         self.queue = queue
         self.settings = actionshot
+        make_accumulator(actionshot)  # checks the settings before the stream is accepted
         self._on_state = on_state
         # Opening validates the URI (unknown scheme, missing file) before the stream is accepted.
         options = {"realtime": pace == "realtime", "queue_size": 8}
@@ -129,11 +131,7 @@ class StreamPipeline:
             self._set_state(new, stats.last_error if new == "reconnecting" else None)
 
     def _run(self) -> None:
-        s = self.settings
-        if s.enabled:
-            accumulator = ActionShot(threshold=s.threshold, max_frames=s.max_frames, step=s.step, blend=s.blend)
-        else:
-            accumulator = PassThrough(step=s.step)
+        accumulator = make_accumulator(self.settings)
         try:
             while not self._stop.is_set():
                 try:

@@ -115,13 +115,10 @@ def quiet_model_loading() -> None:
 
 
 def make_accumulator(settings):
-    """The per-stream Shot maker for protocol ActionShot settings (as the engine's pipeline builds it)."""
-    from .actionshot import ActionShot, PassThrough
+    """The per-stream Shot maker for complete protocol ActionShot settings (as the engine's pipeline builds it)."""
+    from .ingest import make_accumulator as make
 
-    if settings.enabled:
-        return ActionShot(threshold=settings.threshold, max_frames=settings.max_frames, step=settings.step,
-                          blend=settings.blend)
-    return PassThrough(step=settings.step)
+    return make(settings)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -685,10 +682,12 @@ def _replay(args, source, questions: list[Question], standing: list[str], settin
             limit: float | None, out: Path) -> int:
     """Fold the opened source into a fresh state, answer, write the outputs; returns the exit status."""
     from .cli import load_model
+    from .ingest import model_settings
     from .sources import SourceError
 
     quiet_model_loading()
     model, name = load_model(args)
+    settings = settings.over(model_settings(model))  # the options given, the model's own settings elsewhere
     state = model.create_state("replay")
     for text in standing:
         model.register_question(state, text)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import msgspec
 import pytest
 import zmq
 
@@ -72,11 +73,12 @@ def test_stream_and_question_management_round_trip(server, engine):
     added = one_json(mixmalmm(server, "streams", "add", "film", "/videos/film.mp4", "--pace", "fast", "--step", "4",
                               "--threshold", "30", "--json"))
     assert added == {"stream": "film", "uri": "/videos/film.mp4", "state": "connecting", "mode": "replay",
-                     "questions": []}
+                     "questions": [], "actionshot": None}
     request = engine.requests[-1]
     assert (request.mode, request.pace) == ("auto", "fast")
-    # The options given are sent; the others keep the protocol's defaults.
-    assert request.actionshot == p.ActionShotSettings(enabled=True, step=4, threshold=30.0, max_frames=120)
+    # Only the options given are sent; the engine's defaults (the model's) fill in the others.
+    assert request.actionshot == p.ActionShotSettings(step=4, threshold=30.0)
+    assert msgspec.to_builtins(request.actionshot) == {"step": 4, "threshold": 30.0}
     assert engine.requests[0].actionshot is None  # no ActionShot option: the engine's own settings
 
     out = ok(mixmalmm(server, "questions", "add", "cam1", "q1", "what is happening?", "--period", "10"))
@@ -220,6 +222,8 @@ def test_bad_address_is_a_usage_error(address, expected):
     ["ask", "cam one", "what?"],  # not a stream id
     ["ask", "cam1", "what?", "--beams", "0"],
     ["streams", "add", "cam1", "x.mp4", "--threshold", "300"],
+    ["streams", "add", "cam1", "x.mp4", "--cut", "2"],
+    ["streams", "add", "cam1", "x.mp4", "--max-seconds", "soon"],
     ["streams", "add", "cam1", "x.mp4", "--mode", "sometimes"],
     ["questions", "add", "cam1", "q1", "what?", "--period", "-1"],
     ["status", "--timeout", "0"],

@@ -23,6 +23,7 @@ from mixmalmm.clients import Client
 from mixmalmm.kernels import StreamingMemoryBank
 from mixmalmm.model import QuestionState, StreamState
 from mixmalmm.streamer.demo import _offline_shots, scene_sample_video
+from mixmalmm.streamer.ingest import DEFAULT_INGEST
 from mixmalmm.streamer.replay import (
     BORDER,
     THUMB_WIDTH,
@@ -50,7 +51,8 @@ def thumb(sheet: np.ndarray, layout: SheetLayout, k: int) -> np.ndarray:
 def test_replay_answers_at_times_and_at_the_end_and_draws_the_memory(media, tmp_path):
     out = tmp_path / "out"
     proc = run([
-        "replay", str(media.h264), "--max-frames", "5", "--ask", "what is happening?",
+        "replay", str(media.h264), "--actionshot", "--sample-fps", "all", "--max-frames", "5",
+        "--ask", "what is happening?",
         "--ask-at", "2.5", "what colour is the square?", "--standing", "what is the man doing?",
         "--thumbnails", "8", "--progress", "--memory-bank-length", "10", "--out", str(out),
     ], tmp_path)
@@ -109,7 +111,7 @@ LOG_RECORD = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) mixmalmm")
 def test_replay_range_rate_and_no_memory(media, tmp_path):
     out = tmp_path / "ranged"
     proc = run([
-        "replay", str(media.h264), "--start", "1", "--end", "0:04", "--target-fps", "5", "--no-actionshot",
+        "replay", str(media.h264), "--start", "1", "--end", "0:04", "--target-fps", "5", "--no-actionshot", "--sample-fps", "all",
         "--memory-bank-length", "0", "--ask-at", "2", "what is happening?", "--out", str(out),
     ], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -241,8 +243,9 @@ def test_memory_cover_matches_the_banks_time_spans():
 
 def test_fallback_sample_video_and_its_shots(tmp_path):
     sample = scene_sample_video(tmp_path / "sample.mp4")
-    log = _offline_shots(sample)
-    # 8 s at 10 fps with a cut every 2 s and composites of at most 10 frames: 8 Shots of 1 s.
+    log, seen = _offline_shots(sample, sample.actionshot.over(DEFAULT_INGEST))
+    # 8 s at 10 fps with a cut every 2 s and composites of less than 1 s: 8 Shots of 10 frames.
+    assert seen == list(range(80))
     assert [s.start for s in log.shots] == pytest.approx([float(i) for i in range(8)])
     assert [s.frames for s in log.shots] == [10] * 8
     assert sample.duration == 8.0 and sample.expected_at(sample.final[0][0], 4.0) is None

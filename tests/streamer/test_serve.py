@@ -70,7 +70,8 @@ def wait_status(client: Client, sid: str, predicate, timeout: float, what: str):
 
 def test_sigkill_then_restart_restores_memory_and_resumes_the_file(media, tmp_path):
     state = tmp_path / "state"
-    args = ["--state-dir", str(state), "--snapshot-period", "0.3", "--no-actionshot", "--pace", "realtime"]
+    args = ["--state-dir", str(state), "--snapshot-period", "0.3", "--no-actionshot", "--sample-fps", "all",
+            "--pace", "realtime"]
     first = Serve(tmp_path, f"f={media.h264}", *args)
     try:
         first.wait_ready()
@@ -109,7 +110,7 @@ def test_sigterm_saves_and_curve_keeps_strangers_out(media, tmp_path):
     _, stranger_secret = create_keypair(str(keys), "stranger")
     state = tmp_path / "state"
     serve = Serve(tmp_path, f"f={media.h264}", "--state-dir", str(state), "--snapshot-period", "3600",
-                  "--pace", "fast", "--no-actionshot", "--curve-secret", server_secret,
+                  "--pace", "fast", "--no-actionshot", "--sample-fps", "all", "--curve-secret", server_secret,
                   "--curve-clients", str(allowed))
     try:
         ours = ClientCurve.from_files(server_public, client_secret)
