@@ -12,21 +12,22 @@ question the video answers at its end is asked. Conditions (columns):
 - ... ad hoc: the same stream, the questions answered by one extra Q-Former pass over the default
   question's banks.
 - stride, M = 0: no memory banks (the Q-Former sees the newest frame only).
-- ActionShot: `streamer.actionshot.ActionShot` composites (every `--actionshot-step`-th frame, cut at
-  `--threshold` grey levels or `--max-frames` frames), standing questions.
-- stride (ActionShot's count): single frames every k-th frame, k chosen so the count matches ActionShot's.
-- uniform (ActionShot's count): MA-LMM's uniform sampling of the whole video, the same count of frames.
+- ActionShot, exponential / mean: the engine's `ActionShot` over every frame, composites spanning less than
+  `--actionshot-seconds` (default: the stride's span, 1 s, so as many model steps as the stride), the default
+  cut rule, MixMA-LMM's exponential blend or a true mean; standing questions.
+- uniform (ActionShot's count): MA-LMM's uniform sampling of the whole video, as many frames as ActionShot's
+  Shots (the same number of model steps).
+- every frame: stride 1, as many frames decoded as ActionShot blends, each a model step (8x the steps).
 
 Prints a markdown table of exact-match accuracy per question type (present / memory), with the chance
-level of always giving a type's most common answer; then a second table on `--busy-videos` held-out
+level of always giving a type's most common answer; then the same table on `--busy-videos` held-out
 busy videos (`synthetic.busy_scenario`: three shapes, one leaves, one changes colour, as in the demo;
-about 4% of random videos), with the stride columns only.
+about 4% of random videos). The truth is what every frame of the video shows.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from collections import Counter, defaultdict
@@ -46,7 +47,6 @@ from mixmalmm.model.synthetic import (  # noqa: E402
     demo_video,
     make_video,
     random_scenario,
-    sample_indices,
     simulate_video,
 )
 from mixmalmm.model.train import normalise_answer  # noqa: E402
@@ -63,14 +63,13 @@ def frames_of(video, size: int) -> list[Frame]:
 
 
 def shots_for(condition: str, frames: list[Frame], args, count: int | None = None) -> list[Shot]:
-    if condition == "actionshot":
-        acc = ActionShot(threshold=args.threshold, max_frames=args.max_frames, step=args.actionshot_step)
+    if condition.startswith("actionshot_"):  # actionshot_exponential, actionshot_mean
+        acc = ActionShot(max_seconds=args.actionshot_seconds, blend=condition.removeprefix("actionshot_"))
         return list(acc.feed(frames))
     if condition == "stride":
         return list(PassThrough(step=args.step).feed(frames))
-    if condition == "stride_matched":  # every k-th frame, ending on the newest, about `count` frames
-        k = max(1, math.ceil(len(frames) / count))
-        return [Shot.of_frame(frames[i]) for i in sample_indices(len(frames), "stride", stride=k)]
+    if condition == "every_frame":
+        return list(PassThrough().feed(frames))
     if condition == "uniform_matched":
         return [Shot.of_frame(frames[i]) for i in uniform_indices(len(frames), count)]
     raise ValueError(condition)
@@ -101,10 +100,8 @@ def main() -> None:
     p.add_argument("--busy-videos", type=int, default=30, help="held-out busy videos for the second table (0: none)")
     p.add_argument("--size", type=int, default=128, help="render size in pixels")
     p.add_argument("--step", type=int, default=8, help="stride: every step-th frame (as the demo: DEMO_STEP)")
-    p.add_argument("--actionshot-step", type=int, default=4, help="ActionShot: sample every step-th frame")
-    p.add_argument("--threshold", type=float, default=8.0,
-                   help="ActionShot cut, grey levels (this world's camera noise alone differs by about 3.4)")
-    p.add_argument("--max-frames", type=int, default=4, help="ActionShot: most sampled frames per composite")
+    p.add_argument("--actionshot-seconds", type=float,
+                   help="ActionShot: a composite spans less than this (default: the stride's span, step / 8 fps)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--model", help="a MALMM.save_pretrained folder (default: the shipped default model)")
     args = p.parse_args()
@@ -117,79 +114,36 @@ def main() -> None:
     model = load()
     M = model.config.memory_bank_length
     no_memory = load(replace(model.config, memory_bank_length=0))
+    if args.actionshot_seconds is None:
+        args.actionshot_seconds = args.step / DEMO_FPS
     columns = {
         "stride_standing": f"stride {args.step}, M={M}, standing",
         "stride_adhoc": f"stride {args.step}, M={M}, ad hoc",
         "stride_nomem": f"stride {args.step}, M=0",
-        "actionshot": "ActionShot",
-        "stride_matched": "stride, same count",
-        "uniform_matched": "uniform, same count",
+        "actionshot_exponential": f"ActionShot {args.actionshot_seconds:g} s, exponential",
+        "actionshot_mean": f"ActionShot {args.actionshot_seconds:g} s, mean",
+        "uniform_matched": "uniform, ActionShot's count",
+        "every_frame": "every frame",
     }
-    correct: dict[str, Counter] = {c: Counter() for c in columns}
-    asked: Counter = Counter()
-    answers_by_type: dict[str, Counter] = defaultdict(Counter)
-    shot_counts: dict[str, list[int]] = defaultdict(list)
     t0 = time.time()
-    for v in range(args.videos):
-        video = make_video(HELD_OUT_SEED + v, frames=MAX_VIDEO_FRAMES)
-        qa = video.questions()
-        if not qa:
-            continue
-        questions = [q for q, _, _ in qa]
-        frames = frames_of(video, args.size)
-        with torch.inference_mode():
-            stride = shots_for("stride", frames, args)
-            action = shots_for("actionshot", frames, args)
-            matched = {c: shots_for(c, frames, args, len(action)) for c in ("stride_matched", "uniform_matched")}
-            results = {
-                "stride": run_stream(model, stride, questions, adhoc_too=True),
-                "stride_nomem": run_stream(no_memory, stride, questions),
-                "actionshot": run_stream(model, action, questions),
-                **{c: run_stream(model, s, questions) for c, s in matched.items()},
-            }
-        shot_counts["stride"].append(len(stride))
-        shot_counts["actionshot"].append(len(action))
-        for c, s in matched.items():
-            shot_counts[c].append(len(s))
-        for q, a, kind in qa:
-            asked[kind] += 1
-            answers_by_type[kind][a] += 1
-            got = {
-                "stride_standing": results["stride"][q][0],
-                "stride_adhoc": results["stride"][q][1],
-                "stride_nomem": results["stride_nomem"][q][0],
-                "actionshot": results["actionshot"][q][0],
-                "stride_matched": results["stride_matched"][q][0],
-                "uniform_matched": results["uniform_matched"][q][0],
-            }
-            for c, text in got.items():
-                correct[c][kind] += normalise_answer(text) == a
-
-    seconds = time.time() - t0
-    busy_columns = {c: columns[c] for c in ("stride_standing", "stride_adhoc", "stride_nomem")}
-    busy_correct: dict[str, Counter] = {c: Counter() for c in busy_columns}
-    busy_asked: Counter = Counter()
-    busy_majority: dict[str, Counter] = defaultdict(Counter)
-    seed, found = BUSY_SEED, 0
-    while found < args.busy_videos:
+    ordinary = [make_video(HELD_OUT_SEED + v, frames=MAX_VIDEO_FRAMES) for v in range(args.videos)]
+    busy, seed = [], BUSY_SEED
+    while len(busy) < args.busy_videos:
         seed += 1
         scenario = random_scenario(seed, MAX_VIDEO_FRAMES)
-        if not busy_scenario(scenario):
-            continue
-        found += 1
-        video = simulate_video(scenario)
-        qa = video.questions()
-        questions = [q for q, _, _ in qa]
-        with torch.inference_mode():
-            stride = shots_for("stride", frames_of(video, args.size), args)
-            with_memory = run_stream(model, stride, questions, adhoc_too=True)
-            without = run_stream(no_memory, stride, questions)
-        for q, a, kind in qa:
-            busy_asked[kind] += 1
-            busy_majority[kind][a] += 1
-            for c, text in (("stride_standing", with_memory[q][0]), ("stride_adhoc", with_memory[q][1]),
-                            ("stride_nomem", without[q][0])):
-                busy_correct[c][kind] += normalise_answer(text) == a
+        if busy_scenario(scenario):
+            busy.append(simulate_video(scenario))
+    tables = [(f"{args.videos} held-out videos", ordinary)]
+    if busy:
+        tables.append((f"{args.busy_videos} held-out busy videos (three shapes, one leaves, one changes colour; "
+                       "the demo's kind)", busy))
+    for title, videos in tables:
+        correct, asked, answers_by_type, counts = score(model, no_memory, videos, columns, args)
+        print(f"Default model (M={M}) on {title}, {MAX_VIDEO_FRAMES} frames at {DEMO_FPS:g} fps, {args.size} px; "
+              "exact-match accuracy, %. Model steps per video (mean): "
+              + ", ".join(f"{columns[k]} {np.mean(v):.1f}" for k, v in counts.items()) + "\n")
+        print_table(columns, correct, asked, answers_by_type)
+        print()
     demo = demo_video()
     demo_frames = frames_of(demo, args.size)
     demo_q = demo.questions()
@@ -197,18 +151,43 @@ def main() -> None:
         demo_out = run_stream(model, shots_for("stride", demo_frames, args), [q for q, _, _ in demo_q], True)
     demo_ok = sum(normalise_answer(demo_out[q][0]) == a for q, a, _ in demo_q)
     demo_adhoc = sum(normalise_answer(demo_out[q][1]) == a for q, a, _ in demo_q)
+    print(f"Demo video (stride {args.step}): {demo_ok}/{len(demo_q)} standing, {demo_adhoc}/{len(demo_q)} ad hoc. "
+          f"{time.time() - t0:.0f} s.")
 
-    print(f"Default model (M={M}) on {args.videos} held-out videos of {MAX_VIDEO_FRAMES} frames at {args.size} px; "
-          f"exact-match accuracy, %. Shots per video (mean): "
-          + ", ".join(f"{k} {np.mean(v):.1f}" for k, v in shot_counts.items())
-          + f". ActionShot: step {args.actionshot_step}, threshold {args.threshold}, max {args.max_frames} frames.\n")
-    print_table(columns, correct, asked, answers_by_type)
-    if args.busy_videos:
-        print(f"\nThe same model on {args.busy_videos} held-out busy videos (three shapes, one leaves, one changes "
-              "colour; the demo's kind):\n")
-        print_table(busy_columns, busy_correct, busy_asked, busy_majority)
-    print(f"\nDemo video (stride {args.step}): {demo_ok}/{len(demo_q)} standing, {demo_adhoc}/{len(demo_q)} ad hoc. "
-          f"{seconds:.0f} s for the held-out set.")
+
+def score(model: MALMM, no_memory: MALMM, videos, columns: dict[str, str], args):
+    """Every question each video answers at its end, under every condition: (correct per column and type,
+    asked per type, answers per type, model steps per video per column)."""
+    correct: dict[str, Counter] = {c: Counter() for c in columns}
+    asked: Counter = Counter()
+    answers_by_type: dict[str, Counter] = defaultdict(Counter)
+    counts: dict[str, list[int]] = defaultdict(list)
+    for video in videos:
+        qa = video.questions()
+        if not qa:
+            continue
+        questions = [q for q, _, _ in qa]
+        frames = frames_of(video, args.size)
+        with torch.inference_mode():
+            shots = {c: shots_for(c, frames, args) for c in ("stride", "actionshot_exponential", "actionshot_mean",
+                                                             "every_frame")}
+            shots["uniform_matched"] = shots_for("uniform_matched", frames, args, len(shots["actionshot_exponential"]))
+            stride = run_stream(model, shots["stride"], questions, adhoc_too=True)
+            got = {
+                "stride_standing": {q: a for q, (a, _) in stride.items()},
+                "stride_adhoc": {q: a for q, (_, a) in stride.items()},
+                "stride_nomem": {q: a for q, (a, _) in run_stream(no_memory, shots["stride"], questions).items()},
+            }
+            for c in ("actionshot_exponential", "actionshot_mean", "uniform_matched", "every_frame"):
+                got[c] = {q: a for q, (a, _) in run_stream(model, shots[c], questions).items()}
+        for c in columns:
+            counts[c].append(len(shots["stride" if c.startswith("stride") else c]))
+        for q, a, kind in qa:
+            asked[kind] += 1
+            answers_by_type[kind][a] += 1
+            for c in columns:
+                correct[c][kind] += normalise_answer(got[c][q]) == a
+    return correct, asked, answers_by_type, counts
 
 
 def print_table(columns: dict[str, str], correct: dict[str, Counter], asked: Counter,

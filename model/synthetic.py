@@ -615,6 +615,33 @@ def sample_indices(frames: int, how: str, count: int | None = None, stride: int 
     raise ValueError(f"how must be 'stride' or 'uniform', got {how!r}")
 
 
+def blend_windows(frames: np.ndarray, window: int, blend: str = "exponential") -> np.ndarray:
+    """ActionShot composites of consecutive windows of `window` frames: [T, H, W, 3] -> [ceil(T / window), H,
+    W, 3] uint8, the windows starting at frame 0 (the last one may be shorter, as at the end of a file).
+
+    What the engine's ActionShot makes of this world's frames with `max_seconds = window / fps` (this world
+    has no scene cut): "exponential" folds cv2.addWeighted(composite, 0.5, frame, 0.5) (MixMA-LMM's blend),
+    "mean" is each window's mean rounded half up. tests/model/test_synthetic.py checks both against
+    `mixmalmm.streamer.actionshot.ActionShot` (the model package cannot import the streamer's).
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1 frames, got {window}")
+    out = []
+    for start in range(0, len(frames), window):
+        group = frames[start : start + window]
+        if blend == "exponential":
+            image = group[0].copy()
+            for frame in group[1:]:
+                image = cv2.addWeighted(image, 0.5, frame, 0.5, 0.0)
+        elif blend == "mean":
+            total = group.astype(np.int32).sum(axis=0)
+            image = ((2 * total + len(group)) // (2 * len(group))).astype(np.uint8)
+        else:
+            raise ValueError(f"blend must be 'exponential' or 'mean', got {blend!r}")
+        out.append(image)
+    return np.stack(out)
+
+
 # ---------------------------------------------------------------- question-answer datasets
 
 
@@ -767,6 +794,11 @@ class SyntheticVideoQA(_SeededVideos):
     busy: the share of items whose video is redrawn until it is `busy_scenario` (three shapes, one
     leaves, one changes colour: every event at once, about 4% of random videos) and at least BUSY_FRAMES
     long. Drawn from its own generator, so busy=0 gives the same items as before it existed.
+
+    composites: the share of items whose clip is ActionShot composites instead of single frames: every frame
+    up to the cut is rendered and each window of `stride` frames is blended into one (`blend_windows`, with
+    `blend`), so the clip has as many images as a stride clip would; the truth is what all those frames show.
+    Drawn from its own generator too (composites=0: the items of before).
     """
 
     def __init__(
@@ -779,8 +811,15 @@ class SyntheticVideoQA(_SeededVideos):
         at_end: float = 0.7,
         kinds: Sequence[str] | None = None,
         busy: float = 0.0,
+        composites: float = 0.0,
+        blend: str = "exponential",
     ) -> None:
         super().__init__(count, seed, size, kinds)
+        if not 0.0 <= composites <= 1.0:
+            raise ValueError(f"composites must be a probability, got {composites}")
+        if blend not in ("exponential", "mean"):
+            raise ValueError(f"blend must be 'exponential' or 'mean', got {blend!r}")
+        self.composites, self.blend = composites, blend
         if not 1 <= strides[0] <= strides[1] <= MAX_VIDEO_FRAMES // 2:
             raise ValueError(f"strides must be a range (lo, hi) within 1..{MAX_VIDEO_FRAMES // 2}, got {strides}")
         if not 0.0 <= at_end <= 1.0:
@@ -790,7 +829,7 @@ class SyntheticVideoQA(_SeededVideos):
         self.strides, self.at_end, self.busy = strides, at_end, busy
 
     def _draw(self, index: int):
-        """(rng, frames F, end, stride, T, size, busy) for item index: cheap, no simulation."""
+        """(rng, frames F, end, stride, T, size, busy, composite) for item index: cheap, no simulation."""
         rng = self._rng(index, 13)
         F = int(rng.integers(MIN_VIDEO_FRAMES, MAX_VIDEO_FRAMES + 1))
         busy = False
@@ -803,29 +842,33 @@ class SyntheticVideoQA(_SeededVideos):
         end = F if rng.random() < self.at_end else int(rng.integers(min(MIN_END.values()), F + 1))
         T = len(sample_indices(end, "stride", stride=stride))
         size = self.sizes[int(rng.integers(0, len(self.sizes)))]
-        return rng, F, end, stride, T, size, busy
+        composite = self.composites > 0 and bool(self._rng(index, 19).random() < self.composites)
+        if composite:
+            T = math.ceil(end / stride)
+        return rng, F, end, stride, T, size, busy, composite
 
     def num_frames(self, index: int) -> int:
         return self._draw(index)[4]
 
     def __getitem__(self, index: int) -> VideoSample:
-        rng, F, end, stride, _, size, busy = self._draw(index)
+        rng, F, end, stride, _, size, busy, composite = self._draw(index)
         for attempt in range(5000 if busy else 200):
             video_seed = self.video_seed(index) + 7919 * attempt
             scenario = random_scenario(video_seed, F)
             if busy and not busy_scenario(scenario):
                 continue  # drawing a scenario is cheap; simulating it is not
             video = simulate_video(scenario)  # = make_video(video_seed, F)
-            indices = sample_indices(end, "stride", stride=stride)
+            indices = list(range(end)) if composite else sample_indices(end, "stride", stride=stride)
             by_kind: dict[str, list[tuple[str, str]]] = {}
-            for question, answer, kind in video.questions(end, indices):
+            for question, answer, kind in video.questions(end, None if composite else indices):
                 if kind in self.kinds:
                     by_kind.setdefault(kind, []).append((question, answer))
             if not by_kind:
                 continue
             asked = [(*options[int(rng.integers(0, len(options)))], kind) for kind, options in by_kind.items()]
+            frames = video.render_all(size, indices)
             return VideoSample(
-                video.render_all(size, indices),
+                blend_windows(frames, stride, self.blend) if composite else frames,
                 tuple(q for q, _, _ in asked),
                 tuple(a for _, a, _ in asked),
                 tuple(k for _, _, k in asked),
@@ -843,21 +886,20 @@ class SyntheticVideoQA(_SeededVideos):
 
 
 DEMO_FPS = 8.0
-DEMO_STEP = 8  # the engine's ActionShot `step`: the model sees every 8th frame (8 of 64)
-# ActionShot settings for the demo stream: this world's frames differ by a few levels per frame, far
-# below the default threshold (127.5), so a composite would otherwise swallow the whole video.
-DEMO_ACTIONSHOT = {"enabled": False, "step": DEMO_STEP, "threshold": 127.5, "max_frames": 120}
+DEMO_STEP = 8  # the model sees every 8th frame (8 of 64): the built-in model's ingest settings, one frame
+# per second (sample_fps 1.0 in its malmm_config.json), at DEMO_FPS
 
 
 @dataclass(frozen=True)
 class DemoVideo:
-    """The demo video on disk and what to ask about it: (question, answer, type) at its end."""
+    """The demo video on disk and what to ask about it: (question, answer, type) at its end, when the
+    model sees every DEMO_STEP-th frame; `video.questions(indices=...)` for other frames."""
 
     path: Path
     frames: int
     fps: float
     questions: list[tuple[str, str, str]]
-    actionshot: dict
+    video: Video
 
 
 def demo_video() -> Video:
@@ -890,10 +932,10 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float) -> Path:
 def make_demo_video(path: str | Path, size: int = 128) -> DemoVideo:
     """Write the demo video (64 frames, 8 fps, `size` pixels square, H.264) and return its questions.
 
-    The answers hold at the end of the video; ask them after the whole file has been streamed with
-    ActionShot settings `DEMO_ACTIONSHOT` (every `DEMO_STEP`-th frame).
+    The answers hold at the end of the video; ask them after the whole file has been streamed one frame per
+    second (every `DEMO_STEP`-th frame: the built-in model's ingest settings).
     """
     video = demo_video()
     write_video(path, video.render_all(size), DEMO_FPS)
-    seen = range(0, video.frames, DEMO_STEP)  # the frames the engine steps with DEMO_ACTIONSHOT
-    return DemoVideo(Path(path), video.frames, DEMO_FPS, video.questions(indices=seen), dict(DEMO_ACTIONSHOT))
+    seen = range(0, video.frames, DEMO_STEP)  # the frames the engine steps with the built-in model's settings
+    return DemoVideo(Path(path), video.frames, DEMO_FPS, video.questions(indices=seen), video)

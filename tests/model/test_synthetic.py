@@ -9,11 +9,13 @@ from mixmalmm.model.synthetic import (
     ANSWER_WORDS,
     BUSY_FRAMES,
     COLOURS,
+    DEMO_FPS,
     NUMBERS,
     QUESTION_TYPES,
     SHAPES,
     SyntheticQA,
     SyntheticVideoQA,
+    blend_windows,
     busy_scenario,
     labelled_frames,
     make_demo_video,
@@ -313,3 +315,36 @@ def test_busy_share_of_video_samples_has_every_event_and_leaves_the_others_as_th
     assert sum(busy_scenario(make_video(plain[i].seed, plain[i].length).scenario) for i in range(60)) <= 10
     with pytest.raises(ValueError, match="busy must be a probability"):
         SyntheticVideoQA(3, seed=0, busy=1.5)
+
+
+def test_composites_are_what_the_engines_actionshot_makes():
+    from mixmalmm.streamer.actionshot import ActionShot
+    from mixmalmm.streamer.frames import Frame
+
+    frames = make_video(5, frames=30).render_all(64)
+    for blend in ("exponential", "mean"):
+        ours = blend_windows(frames, 8, blend)
+        # the engine's defaults but the longest action: the cut rule finds no cut in this world
+        engine = ActionShot(max_seconds=8 / DEMO_FPS, blend=blend)
+        shots = list(engine.feed(Frame(f, i / DEMO_FPS, i, 0.0) for i, f in enumerate(frames)))
+        assert [s.count for s in shots] == [8, 8, 8, 6] and len(ours) == 4
+        for shot, image in zip(shots, ours, strict=True):
+            np.testing.assert_array_equal(shot.image, image)
+
+
+def test_composite_share_of_video_samples():
+    plain = SyntheticVideoQA(40, seed=6, size=32)
+    mixed = SyntheticVideoQA(40, seed=6, size=32, composites=0.5, blend="mean")
+    made = 0
+    for i in range(40):
+        m, p = mixed[i], plain[i]
+        assert len(m.frames) == mixed.num_frames(i)
+        if m.indices == tuple(range(m.end)):  # composites: every frame up to the cut, blended by windows
+            made += 1
+            stride = mixed._draw(i)[3]  # the stride a single-frame clip of this item would take
+            video = make_video(m.seed, m.length)
+            np.testing.assert_array_equal(m.frames, blend_windows(video.render_all(32, range(m.end)), stride, "mean"))
+        else:  # drawn as with composites=0
+            assert (m.seed, m.end, m.questions, m.answers) == (p.seed, p.end, p.questions, p.answers)
+            np.testing.assert_array_equal(m.frames, p.frames)
+    assert 10 <= made <= 30
