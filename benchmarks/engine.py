@@ -134,9 +134,10 @@ def main() -> None:
         marks, samples = [0.25, 0.5, 0.75, 1.0], [("start", rss_mib())]
         t0 = time.perf_counter()
         for m in marks:
-            wait(lambda m=m: stream.pipeline.frames >= m * long_frames or stream.state_name == "finished", 3600)
+            wait(lambda m=m: stream.pipeline.frames >= m * long_frames
+                 or stream.state_name in ("draining", "finished"), 3600)
             samples.append((f"{int(m * 100)}%", rss_mib()))
-        wait(lambda: len(stream.queue) == 0 and stream.state_name == "finished", 600)
+        wait(lambda: stream.state_name == "finished", 600)  # every Shot in memory, the last one's step done
         elapsed = time.perf_counter() - t0
         folded = stream.state.frames
     finally:

@@ -11,9 +11,11 @@ one object per line, events as the protocol encodes them plus ``gap`` and ``rest
 failure after the arguments are parsed prints one line on stderr and, with ``--json``, the object
 ``{"error": {"code": ..., "message": ...}}`` on stdout; ``code`` is the engine's error code
 (``protocol.ErrorCode``) or one of the client's own: ``no_reply``, ``usage``, ``protocol``,
-``no_events``, ``not_installed``.
+``no_events``, ``not_installed``, ``not_finished`` (``streams add --wait``: the stream failed or was
+stopped before it finished).
 
-Exit status: 0 success; 1 the engine replied with an error; 2 bad usage (arguments, address, key
+Exit status: 0 success; 1 the engine replied with an error (or the stream waited for did not
+finish); 2 bad usage (arguments, address, key
 files, a missing install); 3 no reply from the engine within the timeout (``watch``: fewer events than
 ``--count`` in time); 4 the reply was not this protocol; 130 interrupted (Ctrl-C).
 """
@@ -60,6 +62,10 @@ EXIT_INTERRUPTED = 130
 DEFAULT_TIMEOUT_S = 5.0
 SLOW_TIMEOUT_S = 30.0
 DEFAULT_RETRIES = 2
+#: Seconds between status requests while ``streams add --wait`` waits for the stream to finish.
+WAIT_POLL_S = 0.2
+#: Stream states a stream never leaves.
+END_STATES = ("finished", "failed", "stopped")
 
 #: Subcommands served by ``mixmalmm.streamer.cli`` (the full install), with their help lines.
 SERVER_COMMANDS = {
@@ -347,10 +353,37 @@ def _cmd_streams_add(args: argparse.Namespace) -> int:
     result: p.StreamInfo = _request(
         args, lambda c: c.add_stream(args.stream, args.uri, mode=args.mode, pace=args.pace, actionshot=actionshot)
     )
+    if args.wait:
+        return _wait_finished(args, result)
     if args.json:
         _out(_json(result))
     else:
         _out(f"added stream {result.stream} ({result.mode}, {result.state}): {result.uri}")
+    return EXIT_OK
+
+
+def _wait_finished(args: argparse.Namespace, added: p.StreamInfo) -> int:
+    """``streams add --wait``: poll the stream's status until it is finished (every Shot of the file in
+    memory, not just decoded: it is ``draining`` before) and print that status; a stream that fails or
+    is stopped instead is a ``not_finished`` error."""
+    if not args.json:
+        _out(f"added stream {added.stream} ({added.mode}, {added.state}): {added.uri}; waiting for it to finish")
+
+    def poll(client: Client) -> p.StreamStatus:
+        while (status := client.status(added.stream).streams[0]).state not in END_STATES:
+            time.sleep(WAIT_POLL_S)
+        return status
+
+    status: p.StreamStatus = _request(args, poll)
+    if status.state != "finished":
+        raise CommandError(f"stream {status.stream} is {status.state}, not finished: "
+                           f"{status.last_error or 'no error given'}", code="not_finished",
+                           exit_code=EXIT_ENGINE_ERROR)
+    if args.json:
+        _out(_json(status))
+    else:
+        _out(f"stream {status.stream} finished: {status.shots} Shots in memory, covering "
+             f"{_fmt_span(status.span_start_s, status.span_end_s)}")
     return EXIT_OK
 
 
@@ -640,6 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "replay for files, live otherwise")
     add.add_argument("--pace", choices=["realtime", "fast"], default="realtime",
                      help="replay at the file's own pace (default) or as fast as possible")
+    add.add_argument("--wait", action="store_true",
+                     help="for a file: return once it is finished, every Shot in memory, and print its status "
+                          "(--json: the status); exit 1 if it fails or is stopped first")
     add_actionshot_options(add, "how frames become Shots (default: the engine's, from its model)")
     _add_connection(add)
     add.set_defaults(run=_cmd_streams_add)

@@ -258,7 +258,9 @@ REQUEST_TYPES: dict[str, type[Request]] = {
 # Results (the ``result`` member of an ok reply)
 # ----------------------------------------------------------------------------------------------------
 
-StreamState = Literal["connecting", "live", "reconnecting", "finished", "failed", "stopped"]
+#: connecting -> live (-> reconnecting -> live ...); a file then draining (decoded, Shots still going
+#: into memory) -> finished (every Shot in memory); failed and stopped can end any of them.
+StreamState = Literal["connecting", "live", "reconnecting", "draining", "finished", "failed", "stopped"]
 
 
 class PingResult(msgspec.Struct, kw_only=True):
@@ -433,8 +435,8 @@ class Event(msgspec.Struct, tag_field="type", kw_only=True):
 
 
 class StreamStateEvent(Event, tag="stream_state"):
-    """A stream changed state (added -> connecting -> live, reconnecting, finished, failed, stopped).
-    ``previous`` is ``null`` for a newly added stream; ``message`` explains failures."""
+    """A stream changed state (added -> connecting -> live, reconnecting, draining, finished, failed,
+    stopped). ``previous`` is ``null`` for a newly added stream; ``message`` explains failures."""
 
     state: StreamState
     previous: StreamState | None = None

@@ -7,7 +7,8 @@
 3. As a client would, over ZeroMQ: subscribes to the stream's events (``Subscriber``), adds the video
    as a stream played at its own pace (``Client.add_stream``, replay mode: nothing dropped), registers
    a standing question answered every `STANDING_PERIOD_S` seconds (its answers arrive as events),
-   asks questions while the video plays and all of the video's questions at the end.
+   asks questions while the video plays and all of the video's questions at the end: once the stream
+   is ``finished``, that is once every Shot of the video is in memory.
 4. Prints every answer with the span of video the memory covered (and the answer the synthetic world
    expects, when it knows one), writes ``answers.json`` and ``contact_sheet.png`` (as ``mixmalmm
    replay`` draws it: see `mixmalmm.streamer.replay`) to ``--out``, and says where.
@@ -330,7 +331,7 @@ def _play(args, sample: SampleVideo, log: ShotLog, engine, server, started: floa
                 record = _record(result, sample.expected_at(question, result.span_end_s or 0.0), "during")
                 records.append(record)
                 say("  ask   " + answer_line(record, record["expected"]))
-            if status.shots >= len(log.shots):
+            if status.state == "finished":  # every Shot of the video is in memory (not just decoded)
                 break
             if status.state in ("failed", "stopped"):
                 say(f"the stream {status.state}: {status.last_error}")

@@ -10,10 +10,17 @@ Questions never wait for the ingest backlog: each stream's state has a lock held
 is folded in, so an answer waits at most one step. The Q-Former output is taken under that lock (a
 consistent view of the memory), and the LLM generates outside it while ingestion goes on.
 
+A file's stream is "draining" from the end of its decoding until the model thread has stepped its
+last Shot (the stream's queue counts Shots put and Shots done, so a Shot taken out of the queue and
+being stepped still counts), then "finished": every Shot is in memory. If a model step failed for any
+of its Shots it ends "failed" instead (its memory holds the others and can still be asked).
+
 Persistence: with a state directory, each stream's state (banks, counts, time spans, standing
-questions, source URI and options) is written atomically (temporary file, fsync, rename) every
-`snapshot_period_s` and on shutdown, and read back on start. A failed write (full disk, unwritable
-directory) is logged and shown in the status; the engine keeps running and keeps the state in memory.
+questions, source URI and options, stream state) is written atomically (temporary file, fsync,
+rename) every `snapshot_period_s` and on shutdown, and read back on start. A replay saved in any
+state but "finished" (draining included) is resumed after the last Shot its memory holds. A failed
+write (full disk, unwritable directory) is logged and shown in the status; the engine keeps running
+and keeps the state in memory.
 """
 
 from __future__ import annotations
@@ -142,7 +149,11 @@ class Engine:
         return self
 
     def shutdown(self, save: bool = True) -> None:
-        """Stop sources, finish the current step, save every stream, stop the threads."""
+        """Stop sources, finish the current step, save every stream, stop the threads.
+
+        A draining file's Shots still queued are not folded in: it is saved "stopped", so a restart
+        resumes it after the last Shot in memory.
+        """
         with self._streams_lock:
             streams = list(self._streams.values())
         for s in streams:
@@ -270,12 +281,16 @@ class Engine:
                 with self._work:
                     self._work.wait(timeout=0.1)
                 continue
+            error = None
             try:
                 self._step(batch)
             except Exception as exc:  # a broken Shot must not stop other streams
                 log.exception("model step failed")
+                error = f"model step failed: {exc}"
                 for stream, _ in batch:
-                    stream.last_error = f"model step failed: {exc}"
+                    stream.last_error = error
+            for stream, _ in batch:  # after the step: a file's last one turns it finished (or failed)
+                stream.queue.task_done(error)
 
     def _step(self, batch) -> None:
         proc = self._image_processor
@@ -384,9 +399,12 @@ class Engine:
             entries = bank.count if bank is not None else min(stream.state.frames, 1)
             span = stream.state.time_span()
             folded = stream.state.frames  # Shots in memory, restored ones included
+            # Read with the memory: "finished" is set after the last step releases the lock, so a
+            # status that says finished also counts every Shot.
+            state_name = stream.state_name
         pipe = stream.pipeline
         return P.StreamStatus(
-            stream=stream.id, uri=stream.request.uri, state=stream.state_name,
+            stream=stream.id, uri=stream.request.uri, state=state_name,
             fps_in=pipe.fps_in(now) if pipe else 0.0, fps_out=stream.fps_out(now),
             frames=pipe.frames if pipe else 0, shots=folded,
             drops=stream.queue.dropped + (pipe.source_drops if pipe else 0),
@@ -475,6 +493,8 @@ class Engine:
                 self.persist_error = f"could not restore '{path}': {exc}"
                 continue
             replay = not info.get("live", False)
+            # Only a replay saved "finished" had every Shot in memory; one saved draining (a crash),
+            # stopped (a shutdown while draining) or failed resumes after its last Shot.
             stream = self.add_stream(
                 request, state=state, keep_on_error=True,
                 ingest=not (replay and info.get("state") == "finished"),

@@ -4,9 +4,12 @@ The thread does no torch work: the model thread preprocesses the Shots of all st
 (torch's thread pool, entered from many decode threads at once, slows every call down).
 
 The thread owns its source. Live sources reconnect by themselves (their state machine: connecting,
-live, reconnecting, failed); a file ends as "finished". Every state change is reported through
-`on_state(previous, new, message)`; a source that cannot be opened at all ends as "failed" with the
-error's message, and nothing else in the engine is disturbed.
+live, reconnecting, failed). A file whose decoding ends turns "draining" while its Shots are still
+queued or being stepped, and "finished" once the model thread is done with the last of them (the
+queue's `when_drained`; "failed" instead when a model step failed for any of its Shots, so that
+"finished" means every Shot is folded into memory). Stopped before that, it ends as "stopped". Every
+state change is reported through `on_state(previous, new, message)`; a source that cannot be opened
+at all ends as "failed" with the error's message, and nothing else in the engine is disturbed.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ StateCallback = Callable[[str | None, str, str | None], None]
 POLL_S = 0.2
 #: A resumed file starts this many seconds after the last frame already in memory.
 RESUME_GAP_S = 1e-3
+#: States a pipeline never leaves.
+FINAL_STATES = ("finished", "failed", "stopped")
 
 
 class StreamPipeline:
@@ -74,6 +79,7 @@ class StreamPipeline:
         self.live = self.source.live if mode == "auto" else mode == "live"
         self.queue.drop_oldest = self.live
         self.state = "connecting"
+        self._state_lock = threading.RLock()  # decode thread, model thread (drained) and stop()
         self.frames = 0
         self.last_error: str | None = None
         self._in_times: collections.deque[float] = collections.deque(maxlen=512)
@@ -86,7 +92,10 @@ class StreamPipeline:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        with self._state_lock:
+            self._stop.set()
+            if self.state == "draining":  # the decode thread is done: nobody else will say "stopped"
+                self._set_state("stopped")
         self.source.close()
         self.queue.close()
 
@@ -115,13 +124,25 @@ class StreamPipeline:
 
     # ------------------------------------------------------------------ thread
 
-    def _set_state(self, new: str, message: str | None = None) -> None:
-        if new == self.state:
-            return
-        old, self.state = self.state, new
-        if message:
-            self.last_error = message
-        self._on_state(old, new, message)
+    def _set_state(self, new: str, message: str | None = None, *, only_from: str | None = None) -> None:
+        """Change state and report it, unless the state is final already (or is not `only_from`)."""
+        with self._state_lock:
+            if new == self.state or self.state in FINAL_STATES or only_from not in (None, self.state):
+                return
+            old, self.state = self.state, new
+            if message:
+                self.last_error = message
+            self._on_state(old, new, message)  # under the lock: events go out in the order states change
+
+    def _drained(self) -> None:
+        """The model is done with every Shot of the file: finished, or failed if a step failed."""
+        q = self.queue
+        if q.failures:
+            message = (f"{q.failures} Shot(s) could not be folded into memory (the memory holds the others): "
+                       f"{q.last_failure}")
+            self._set_state("failed", message, only_from="draining")
+        else:
+            self._set_state("finished", only_from="draining")
 
     def _follow_source(self) -> None:
         """Mirror the source's state machine (it changes on the source's own thread)."""
@@ -157,7 +178,11 @@ class StreamPipeline:
             return
         finally:
             self.source.close()
-        self._set_state("stopped" if self._stop.is_set() else "finished")
+        with self._state_lock:  # against stop(): either it sees "draining" or we see its flag
+            stopped = self._stop.is_set()
+            self._set_state("stopped" if stopped else "draining")
+        if not stopped:
+            self.queue.when_drained(self._drained)
 
 
 def rate(times: collections.deque[float], now: float, window_s: float = 5.0) -> float:
@@ -168,7 +193,8 @@ def rate(times: collections.deque[float], now: float, window_s: float = 5.0) -> 
     return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
 
 
-# The source's states as the protocol names them.
+# The source's states as the protocol names them. `_follow_source` mirrors only the first three: how a
+# stream ends (draining, finished, failed, stopped) is the pipeline's own decision (see `_run`).
 _STATES = {
     SourceState.CONNECTING: "connecting",
     SourceState.LIVE: "live",

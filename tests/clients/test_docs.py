@@ -1,7 +1,7 @@
 """The README's protocol section cannot rot: every JSON example on it is decoded by the protocol's own decoders (and a
-reply's result or an event must show exactly the fields the code sends), every request, event and error
-code is documented, the limits it states are the code's, its key file loads, and its raw-pyzmq client
-runs against a real server."""
+reply's result or an event must show exactly the fields the code sends), every request, event, error
+code and stream state is documented, the limits it states are the code's, its key file loads, and its
+raw-pyzmq client runs against a real server."""
 
 import inspect
 import json
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 
 import msgspec
 import zmq
@@ -97,6 +98,12 @@ def test_every_error_code_and_limit_in_the_doc_is_the_codes():
     assert f"up to {defaults['replay_s']:g} s after" in text
     assert "1024 replies" in text  # Server keeps this many for replaying retries
     assert "1 MiB" in text and p.MAX_MESSAGE_BYTES == 1 << 20
+
+
+def test_the_stream_states_in_the_doc_are_the_protocols():
+    text = DOC.read_text(encoding="utf-8")
+    paragraph = text.split("\nStream states: ", 1)[1].split("\n\n", 1)[0]
+    assert re.findall(r"`([a-z]+)` \(", paragraph) == list(typing.get_args(p.StreamState))
 
 
 def test_the_certificate_example_loads(tmp_path):

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -115,6 +116,34 @@ def http_server(media):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """predicate()'s first true value, polled every 50 ms; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not within {timeout} s"
+        time.sleep(0.05)
+
+
+class SlowSteps:
+    """A real model whose `step` sleeps `delay_s` seconds first (so Shots back up in the engine's queues,
+    as behind a big model), and raises for a Shot ending at `fail_end` seconds; the rest is the model's."""
+
+    def __init__(self, model, delay_s: float, fail_end: float | None = None):
+        self.model, self.delay_s, self.fail_end = model, delay_s, fail_end
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def step(self, states, features, times):
+        time.sleep(self.delay_s)
+        if self.fail_end is not None and any(end == pytest.approx(self.fail_end) for _, end in times):
+            raise RuntimeError("out of memory (injected)")
+        return self.model.step(states, features, times)
 
 
 def _gst_rtsp_available() -> bool:

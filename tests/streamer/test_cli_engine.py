@@ -18,7 +18,7 @@ from mixmalmm.model import MALMM
 from mixmalmm.streamer.engine import SNAPSHOT_SUFFIX, Engine, EngineConfig
 from mixmalmm.streamer.server import Server
 
-from .conftest import FPS, NUM_FRAMES
+from .conftest import FPS, NUM_FRAMES, SlowSteps
 
 CLI = [sys.executable, "-m", "mixmalmm.clients.cli"]
 LAST_S = (NUM_FRAMES - 1) / FPS  # the last frame's time: 5.9 s
@@ -95,12 +95,11 @@ def test_a_file_added_asked_saved_and_removed(model, media, tmp_path):
     with serving(model, state_dir) as server:
         added = one_json(mixmalmm(server, "streams", "add", "f", uri, "--pace", "fast", "--no-actionshot", "--json"))
         assert (added["stream"], added["uri"], added["mode"], added["questions"]) == ("f", uri, "replay", [])
-        assert added["state"] in ("connecting", "live", "finished")
+        assert added["state"] in ("connecting", "live", "draining", "finished")
 
-        # Without ActionShot every frame is a Shot; a replay drops none. The memory holds M = 10 entries
-        # plus the newest Shot's (11/10).
-        status = wait_for_status(server, "f", lambda s: s["state"] == "finished" and s["shots"] == NUM_FRAMES, 30,
-                                 "the whole file stepped")
+        # Without ActionShot every frame is a Shot; a replay drops none, and "finished" means every Shot is
+        # in memory. The memory holds M = 10 entries plus the newest Shot's (11/10).
+        status = wait_for_status(server, "f", lambda s: s["state"] == "finished", 30, "the file to finish")
         assert {k: status[k] for k in ("stream", "uri", "frames", "shots", "drops", "reconnects", "memory_entries",
                                        "memory_capacity", "span_start_s", "queue_depth", "last_error")} == {
             "stream": "f", "uri": uri, "frames": NUM_FRAMES, "shots": NUM_FRAMES, "drops": 0, "reconnects": 0,
@@ -168,6 +167,29 @@ def test_a_file_added_asked_saved_and_removed(model, media, tmp_path):
         assert refused_json(mixmalmm(server, "ask", "f", "what moved?", "--json")) == {
             "code": "unknown_stream", "message": "no stream 'f'"}
         assert ok(mixmalmm(server, "status")).splitlines()[1] == "no streams (add one with `mixmalmm streams add ID URI`)"
+
+
+def test_streams_add_wait_returns_once_every_shot_is_in_memory(model, media):
+    uri = str(media.h264)
+    # A slowed model: the file is decoded long before its Shots are in memory (the stream drains).
+    with serving(SlowSteps(model, 0.05), None) as server:
+        status = one_json(mixmalmm(server, "streams", "add", "f", uri, "--pace", "fast", "--actionshot", "--max-frames", "3",
+                                   "--wait", "--json"))
+        assert (status["state"], status["frames"], status["shots"], status["queue_depth"]) == (
+            "finished", NUM_FRAMES, 21, 0)  # 60 frames in composites of 3 (none cut earlier: see test_draining)
+        assert (status["span_start_s"], status["span_end_s"]) == (0.0, pytest.approx(LAST_S))
+        assert ok(mixmalmm(server, "streams", "add", "g", uri, "--pace", "fast", "--actionshot", "--max-frames", "3",
+                           "--wait")).splitlines() == [
+            f"added stream g (replay, connecting): {uri}; waiting for it to finish",
+            "stream g finished: 21 Shots in memory, covering 0.0 s - 5.9 s"]
+    with serving(SlowSteps(model, 0.02, fail_end=LAST_S), None) as server:  # the last Shot's step fails
+        result = mixmalmm(server, "streams", "add", "h", uri, "--pace", "fast", "--no-actionshot", "--wait",
+                          "--json")
+        assert result.returncode == EXIT_ENGINE_ERROR, (result.stdout, result.stderr)
+        message = ("stream h is failed, not finished: 1 Shot(s) could not be folded into memory (the memory "
+                   "holds the others): model step failed: out of memory (injected)")
+        assert result.stderr == f"mixmalmm streams: {message}\n"
+        assert json.loads(result.stdout) == {"error": {"code": "not_finished", "message": message}}
 
 
 def test_watch_standing_answers_while_a_file_plays(model, media):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 
 import msgspec
 import pytest
@@ -19,7 +18,7 @@ from mixmalmm.model import MALMM
 from mixmalmm.streamer.engine import Engine, EngineConfig
 from mixmalmm.streamer.server import Server
 
-from .conftest import FPS, NUM_FRAMES
+from .conftest import FPS, NUM_FRAMES, wait_for
 
 EVERY_FRAME = P.ActionShotSettings(enabled=False)  # each frame is a Shot: memory fills at once
 FAST_NETWORK = {"open_timeout": 4.0, "read_timeout": 1.5, "backoff": (0.2, 0.5)}
@@ -48,16 +47,6 @@ def running(model, tmp_path):
         client.close()
         engine.shutdown(save=False)
         server.stop()
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not within {timeout} s"
-        time.sleep(0.05)
 
 
 def stream_status(client, sid) -> P.StreamStatus:
@@ -93,10 +82,9 @@ def test_questions_while_a_file_and_an_rtsp_stream_flow(running, media, rtsp_ser
         seqs = [e.seq for e in answers]
         assert seqs == list(range(seqs[0], seqs[0] + 3)) and not sub.gaps
         assert all(e.question_id == "what" and e.span_end_s >= e.span_start_s for e in answers)
-    # The replay loses nothing: every frame of the file becomes a Shot.
-    wait_for(lambda: stream_status(client, "file").state == "finished", 60, "the file to finish")
-    wait_for(lambda: stream_status(client, "file").shots == NUM_FRAMES, 60, "all Shots stepped")
-    file = stream_status(client, "file")
+    # The replay loses nothing: every frame of the file becomes a Shot, all in memory once it is finished.
+    file = wait_for(lambda: (s := stream_status(client, "file")).state == "finished" and s, 60, "the file to finish")
+    assert file.shots == NUM_FRAMES and file.queue_depth == 0
     assert file.frames == NUM_FRAMES and file.drops == 0
     assert file.memory_entries == file.memory_capacity + 1  # M stored plus the newest
     assert file.span_end_s == pytest.approx((NUM_FRAMES - 1) / FPS)
@@ -235,7 +223,7 @@ def test_restart_restores_memory_and_standing_questions(model, media, tmp_path):
                                       "actionshot": {"enabled": False}}, P.AddStream))
     first.add_question(P.AddQuestion(id=2, stream="f", question_id="q", text="what moved?"))
     wait_for(lambda: first.stream_status(first._get("f")).state == "finished", 60, "the file to finish")
-    wait_for(lambda: first._get("f").state.frames == NUM_FRAMES, 60, "all Shots stepped")
+    assert first._get("f").state.frames == NUM_FRAMES  # finished: every Shot is in memory
     want = first.ask("f", "what moved?", max_new_tokens=6)
     first.shutdown(save=True)
 
