@@ -17,7 +17,8 @@ exact. The online accumulator keeps O(1) state (one composite, or one sum, per s
 same Shots as `offline_action_shots`, which recomputes every composite from the stored frames.
 
 Also here for comparison: `PassThrough` (every sampled frame is a Shot) and MA-LMM's uniform
-sampling of a clip (`uniform_indices`, `uniform_shots`).
+sampling of a clip (`uniform_indices`, `uniform_shots`). `make_accumulator` picks one of the two for a
+stream's protocol ActionShot settings.
 """
 
 from __future__ import annotations
@@ -272,6 +273,15 @@ class PassThrough:
             shot = self.push(frame)
             if shot is not None:
                 yield shot
+
+
+def make_accumulator(settings) -> ActionShot | PassThrough:
+    """A fresh Shot maker for protocol `ActionShotSettings` (`enabled`, `step`, `threshold`,
+    `max_frames`, `blend`): an `ActionShot`, or a `PassThrough` when blending is off."""
+    if settings.enabled:
+        return ActionShot(threshold=settings.threshold, max_frames=settings.max_frames, step=settings.step,
+                          blend=settings.blend)
+    return PassThrough(step=settings.step)
 
 
 def uniform_indices(num_frames: int, count: int, start: int = 0) -> np.ndarray:

@@ -28,7 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cli import EXIT_ERROR, EXIT_OK, UserError, add_model_arguments
+from .actionshot import make_accumulator
+from .options import EXIT_ERROR, EXIT_OK, UserError, add_model_arguments, load_model, quiet_model_loading
 from .replay import (
     HELD_DEFINITION,
     ShotLog,
@@ -36,9 +37,7 @@ from .replay import (
     draw_contact_sheet,
     format_span,
     format_time,
-    make_accumulator,
     memory_cover,
-    quiet_model_loading,
     shot_table,
     write_png,
 )
@@ -228,7 +227,6 @@ def _matches(answer: str, expected: str | None) -> bool | None:
 def run_demo(args: argparse.Namespace) -> int:
     from mixmalmm.clients import ClientError
 
-    from .cli import load_model
     from .server import is_local_endpoint
 
     if args.max_new_tokens < 1:

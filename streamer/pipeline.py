@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from mixmalmm.clients import protocol as P
 
-from .actionshot import ActionShot, PassThrough
+from .actionshot import make_accumulator
 from .shotqueue import ShotQueue
 from .sources import NETWORK_SCHEMES, FileSource, SourceState, open_source
 
@@ -129,11 +129,7 @@ class StreamPipeline:
             self._set_state(new, stats.last_error if new == "reconnecting" else None)
 
     def _run(self) -> None:
-        s = self.settings
-        if s.enabled:
-            accumulator = ActionShot(threshold=s.threshold, max_frames=s.max_frames, step=s.step, blend=s.blend)
-        else:
-            accumulator = PassThrough(step=s.step)
+        accumulator = make_accumulator(self.settings)
         try:
             while not self._stop.is_set():
                 try:

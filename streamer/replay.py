@@ -44,13 +44,16 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from .cli import (
+from .actionshot import make_accumulator
+from .options import (
     EXIT_ERROR,
     EXIT_OK,
     UserError,
     actionshot_settings,
     add_actionshot_arguments,
     add_model_arguments,
+    load_model,
+    quiet_model_loading,
 )
 
 #: Most Shots whose thumbnails a contact sheet shows by default.
@@ -105,23 +108,6 @@ def parse_seconds(text: str, option: str) -> float:
     if not math.isfinite(seconds) or seconds < 0 or any(v < 0 for v in values):
         raise UserError(f"{option}: {text!r} is not a time of the video (use seconds >= 0)")
     return seconds
-
-
-def quiet_model_loading() -> None:
-    """No transformers progress bars while weights load: these commands draw their own output."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
-def make_accumulator(settings):
-    """The per-stream Shot maker for protocol ActionShot settings (as the engine's pipeline builds it)."""
-    from .actionshot import ActionShot, PassThrough
-
-    if settings.enabled:
-        return ActionShot(threshold=settings.threshold, max_frames=settings.max_frames, step=settings.step,
-                          blend=settings.blend)
-    return PassThrough(step=settings.step)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -684,7 +670,6 @@ def run_replay(args: argparse.Namespace) -> int:
 def _replay(args, source, questions: list[Question], standing: list[str], settings, origin: float,
             limit: float | None, out: Path) -> int:
     """Fold the opened source into a fresh state, answer, write the outputs; returns the exit status."""
-    from .cli import load_model
     from .sources import SourceError
 
     quiet_model_loading()

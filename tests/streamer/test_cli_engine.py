@@ -220,7 +220,8 @@ def test_watch_standing_answers_while_a_file_plays(model, media):
 
 def test_memory_bank_length_from_the_command_line_keeps_the_folders_other_settings(tmp_path):
     from mixmalmm.model import MALMM, StreamConfig
-    from mixmalmm.streamer.cli import build_parser, load_model
+    from mixmalmm.streamer.cli import build_parser
+    from mixmalmm.streamer.options import load_model
 
     MALMM.tiny(StreamConfig(memory_bank_length=4, present_frame=True)).save_pretrained(tmp_path / "m")
     folder = str(tmp_path / "m")

@@ -1,0 +1,125 @@
+"""What the engine-side commands (``serve``, ``replay``, ``demo``) share, so that none imports another.
+
+- `UserError` and the exit statuses: a mistake in the command line or its inputs ends in one line on
+  stderr and `EXIT_USAGE` (``mixmalmm.streamer.cli.main`` prints it);
+- the option groups every command takes the same way: `add_model_arguments` (read back by
+  `load_model`) and `add_actionshot_arguments` (read back by `actionshot_settings`);
+- `load_model` and `builtin_model`: the model the options name.
+
+Imports point one way: ``cli`` (with ``serve``) imports ``demo`` and ``replay``; all three import this
+module, which imports none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+log = logging.getLogger("mixmalmm")
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs; the message says what and what to do."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The "model" option group (``--model``, ``--malmm-checkpoint``, ``--memory-bank-length``,
+    ``--device``, ``--dtype``), read back by `load_model`."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", metavar="FOLDER",
+                   help="InstructBLIP folder (transformers' save_pretrained layout, or one written by "
+                        "mixmalmm); default: the built-in model shipped with mixmalmm")
+    g.add_argument("--malmm-checkpoint", metavar="PTH",
+                   help="an MA-LMM (LAVIS) checkpoint loaded on top of --model")
+    g.add_argument("--memory-bank-length", type=int, metavar="M",
+                   help="entries per memory bank (MA-LMM: 10 for QA, 20 for long videos; 0 = no memory)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="default: float16 on CUDA, float32 elsewhere")
+
+
+def add_actionshot_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ActionShot option group, read back by `actionshot_settings`."""
+    g = parser.add_argument_group("ActionShot (frames blended into composites before the model)")
+    g.add_argument("--no-actionshot", action="store_true", help="every sampled frame goes to the model")
+    g.add_argument("--step", type=int, default=1, help="sample every STEP-th decoded frame (default 1)")
+    g.add_argument("--threshold", type=float, default=127.5,
+                   help="mean absolute difference (0-255) that starts a new composite (default 127.5)")
+    g.add_argument("--max-frames", type=int, default=120, help="most frames in one composite (default 120)")
+    g.add_argument("--blend", choices=["exponential", "mean"], default="exponential",
+                   help="exponential: MixMA-LMM's 0.5/0.5 blend; mean: a true long exposure")
+
+
+def actionshot_settings(args: argparse.Namespace):
+    """The protocol `ActionShotSettings` the ActionShot options give; UserError when out of range."""
+    import msgspec
+
+    from mixmalmm.clients import protocol as P
+
+    fields = {"enabled": not args.no_actionshot, "step": args.step, "threshold": args.threshold,
+              "max_frames": args.max_frames, "blend": args.blend}
+    try:  # convert (not the constructor) checks the protocol's ranges
+        return msgspec.convert(fields, P.ActionShotSettings)
+    except msgspec.ValidationError as exc:
+        raise UserError(f"bad ActionShot settings: {exc}") from exc
+
+
+def load_model(args: argparse.Namespace):
+    """The model the options name: a weights folder (plus an MA-LMM checkpoint), or the built-in one.
+
+    Returns (model in eval mode on the chosen device and dtype, its name for logs and reports).
+    """
+    import torch
+
+    from mixmalmm.model import MALMM, default_dtype
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"bad --device {device!r}: {exc}") from exc
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA device (use --device cpu)")
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+    if args.model is None:
+        if args.malmm_checkpoint:
+            raise UserError("--malmm-checkpoint needs --model, the InstructBLIP folder it applies to")
+        try:
+            model, name = builtin_model().to(device=device, dtype=dtype), "built-in"
+        except (FileNotFoundError, OSError, ValueError) as exc:
+            raise UserError(f"the built-in model could not be loaded ({exc}); reinstall mixmalmm or pass --model") from exc
+    else:
+        try:
+            model = MALMM.from_pretrained(args.model, lavis_checkpoint=args.malmm_checkpoint, device=device, dtype=dtype)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise UserError(str(exc)) from exc
+        name = args.model
+    if args.memory_bank_length is not None:  # the model's other streaming settings (present_frame...) stay
+        model.config = replace(model.config, memory_bank_length=args.memory_bank_length)
+    return model.eval(), name
+
+
+def builtin_model():
+    """The model shipped with mixmalmm (trained on the synthetic world); while none is shipped, the
+    tiny model with random weights (it runs everything end to end, its answers are noise)."""
+    from mixmalmm.model import MALMM, default_model_path, load_default_model
+
+    try:
+        default_model_path()
+    except FileNotFoundError:
+        log.warning("no trained default model is shipped with this version: using the tiny model with "
+                    "random weights (answers are noise; pass --model for real weights)")
+        return MALMM.tiny()
+    return load_default_model()
+
+
+def quiet_model_loading() -> None:
+    """No transformers progress bars while weights load: these commands draw their own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
