@@ -10,7 +10,7 @@
    asks questions while the video plays and all of the video's questions at the end.
 4. Prints every answer with the span of video the memory covered (and the answer the synthetic world
    expects, when it knows one), writes ``answers.json`` and ``contact_sheet.png`` (as ``mixmalmm
-   replay`` draws it: see `mixmalmm.streamer.replay`) to ``--out``, and says where.
+   replay`` draws it: see `mixmalmm.streamer.contact_sheet`) to ``--out``, and says where.
 
 With ``--keep-serving`` the engine goes on serving the finished stream (``mixmalmm ask``, ``status``,
 ``watch`` work against it) until Ctrl-C or SIGTERM.
@@ -29,17 +29,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .actionshot import make_accumulator
-from .options import EXIT_ERROR, EXIT_OK, UserError, add_model_arguments, load_model, quiet_model_loading
-from .replay import (
+from .contact_sheet import (
     HELD_DEFINITION,
     ShotLog,
-    answer_line,
     draw_contact_sheet,
     format_span,
     format_time,
     memory_cover,
     shot_table,
     write_png,
+)
+from .options import (
+    EXIT_ERROR,
+    EXIT_OK,
+    UserError,
+    add_model_arguments,
+    answer_line,
+    load_model,
+    quiet_model_loading,
 )
 
 STREAM = "demo"

@@ -4,10 +4,11 @@
   stderr and `EXIT_USAGE` (``mixmalmm.streamer.cli.main`` prints it);
 - the option groups every command takes the same way: `add_model_arguments` (read back by
   `load_model`) and `add_actionshot_arguments` (read back by `actionshot_settings`);
-- `load_model` and `builtin_model`: the model the options name.
+- `load_model` and `builtin_model`: the model the options name;
+- `answer_line`: an answer record as replay and demo print it.
 
 Imports point one way: ``cli`` (with ``serve``) imports ``demo`` and ``replay``; all three import this
-module, which imports none of them.
+module, which imports none of them (only `mixmalmm.streamer.contact_sheet`, for the time format).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import replace
+
+from .contact_sheet import format_span, format_time
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -123,3 +126,11 @@ def quiet_model_loading() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+def answer_line(record: dict, expected: str | None = None) -> str:
+    """One answer as a line of text: when, how, what the memory covered, question -> answer."""
+    span = record.get("span_s")
+    head = f"[{format_time(record.get('asked_at_s'))} {record['mode']:8s} memory {format_span(span)}]"
+    tail = "" if expected is None else f"   (expected: {expected})"
+    return f"{head} {record['question']}  ->  {record['answer'] or '(empty)'}{tail}"

@@ -1,7 +1,6 @@
 """`mixmalmm replay` and `mixmalmm demo` run as a user runs them (subprocesses), on generated video.
 
-Also, in process: the contact sheet's "held by memory" numbers against a real memory bank (derived
-there from the entries' time spans instead of their merge counts), and the demo's fallback video.
+Also, in process: the demo's fallback video. (The contact sheet's own tests: test_contact_sheet.py.)
 """
 
 from __future__ import annotations
@@ -17,25 +16,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from mixmalmm.clients import Client
-from mixmalmm.kernels import StreamingMemoryBank
-from mixmalmm.model import QuestionState, StreamState
+from mixmalmm.streamer.contact_sheet import BORDER, THUMB_WIDTH, SheetLayout, thumbnail_height
 from mixmalmm.streamer.demo import _offline_shots, scene_sample_video
-from mixmalmm.streamer.replay import (
-    BORDER,
-    THUMB_WIDTH,
-    SheetLayout,
-    ThumbnailSampler,
-    memory_cover,
-    thumbnail_height,
-)
 
 from .conftest import HEIGHT, SCENE, WIDTH
 
 CLI = [sys.executable, "-m", "mixmalmm.clients.cli"]
-HELD_RGB = (40, 205, 90)  # the border of a Shot held in every column (replay._HELD)
+HELD_RGB = (40, 205, 90)  # the border of a Shot held in every column (contact_sheet._HELD)
 
 
 def run(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -215,30 +204,6 @@ def test_demo_end_to_end_then_keeps_serving(tmp_path):
     assert f"wrote {out / 'answers.json'} and {out / 'contact_sheet.png'}" in text
 
 
-def test_memory_cover_matches_the_banks_time_spans():
-    """held / mean_merge from merge counts agree with the entries' time spans (Shot i stored at time i)."""
-    gen = torch.Generator().manual_seed(0)
-    bank = StreamingMemoryBank(4, 1, 6, 8)
-    shots = 23
-    for i in range(shots):
-        bank.append(torch.randn(1, 6, 8, generator=gen), float(i))
-    state = StreamState("s", 4, bank, QuestionState("q", torch.zeros(1, 1, dtype=torch.long), []), frames=shots)
-    cover = memory_cover(state, shots)
-    first, last = (t[0].numpy() for t in bank.spans())  # [T, N] seconds = Shot indices
-    held = np.zeros(shots)
-    merge = np.zeros(shots)
-    for n in range(first.shape[1]):
-        for a, b in zip(first[:, n], last[:, n], strict=True):
-            held[int(a)] += a == b
-            merge[int(a) : int(b) + 1] += b - a + 1
-    assert cover.entries == 5 and cover.columns == 6
-    np.testing.assert_allclose(cover.held, held / 6)
-    np.testing.assert_allclose(cover.mean_merge, merge / 6)
-    assert cover.held.sum() < shots - 5  # merges happened
-    with pytest.raises(ValueError, match="not 22"):
-        memory_cover(state, 22)
-
-
 def test_fallback_sample_video_and_its_shots(tmp_path):
     sample = scene_sample_video(tmp_path / "sample.mp4")
     log = _offline_shots(sample)
@@ -246,19 +211,3 @@ def test_fallback_sample_video_and_its_shots(tmp_path):
     assert [s.start for s in log.shots] == pytest.approx([float(i) for i in range(8)])
     assert [s.frames for s in log.shots] == [10] * 8
     assert sample.duration == 8.0 and sample.expected_at(sample.final[0][0], 4.0) is None
-
-
-def test_thumbnails_stay_bounded_and_even_over_a_long_video():
-    """An hour at 10 Shots/s: at most 2·limit thumbnails kept at any time, `limit` shown, evenly spread."""
-    sampler = ThumbnailSampler(limit=48)
-    image = np.zeros((120, 160, 3), dtype=np.uint8)
-    most = 0
-    for i in range(36_000):
-        sampler.offer(i, image)
-        most = max(most, len(sampler.images))
-    chosen = sampler.chosen()
-    assert most <= 96 and len(chosen) == 48 and chosen == sorted(chosen)
-    assert chosen[0] == 0 and chosen[-1] >= 36_000 - sampler.stride
-    gaps = np.diff(chosen)
-    assert gaps.max() <= 2 * gaps.min()  # even: every gap one or two strides
-    assert sampler.images[0].shape == (thumbnail_height(160, 120), THUMB_WIDTH, 3)
