@@ -32,7 +32,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 from urllib.parse import unquote, urlsplit
 
 from .actionshot import make_accumulator
@@ -61,8 +60,6 @@ from .options import (
 
 #: Shots encoded by the vision encoder as one batch.
 ENCODE_BATCH = 8
-#: Seconds between progress-bar redraws.
-PROGRESS_PERIOD_S = 0.1
 
 
 def parse_seconds(text: str, option: str) -> float:
@@ -86,49 +83,31 @@ def parse_seconds(text: str, option: str) -> float:
 # progress
 
 
-class Progress:
-    """A one-line progress bar on `stream` (redrawn in place), or only a final line.
+def progress_bar(total_s: float | None, draw: bool):
+    """A tqdm bar on stderr counting seconds of video replayed, with Shots and frames in its postfix.
 
-    total: seconds of video to replay (None: unknown, no percentage); origin: the video time it starts at.
+    total_s: seconds of video to replay (the range from --start to its end; None when unknown: no
+    percentage, no ETA); draw: False for a bar that draws nothing. The rate is seconds of video per
+    second of wall time. Advance it with `show_progress`.
     """
+    from tqdm import tqdm
 
-    def __init__(self, stream: TextIO, live: bool, total: float | None, origin: float):
-        self.stream = stream
-        self.live = live
-        self.total = total
-        self.origin = origin
-        self.started = time.perf_counter()
-        self._drawn = 0.0
-        self._width = 0
+    if total_s:
+        layout = ("{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s of video "
+                  "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
+    else:
+        layout = "{desc}: {n:.1f} s of video [{elapsed}, {rate_noinv_fmt}{postfix}]"
+    return tqdm(total=total_s, desc="replay", unit="s", bar_format=layout, postfix="Shots=0, frames=0",
+                file=sys.stderr, dynamic_ncols=True, disable=not draw)
 
-    def line(self, pts: float | None, frames: int, shots: int) -> str:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        where = format_time(pts)
-        head = ""
-        if self.total and pts is not None:
-            frac = min(1.0, max(0.0, (pts - self.origin) / self.total))
-            filled = int(frac * 24)
-            head = f"{frac:4.0%} |{'#' * filled}{'.' * (24 - filled)}| "
-            where = f"{where}/{format_time(self.origin + self.total)}"
-        return f"replay {head}{where}  {shots} Shots  {frames} frames  {frames / elapsed:.1f} fps"
 
-    def update(self, pts: float | None, frames: int, shots: int) -> None:
-        if not self.live:
-            return
-        now = time.perf_counter()
-        if now - self._drawn < PROGRESS_PERIOD_S:
-            return
-        self._drawn = now
-        text = self.line(pts, frames, shots)
-        self.stream.write("\r" + text + " " * max(0, self._width - len(text)))
-        self.stream.flush()
-        self._width = len(text)
-
-    def finish(self, text: str) -> None:
-        if self.live:
-            self.stream.write("\r" + " " * self._width + "\r")
-        self.stream.write(text + "\n")
-        self.stream.flush()
+def show_progress(bar, seconds: float, shots: int, frames: int) -> None:
+    """Move `bar` to `seconds` of video replayed (clamped to its total) with these counts."""
+    if bar.disable:
+        return
+    bar.set_postfix_str(f"Shots={shots}, frames={frames}", refresh=False)
+    seconds = max(0.0, seconds if bar.total is None else min(seconds, bar.total))
+    bar.update(seconds - bar.n)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,42 +319,48 @@ def _replay(args, source, questions: list[Question], standing: list[str], settin
                     tuple(processor.image_std), max_new_tokens=args.max_new_tokens)
     timed = sorted((q for q in questions if q.at is not None), key=lambda q: q.at)
     accumulator = make_accumulator(settings)
-    progress = Progress(sys.stderr, args.progress or sys.stderr.isatty(),
-                        None if limit is None else max(limit - origin, 1e-9), origin)
+    total = None if limit is None else max(limit - origin, 1e-9)
     stop = _StopFlag()
     previous = signal.signal(signal.SIGINT, stop)
     frames, last_pts, batch, problem = 0, None, [], None
-    try:
-        for frame in source:
-            frames += 1
-            last_pts = frame.pts
-            shot = accumulator.push(frame)
+    started = time.perf_counter()
+    with progress_bar(total, args.progress or sys.stderr.isatty()) as bar:
+        try:
+            for frame in source:
+                frames += 1
+                last_pts = frame.pts
+                shot = accumulator.push(frame)
+                if shot is not None:
+                    batch.append(shot)
+                if len(batch) >= ENCODE_BATCH:
+                    replay.fold(batch, timed)
+                    batch = []
+                shots = len(replay.log.shots) + len(batch) + (accumulator.pending > 0)
+                show_progress(bar, last_pts - origin, shots, frames)
+                if stop.set:
+                    problem = f"interrupted at {format_time(last_pts)}"
+                    break
+        except SourceError as exc:
+            problem = f"stopped at {format_time(last_pts)}: {exc}"
+        finally:
+            source.close()
+        try:
+            shot = accumulator.flush()
             if shot is not None:
                 batch.append(shot)
-            if len(batch) >= ENCODE_BATCH:
+            if batch:
                 replay.fold(batch, timed)
-                batch = []
-            progress.update(last_pts, frames, len(replay.log.shots) + len(batch) + (accumulator.pending > 0))
-            if stop.set:
-                problem = f"interrupted at {format_time(last_pts)}"
-                break
-    except SourceError as exc:
-        problem = f"stopped at {format_time(last_pts)}: {exc}"
-    finally:
-        source.close()
-    try:
-        shot = accumulator.flush()
-        if shot is not None:
-            batch.append(shot)
-        if batch:
-            replay.fold(batch, timed)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    elapsed = time.perf_counter() - progress.started
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        seconds = 0.0 if last_pts is None else last_pts - origin
+        if problem is None and frames and total is not None:  # the source ended: the whole range is replayed
+            seconds = total
+        show_progress(bar, seconds, len(replay.log.shots), frames)
+    elapsed = time.perf_counter() - started
     summary = (f"replayed {format_span(replay.log.span()) if replay.log.shots else '0 s'}"
                f" of '{args.video}': {frames} frames, {len(replay.log.shots)} Shots in {elapsed:.1f} s "
                f"({frames / max(elapsed, 1e-9):.1f} frames/s)")
-    progress.finish(summary + (f"; {problem}" if problem else ""))
+    print(summary + (f"; {problem}" if problem else ""), file=sys.stderr, flush=True)
     if not replay.log.shots:
         raise UserError(f"no frames decoded from '{args.video}'" + (f" ({problem})" if problem else ""))
     for q in timed:  # asked for a time the replay did not reach with a Shot's end
