@@ -46,7 +46,6 @@ from .options import (
     add_model_arguments,
     answer_line,
     load_model,
-    quiet_model_loading,
 )
 
 STREAM = "demo"
@@ -245,7 +244,6 @@ def run_demo(args: argparse.Namespace) -> int:
     from .engine import Engine, EngineConfig  # (torch: after the cheap checks)
 
     started = time.perf_counter()
-    quiet_model_loading()
     model, name = load_model(args)
     out = Path(args.out)
     try:

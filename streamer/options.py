@@ -4,7 +4,8 @@
   stderr and `EXIT_USAGE` (``mixmalmm.streamer.cli.main`` prints it);
 - the option groups every command takes the same way: `add_model_arguments` (read back by
   `load_model`) and `add_actionshot_arguments` (read back by `actionshot_settings`);
-- `load_model` and `builtin_model`: the model the options name;
+- `load_model` and `builtin_model`: the model the options name (loaded without transformers' progress
+  bars: each command's stderr carries its own output and log records only);
 - `answer_line`: an answer record as replay and demo print it.
 
 Imports point one way: ``cli`` (with ``serve``) imports ``demo`` and ``replay``; all three import this
@@ -14,6 +15,7 @@ module, which imports none of them (only `mixmalmm.streamer.contact_sheet`, for 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from dataclasses import replace
 
@@ -89,22 +91,39 @@ def load_model(args: argparse.Namespace):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: this machine has no CUDA device (use --device cpu)")
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
-    if args.model is None:
-        if args.malmm_checkpoint:
-            raise UserError("--malmm-checkpoint needs --model, the InstructBLIP folder it applies to")
-        try:
-            model, name = builtin_model().to(device=device, dtype=dtype), "built-in"
-        except (FileNotFoundError, OSError, ValueError) as exc:
-            raise UserError(f"the built-in model could not be loaded ({exc}); reinstall mixmalmm or pass --model") from exc
-    else:
-        try:
-            model = MALMM.from_pretrained(args.model, lavis_checkpoint=args.malmm_checkpoint, device=device, dtype=dtype)
-        except (FileNotFoundError, ValueError, OSError) as exc:
-            raise UserError(str(exc)) from exc
-        name = args.model
+    if args.model is None and args.malmm_checkpoint:
+        raise UserError("--malmm-checkpoint needs --model, the InstructBLIP folder it applies to")
+    with _no_progress_bars():
+        if args.model is None:
+            try:
+                model, name = builtin_model().to(device=device, dtype=dtype), "built-in"
+            except (FileNotFoundError, OSError, ValueError) as exc:
+                raise UserError(f"the built-in model could not be loaded ({exc}); reinstall mixmalmm or pass "
+                                "--model") from exc
+        else:
+            try:
+                model = MALMM.from_pretrained(args.model, lavis_checkpoint=args.malmm_checkpoint, device=device,
+                                              dtype=dtype)
+            except (FileNotFoundError, ValueError, OSError) as exc:
+                raise UserError(str(exc)) from exc
+            name = args.model
     if args.memory_bank_length is not None:  # the model's other streaming settings (present_frame...) stay
         model.config = replace(model.config, memory_bank_length=args.memory_bank_length)
     return model.eval(), name
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers (and huggingface_hub) draw no progress bars inside the block ("Loading weights"...)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def builtin_model():
@@ -119,13 +138,6 @@ def builtin_model():
                     "random weights (answers are noise; pass --model for real weights)")
         return MALMM.tiny()
     return load_default_model()
-
-
-def quiet_model_loading() -> None:
-    """No transformers progress bars while weights load: these commands draw their own output."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
 
 def answer_line(record: dict, expected: str | None = None) -> str:

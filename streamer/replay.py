@@ -55,7 +55,6 @@ from .options import (
     add_model_arguments,
     answer_line,
     load_model,
-    quiet_model_loading,
 )
 
 #: Shots encoded by the vision encoder as one batch.
@@ -309,7 +308,6 @@ def _replay(args, source, questions: list[Question], standing: list[str], settin
     """Fold the opened source into a fresh state, answer, write the outputs; returns the exit status."""
     from .sources import SourceError
 
-    quiet_model_loading()
     model, name = load_model(args)
     state = model.create_state("replay")
     for text in standing:

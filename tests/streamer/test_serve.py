@@ -1,4 +1,4 @@
-"""`mixmalmm serve` as a process: SIGKILL and restart from the state directory, SIGTERM, CURVE."""
+"""`mixmalmm serve` as a process: SIGKILL and restart from the state directory, SIGTERM, CURVE, a quiet load."""
 
 from __future__ import annotations
 
@@ -144,3 +144,22 @@ def test_serve_user_errors_are_one_line(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2, (args, run.stdout, run.stderr)
         assert needle in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
+
+
+def test_serve_loads_the_model_without_a_progress_bar(tmp_path):
+    """`serve --log-level WARNING` keeps stderr to log records: transformers' "Loading weights" bar, which
+    it drew while the built-in model loaded, is not drawn."""
+    serve = Serve(tmp_path, "--log-level", "WARNING")
+    try:
+        serve.wait_ready()  # the server answers only once the model has loaded
+        with serve.client() as c:
+            assert c.status().streams == []
+        serve.process.send_signal(signal.SIGINT)
+        assert serve.process.wait(timeout=30) == 0, serve.output()
+    finally:
+        serve.stop()
+    raw = serve.path.read_bytes()  # (bytes: reading text would turn a bar's "\r" into a newline)
+    text = raw.decode()
+    assert "Loading weights" not in text and "it/s]" not in text, text
+    assert b"\r" not in raw and not set(text) & set("\u2588\u2589\u258a\u258b\u258c\u258d\u258e\u258f"), text
+    assert "Traceback" not in text and " INFO " not in text, text  # (INFO lines would mean a wrong level)
