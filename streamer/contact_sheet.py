@@ -6,7 +6,7 @@
 - `draw_contact_sheet`: the thumbnails, each with its time span and its "held" share, in a grid
   (`SheetLayout`), and under them a strip over the whole video with one bar per Shot, as tall as that
   share (`strip_heights`); `write_png` writes it;
-- `shot_table`: the Shots as answers.json lists them; `format_time` / `format_span`: video times as
+- `memory_report`, `shot_table`: the memory, the sheet and the Shots as answers.json lists them; `format_time` / `format_span`: video times as
   text, as the sheet and the commands print them.
 
 "Held by memory" (MA-LMM compresses each token column of the visual bank on its own): after the last
@@ -29,6 +29,8 @@ import numpy as np
 
 #: Most Shots whose thumbnails a contact sheet shows by default.
 DEFAULT_THUMBNAILS = 48
+#: The sheet's file name beside answers.json.
+SHEET_FILE = "contact_sheet.png"
 
 HELD_DEFINITION = (
     "held: the fraction of the visual memory bank's token columns in which the Shot is still an entry of its "
@@ -362,6 +364,19 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # answers.json
+
+
+def memory_report(log: ShotLog, cover: MemoryCover, sheet: np.ndarray) -> dict:
+    """answers.json's fields about the memory and the sheet: memory_entries and memory_columns (of the
+    visual bank), contact_sheet (its file, size in pixels, the Shots shown, what "held" means) and
+    shots (`shot_table`). sheet: [H, W, 3] uint8, from `draw_contact_sheet`."""
+    return {
+        "memory_entries": cover.entries,
+        "memory_columns": cover.columns,
+        "contact_sheet": {"file": SHEET_FILE, "width": int(sheet.shape[1]), "height": int(sheet.shape[0]),
+                          "thumbnails": log.sampler.chosen(), "held_definition": HELD_DEFINITION},
+        "shots": shot_table(log, cover),
+    }
 
 
 def shot_table(log: ShotLog, cover: MemoryCover) -> list[dict]:

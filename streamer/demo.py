@@ -19,7 +19,6 @@ With ``--keep-serving`` the engine goes on serving the finished stream (``mixmal
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import threading
@@ -29,16 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .actionshot import make_accumulator
-from .contact_sheet import (
-    HELD_DEFINITION,
-    ShotLog,
-    draw_contact_sheet,
-    format_span,
-    format_time,
-    memory_cover,
-    shot_table,
-    write_png,
-)
+from .contact_sheet import ShotLog, draw_contact_sheet, format_span, format_time, memory_cover, memory_report
 from .options import (
     EXIT_ERROR,
     EXIT_OK,
@@ -46,6 +36,7 @@ from .options import (
     add_model_arguments,
     answer_line,
     load_model,
+    write_results,
 )
 
 STREAM = "demo"
@@ -346,20 +337,12 @@ def _play(args, sample: SampleVideo, log: ShotLog, engine, server, started: floa
         "standing": {"question_id": STANDING_ID, "text": sample.standing, "period_s": STANDING_PERIOD_S,
                      "shots_seen": standing_steps},
         "actionshot": {f: getattr(sample.actionshot, f) for f in sample.actionshot.__struct_fields__},
-        "memory_bank_length": engine.model.config.memory_bank_length, "memory_entries": cover.entries,
-        "memory_columns": cover.columns,
+        "memory_bank_length": engine.model.config.memory_bank_length,
         "answers": records,
-        "contact_sheet": {"file": "contact_sheet.png", "width": int(sheet.shape[1]), "height": int(sheet.shape[0]),
-                          "thumbnails": log.sampler.chosen(), "held_definition": HELD_DEFINITION},
-        "shots": shot_table(log, cover),
+        **memory_report(log, cover, sheet),
         "wall_s": round(time.perf_counter() - started, 2),
     }
-    answers_path, sheet_path = Path(args.out) / "answers.json", Path(args.out) / "contact_sheet.png"
-    try:
-        answers_path.write_text(json.dumps(report, indent=2) + "\n")
-        write_png(sheet_path, sheet)
-    except OSError as exc:
-        raise UserError(f"cannot write the results to '{args.out}': {exc.strerror or exc}") from exc
+    answers_path, sheet_path = write_results(Path(args.out), report, sheet)
     say(f"wrote {answers_path} and {sheet_path} (the video: {sample.path}) in {report['wall_s']:.0f} s")
     return EXIT_OK
 

@@ -6,20 +6,23 @@
   `load_model`) and `add_actionshot_arguments` (read back by `actionshot_settings`);
 - `load_model` and `builtin_model`: the model the options name (loaded without transformers' progress
   bars: each command's stderr carries its own output and log records only);
-- `answer_line`: an answer record as replay and demo print it.
+- `answer_line`: an answer record as replay and demo print it; `write_results`: their answers.json and
+  contact sheet.
 
 Imports point one way: ``cli`` (with ``serve``) imports ``demo`` and ``replay``; all three import this
-module, which imports none of them (only `mixmalmm.streamer.contact_sheet`, for the time format).
+module, which imports none of them (only `mixmalmm.streamer.contact_sheet`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 from dataclasses import replace
+from pathlib import Path
 
-from .contact_sheet import format_span, format_time
+from .contact_sheet import SHEET_FILE, format_span, format_time, write_png
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -146,3 +149,15 @@ def answer_line(record: dict, expected: str | None = None) -> str:
     head = f"[{format_time(record.get('asked_at_s'))} {record['mode']:8s} memory {format_span(span)}]"
     tail = "" if expected is None else f"   (expected: {expected})"
     return f"{head} {record['question']}  ->  {record['answer'] or '(empty)'}{tail}"
+
+
+def write_results(out: Path, report: dict, sheet) -> tuple[Path, Path]:
+    """Write `report` as ``out/answers.json`` and `sheet` ([H, W, 3] uint8 RGB) as the contact sheet
+    beside it; returns both paths. UserError when they cannot be written."""
+    answers_path, sheet_path = out / "answers.json", out / SHEET_FILE
+    try:
+        answers_path.write_text(json.dumps(report, indent=2) + "\n")
+        write_png(sheet_path, sheet)
+    except OSError as exc:
+        raise UserError(f"cannot write the results to '{out}': {exc.strerror or exc}") from exc
+    return answers_path, sheet_path

@@ -25,7 +25,6 @@ What "held" means, and how both are drawn: `mixmalmm.streamer.contact_sheet`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import signal
 import sys
@@ -37,14 +36,12 @@ from urllib.parse import unquote, urlsplit
 from .actionshot import make_accumulator
 from .contact_sheet import (
     DEFAULT_THUMBNAILS,
-    HELD_DEFINITION,
     ShotLog,
     draw_contact_sheet,
     format_span,
     format_time,
     memory_cover,
-    shot_table,
-    write_png,
+    memory_report,
 )
 from .options import (
     EXIT_ERROR,
@@ -55,6 +52,7 @@ from .options import (
     add_model_arguments,
     answer_line,
     load_model,
+    write_results,
 )
 
 #: Shots encoded by the vision encoder as one batch.
@@ -378,20 +376,11 @@ def _replay(args, source, questions: list[Question], standing: list[str], settin
         "range_s": [origin, limit],
         "frames": frames,
         "memory_bank_length": model.config.memory_bank_length,
-        "memory_entries": cover.entries,
-        "memory_columns": cover.columns,
         "actionshot": {f: getattr(settings, f) for f in settings.__struct_fields__},
         "answers": replay.answers,
-        "contact_sheet": {"file": "contact_sheet.png", "width": int(sheet.shape[1]), "height": int(sheet.shape[0]),
-                          "thumbnails": replay.log.sampler.chosen(), "held_definition": HELD_DEFINITION},
-        "shots": shot_table(replay.log, cover),
+        **memory_report(replay.log, cover, sheet),
     }
-    answers_path, sheet_path = out / "answers.json", out / "contact_sheet.png"
-    try:
-        answers_path.write_text(json.dumps(report, indent=2) + "\n")
-        write_png(sheet_path, sheet)
-    except OSError as exc:
-        raise UserError(f"cannot write the results to '{out}': {exc.strerror or exc}") from exc
+    answers_path, sheet_path = write_results(out, report, sheet)
     for record in replay.answers:
         print(answer_line(record))
     print(f"wrote {answers_path} and {sheet_path}")
