@@ -1,4 +1,4 @@
-"""What the engine-side commands (``serve``, ``replay``, ``demo``) share, so that none imports another.
+"""What the engine-side commands (``serve``, ``replay``, ``demo``) share: none takes it from another.
 
 - `UserError` and the exit statuses: a mistake in the command line or its inputs ends in one line on
   stderr and `EXIT_USAGE` (``mixmalmm.streamer.cli.main`` prints it);
