@@ -24,7 +24,8 @@ from mixmalmm.streamer.engine import Engine, EngineConfig
 from mixmalmm.streamer.preprocess import preprocess
 from mixmalmm.streamer.sources import open_source
 
-EVERY_FRAME = P.ActionShotSettings(enabled=False)
+EVERY_FRAME = P.ActionShotSettings(enabled=False, sample_fps=None)  # every decoded frame is a Shot
+LONG = P.ActionShotSettings(enabled=True, sample_fps=None)  # every frame through ActionShot
 
 
 def rss_mib() -> float:
@@ -128,7 +129,7 @@ def main() -> None:
 
     engine = Engine(model, EngineConfig()).start()
     try:
-        add(engine, "long", synthetic(long_frames))  # ActionShot on: a composite per scene
+        add(engine, "long", synthetic(long_frames), LONG)  # ActionShot on: a composite per scene
         stream = engine._get("long")
         wait(lambda: stream.pipeline.frames > 100, 60)
         marks, samples = [0.25, 0.5, 0.75, 1.0], [("start", rss_mib())]

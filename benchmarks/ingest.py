@@ -68,7 +68,7 @@ def source_frames(path: Path, size: tuple[int, int] | None) -> int:
 def with_actionshot(path: Path, blend: str, prepare: bool = False) -> int:
     """Frames through ActionShot (`blend`), each Shot preprocessed (a batch of one) if `prepare`."""
     count = 0
-    accumulator = ActionShot.for_rate(FPS, blend=blend)
+    accumulator = ActionShot(blend=blend)  # the defaults: the cut rule, composites under 5 s
     for frame in FileSource(path, size=(SIZE, SIZE)):
         count += 1
         shot = accumulator.push(frame)

@@ -80,7 +80,7 @@ SERVER_COMMANDS = {
 
 #: Modules the server commands need that a client-only install (the ``client`` extra) lacks.
 _SERVER_DEPENDENCIES = frozenset({"torch", "transformers", "av", "cv2", "numpy", "einops", "safetensors",
-                                  "triton", "mixmalmm.streamer", "mixmalmm.streamer.cli", "mixmalmm.model",
+                                  "triton", "tqdm", "mixmalmm.streamer", "mixmalmm.streamer.cli", "mixmalmm.model",
                                   "mixmalmm.kernels"})
 
 

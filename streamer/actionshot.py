@@ -32,7 +32,8 @@ stream) and gives the same Shots as `offline_action_shots`, which recomputes eve
 stored frames.
 
 Also here for comparison: `PassThrough` (every sampled frame is a Shot) and MA-LMM's uniform
-sampling of a clip (`uniform_indices`, `uniform_shots`).
+sampling of a clip (`uniform_indices`, `uniform_shots`). `mixmalmm.streamer.ingest.make_accumulator` picks
+one of the two for a stream's protocol ActionShot settings.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 ``mixmalmm.clients.cli`` hands these here with the subcommand name first (``main(["serve", ...])``).
 User errors (a missing weights folder, a bad source, a taken port) end in one line on stderr and a
-non-zero exit status, never a traceback.
+non-zero exit status, never a traceback. ``serve`` is here; ``replay`` and ``demo`` are in their own
+modules; what the commands share (`UserError`, exit statuses, option groups, `load_model`) is in
+`mixmalmm.streamer.options`.
 """
 
 from __future__ import annotations
@@ -13,98 +15,24 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
+from . import demo, replay
+from .options import (
+    EXIT_OK,
+    EXIT_USAGE,
+    UserError,
+    actionshot_settings,
+    add_actionshot_arguments,
+    add_model_arguments,
+    load_model,
+)
 
 log = logging.getLogger("mixmalmm")
 
 
-class UserError(Exception):
-    """A mistake in the command line or its inputs; the message says what and what to do."""
-
-
 # ---------------------------------------------------------------------------------------------------
-# shared options
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", metavar="FOLDER",
-                   help="InstructBLIP folder (transformers' save_pretrained layout, or one written by "
-                        "mixmalmm); default: the built-in model shipped with mixmalmm")
-    g.add_argument("--malmm-checkpoint", metavar="PTH",
-                   help="an MA-LMM (LAVIS) checkpoint loaded on top of --model")
-    g.add_argument("--memory-bank-length", type=int, metavar="M",
-                   help="entries per memory bank (MA-LMM: 10 for QA, 20 for long videos; 0 = no memory)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="default: float16 on CUDA, float32 elsewhere")
-
-
-def add_actionshot_arguments(parser: argparse.ArgumentParser) -> None:
-    from mixmalmm.clients.options import add_actionshot_options
-
-    add_actionshot_options(parser, "how frames become Shots (default: the model's own settings; see list_streams)")
-
-
-def actionshot_settings(args: argparse.Namespace):
-    """The ActionShot options given (a partial `ActionShotSettings`: the model's settings fill the rest)."""
-    from mixmalmm.clients.options import actionshot_from
-
-    try:
-        return actionshot_from(args)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
-
-
-def load_model(args: argparse.Namespace):
-    """The model the options name: a weights folder (plus an MA-LMM checkpoint), or the built-in one."""
-    import torch
-
-    from mixmalmm.model import MALMM, default_dtype
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError as exc:
-        raise UserError(f"bad --device {device!r}: {exc}") from exc
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: this machine has no CUDA device (use --device cpu)")
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
-    if args.model is None:
-        if args.malmm_checkpoint:
-            raise UserError("--malmm-checkpoint needs --model, the InstructBLIP folder it applies to")
-        try:
-            model, name = builtin_model().to(device=device, dtype=dtype), "built-in"
-        except (FileNotFoundError, OSError, ValueError) as exc:
-            raise UserError(f"the built-in model could not be loaded ({exc}); reinstall mixmalmm or pass --model") from exc
-    else:
-        try:
-            model = MALMM.from_pretrained(args.model, lavis_checkpoint=args.malmm_checkpoint, device=device, dtype=dtype)
-        except (FileNotFoundError, ValueError, OSError) as exc:
-            raise UserError(str(exc)) from exc
-        name = args.model
-    if args.memory_bank_length is not None:  # the model's other streaming settings (present_frame...) stay
-        model.config = replace(model.config, memory_bank_length=args.memory_bank_length)
-    return model.eval(), name
-
-
-def builtin_model():
-    """The model shipped with mixmalmm (trained on the synthetic world); while none is shipped, the
-    tiny model with random weights (it runs everything end to end, its answers are noise)."""
-    from mixmalmm.model import MALMM, default_model_path, load_default_model
-
-    try:
-        default_model_path()
-    except FileNotFoundError:
-        log.warning("no trained default model is shipped with this version: using the tiny model with "
-                    "random weights (answers are noise; pass --model for real weights)")
-        return MALMM.tiny()
-    return load_default_model()
+# serve
 
 
 def parse_source(text: str, index: int) -> tuple[str, str]:
@@ -113,10 +41,6 @@ def parse_source(text: str, index: int) -> tuple[str, str]:
     if sep and head and "/" not in head and ":" not in head:
         return head, tail
     return f"s{index}", text
-
-
-# ---------------------------------------------------------------------------------------------------
-# serve
 
 
 def add_serve_parser(commands) -> None:
@@ -224,8 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixmalmm", description="mixmalmm's engine-side commands")
     commands = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(commands)
-    from . import demo, replay
-
     replay.add_parser(commands)
     demo.add_parser(commands)
     train = commands.add_parser("train", help="train a model (see python -m mixmalmm.model.train --help)",

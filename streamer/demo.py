@@ -11,7 +11,7 @@
    is ``finished``, that is once every Shot of the video is in memory.
 4. Prints every answer with the span of video the memory covered (and the answer the synthetic world
    expects, when it knows one), writes ``answers.json`` and ``contact_sheet.png`` (as ``mixmalmm
-   replay`` draws it: see `mixmalmm.streamer.replay`) to ``--out``, and says where.
+   replay`` draws it: see `mixmalmm.streamer.contact_sheet`) to ``--out``, and says where.
 
 With ``--keep-serving`` the engine goes on serving the finished stream (``mixmalmm ask``, ``status``,
 ``watch`` work against it) until Ctrl-C or SIGTERM.
@@ -20,7 +20,6 @@ With ``--keep-serving`` the engine goes on serving the finished stream (``mixmal
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import threading
@@ -31,19 +30,16 @@ from pathlib import Path
 
 import msgspec
 
-from .cli import EXIT_ERROR, EXIT_OK, UserError, add_model_arguments
-from .replay import (
-    HELD_DEFINITION,
-    ShotLog,
+from .contact_sheet import ShotLog, draw_contact_sheet, format_span, format_time, memory_cover, memory_report
+from .ingest import make_accumulator
+from .options import (
+    EXIT_ERROR,
+    EXIT_OK,
+    UserError,
+    add_model_arguments,
     answer_line,
-    draw_contact_sheet,
-    format_span,
-    format_time,
-    make_accumulator,
-    memory_cover,
-    quiet_model_loading,
-    shot_table,
-    write_png,
+    load_model,
+    write_results,
 )
 
 STREAM = "demo"
@@ -246,7 +242,6 @@ def _matches(answer: str, expected: str | None) -> bool | None:
 def run_demo(args: argparse.Namespace) -> int:
     from mixmalmm.clients import ClientError
 
-    from .cli import load_model
     from .server import is_local_endpoint
 
     if args.max_new_tokens < 1:
@@ -258,7 +253,6 @@ def run_demo(args: argparse.Namespace) -> int:
     from .engine import Engine, EngineConfig  # (torch: after the cheap checks)
 
     started = time.perf_counter()
-    quiet_model_loading()
     model, name = load_model(args)
     out = Path(args.out)
     try:
@@ -367,20 +361,12 @@ def _play(args, sample: SampleVideo, log: ShotLog, engine, server, started: floa
         "standing": {"question_id": STANDING_ID, "text": sample.standing, "period_s": STANDING_PERIOD_S,
                      "shots_seen": standing_steps},
         "actionshot": msgspec.to_builtins(info.actionshot),
-        "memory_bank_length": engine.model.config.memory_bank_length, "memory_entries": cover.entries,
-        "memory_columns": cover.columns,
+        "memory_bank_length": engine.model.config.memory_bank_length,
         "answers": records,
-        "contact_sheet": {"file": "contact_sheet.png", "width": int(sheet.shape[1]), "height": int(sheet.shape[0]),
-                          "thumbnails": log.sampler.chosen(), "held_definition": HELD_DEFINITION},
-        "shots": shot_table(log, cover),
+        **memory_report(log, cover, sheet),
         "wall_s": round(time.perf_counter() - started, 2),
     }
-    answers_path, sheet_path = Path(args.out) / "answers.json", Path(args.out) / "contact_sheet.png"
-    try:
-        answers_path.write_text(json.dumps(report, indent=2) + "\n")
-        write_png(sheet_path, sheet)
-    except OSError as exc:
-        raise UserError(f"cannot write the results to '{args.out}': {exc.strerror or exc}") from exc
+    answers_path, sheet_path = write_results(Path(args.out), report, sheet)
     say(f"wrote {answers_path} and {sheet_path} (the video: {sample.path}) in {report['wall_s']:.0f} s")
     return EXIT_OK
 

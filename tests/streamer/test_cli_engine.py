@@ -240,14 +240,22 @@ def test_watch_standing_answers_while_a_file_plays(model, media):
             "code": "bad_request", "message": "the engine runs without a state directory"}
 
 
-def test_memory_bank_length_from_the_command_line_keeps_the_folders_other_settings(tmp_path):
+def test_memory_bank_length_from_the_command_line_keeps_the_folders_other_settings(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
     from mixmalmm.model import MALMM, StreamConfig
-    from mixmalmm.streamer.cli import build_parser, load_model
+    from mixmalmm.streamer.cli import build_parser
+    from mixmalmm.streamer.options import load_model
 
     MALMM.tiny(StreamConfig(memory_bank_length=4, present_frame=True)).save_pretrained(tmp_path / "m")
     folder = str(tmp_path / "m")
+    capfd.readouterr()
+    bars_before = hf_logging.is_progress_bar_enabled()
     for extra, expected in (([], 4), (["--memory-bank-length", "3"], 3)):
         args = build_parser().parse_args(["replay", "x.mp4", "--device", "cpu", "--model", folder, *extra])
         model, _ = load_model(args)
         assert (model.config.memory_bank_length, model.config.present_frame) == (expected, True)
         assert model.present_embedding is not None
+    # The weights load without transformers' "Loading weights" bar, which is left as it was for others.
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled() == bars_before

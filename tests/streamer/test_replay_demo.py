@@ -1,42 +1,46 @@
 """`mixmalmm replay` and `mixmalmm demo` run as a user runs them (subprocesses), on generated video.
 
-Also, in process: the contact sheet's "held by memory" numbers against a real memory bank (derived
-there from the entries' time spans instead of their merge counts), and the demo's fallback video.
+Also, in process: the demo's fallback video. (The contact sheet's own tests: test_contact_sheet.py.)
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
 import re
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from mixmalmm.clients import Client
-from mixmalmm.kernels import StreamingMemoryBank
-from mixmalmm.model import QuestionState, StreamState
+from mixmalmm.streamer.contact_sheet import BORDER, THUMB_WIDTH, SheetLayout, thumbnail_height
 from mixmalmm.streamer.demo import _offline_shots, scene_sample_video
 from mixmalmm.streamer.ingest import DEFAULT_INGEST
-from mixmalmm.streamer.replay import (
-    BORDER,
-    THUMB_WIDTH,
-    SheetLayout,
-    ThumbnailSampler,
-    memory_cover,
-    thumbnail_height,
-)
+from mixmalmm.streamer.replay import progress_bar, show_progress
 
 from .conftest import HEIGHT, SCENE, WIDTH
 
 CLI = [sys.executable, "-m", "mixmalmm.clients.cli"]
-HELD_RGB = (40, 205, 90)  # the border of a Shot held in every column (replay._HELD)
+HELD_RGB = (40, 205, 90)  # the border of a Shot held in every column (contact_sheet._HELD)
+
+
+#: One state of replay's progress bar (tqdm): share, bar, seconds of video, time, rate, Shots and frames.
+BAR = re.compile(r"replay: +(?P<pct>\d+)%\|[^|]*\| (?P<n>\d+\.\d)/(?P<total>\d+\.\d) s of video "
+                 r"\[\d\d:\d\d<(\d\d:\d\d|\?), +(\d+\.\d\d|\?)s/s, Shots=(?P<shots>\d+), frames=(?P<frames>\d+)\]")
+SUMMARY = re.compile(r"replayed \d+:\d\d\.\d-\d+:\d\d\.\d of '[^']+': \d+ frames, \d+ Shots in \d+\.\d s "
+                     r"\(\d+\.\d frames/s\)")
+LOG_RECORD = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) mixmalmm")
 
 
 def run(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -98,14 +102,21 @@ def test_replay_answers_at_times_and_at_the_end_and_draws_the_memory(media, tmp_
             assert tuple(border) == HELD_RGB
         else:
             assert tuple(border) != HELD_RGB
-    # --progress draws the bar (in place: text mode shows each "\r" as a new line) even into a pipe;
-    # the final line says what was replayed.
-    assert re.search(r"^replay +\d+% \|[#.]{24}\| 0:0\d\.\d/0:06\.0 +\d+ Shots +\d+ frames", proc.stderr, re.M)
+    # --progress draws the bar (in place: text mode shows each "\r" as a new line) even into a pipe:
+    # seconds of the 6 s video, from 0 to all of it, with the Shots and frames so far; the final line
+    # says what was replayed.
+    bars = [BAR.fullmatch(line) for line in proc.stderr.splitlines() if line.startswith("replay: ")]
+    assert len(bars) >= 2 and all(bars), proc.stderr
+    assert bars[0].group("pct", "n", "total", "shots", "frames") == ("0", "0.0", "6.0", "0", "0")
+    assert bars[-1].group("pct", "n", "total", "shots", "frames") == ("100", "6.0", "6.0", "12", "60")
+    for column in ("n", "shots", "frames"):
+        values = [float(b[column]) for b in bars]
+        assert values == sorted(values), (column, values)
+    assert SUMMARY.fullmatch(proc.stderr.splitlines()[-1]), proc.stderr
     assert "60 frames, 12 Shots" in proc.stderr.splitlines()[-1]
     assert f"wrote {out / 'answers.json'}" in proc.stdout
 
 
-LOG_RECORD = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) mixmalmm")
 
 
 def test_replay_range_rate_and_no_memory(media, tmp_path):
@@ -116,10 +127,10 @@ def test_replay_range_rate_and_no_memory(media, tmp_path):
     ], tmp_path)
     assert proc.returncode == 0, proc.stderr
     # Not a terminal and no --progress: one plain line, no bar.
-    assert "% |" not in proc.stderr
+    assert "%|" not in proc.stderr and "replay: " not in proc.stderr
     # (Log records, such as the warning that the built-in model has random weights, are not progress.)
     lines = [line for line in proc.stderr.strip().splitlines() if not LOG_RECORD.match(line)]
-    assert len(lines) == 1 and "16 frames, 16 Shots" in lines[0], proc.stderr
+    assert len(lines) == 1 and SUMMARY.fullmatch(lines[0]) and "16 frames, 16 Shots" in lines[0], proc.stderr
     report = json.loads((out / "answers.json").read_text())
     shots = report["shots"]
     assert [s["start_s"] for s in shots] == pytest.approx([1.0 + 0.2 * i for i in range(16)])
@@ -129,6 +140,56 @@ def test_replay_range_rate_and_no_memory(media, tmp_path):
     assert [s["held"] for s in shots] == [0.0] * 15 + [1.0]
     assert [s["mean_merge"] for s in shots] == [0.0] * 15 + [1.0]
     assert report["range_s"] == [1.0, 4.0] and report["memory_bank_length"] == 0
+
+
+def test_replay_draws_the_bar_on_a_terminal_as_wide_as_the_terminal(media, tmp_path):
+    """No --progress, but stderr is a terminal (a pty of 120 columns): the bar is drawn, each state of it
+    as wide as the terminal (tqdm's bar fills the columns the text leaves, less the last column, which
+    it keeps free so that the cursor never wraps)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    try:
+        proc = subprocess.Popen([*CLI, "replay", str(media.h264), "--end", "2", "--out", str(tmp_path / "out")],
+                                stdout=subprocess.PIPE, stderr=slave, cwd=tmp_path)
+        os.close(slave)
+        data, deadline = b"", time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the replay has closed the terminal
+                    break
+                if not chunk:
+                    break
+                data += chunk
+        assert proc.wait(timeout=30) == 0, data
+        proc.stdout.close()
+    finally:
+        os.close(master)
+    lines = [line for line in re.split(r"[\r\n]+", data.decode()) if line]
+    bars = [line for line in lines if line.startswith("replay: ")]
+    assert bars and all(BAR.fullmatch(b) for b in bars), lines
+    assert {len(b) for b in bars} == {119}, bars
+    # --end 2 keeps the frame at 2.0 s: frames 0.0 to 2.0 s at 10 fps.
+    assert BAR.fullmatch(bars[-1]).group("pct", "n", "total", "frames") == ("100", "2.0", "2.0", "21")
+    assert SUMMARY.fullmatch(lines[-1]) and "21 frames" in lines[-1], lines
+
+
+def test_progress_bar_clamps_to_its_total_and_works_without_one(capsys):
+    bar = progress_bar(6.0, draw=True)
+    show_progress(bar, 2.5, 3, 25)
+    show_progress(bar, 7.5, 12, 60)  # past the end of the range: counted as its end
+    assert bar.n == 6.0
+    bar.close()
+    assert BAR.fullmatch(capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]).group(
+        "pct", "n", "total", "shots", "frames") == ("100", "6.0", "6.0", "12", "60")
+    with progress_bar(None, draw=True) as bar:  # a file of unknown length: seconds and rate only
+        show_progress(bar, 2.46, 3, 25)
+    final = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    assert re.fullmatch(r"replay: 2\.5 s of video \[\d\d:\d\d, +(\d+\.\d\d|\?)s/s, Shots=3, frames=25\]", final)
+    with progress_bar(6.0, draw=False) as bar:
+        show_progress(bar, 1.0, 1, 10)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("case", ["missing", "not_a_video", "no_video_stream", "bad_time", "late_time",
@@ -217,30 +278,6 @@ def test_demo_end_to_end_then_keeps_serving(tmp_path):
     assert f"wrote {out / 'answers.json'} and {out / 'contact_sheet.png'}" in text
 
 
-def test_memory_cover_matches_the_banks_time_spans():
-    """held / mean_merge from merge counts agree with the entries' time spans (Shot i stored at time i)."""
-    gen = torch.Generator().manual_seed(0)
-    bank = StreamingMemoryBank(4, 1, 6, 8)
-    shots = 23
-    for i in range(shots):
-        bank.append(torch.randn(1, 6, 8, generator=gen), float(i))
-    state = StreamState("s", 4, bank, QuestionState("q", torch.zeros(1, 1, dtype=torch.long), []), frames=shots)
-    cover = memory_cover(state, shots)
-    first, last = (t[0].numpy() for t in bank.spans())  # [T, N] seconds = Shot indices
-    held = np.zeros(shots)
-    merge = np.zeros(shots)
-    for n in range(first.shape[1]):
-        for a, b in zip(first[:, n], last[:, n], strict=True):
-            held[int(a)] += a == b
-            merge[int(a) : int(b) + 1] += b - a + 1
-    assert cover.entries == 5 and cover.columns == 6
-    np.testing.assert_allclose(cover.held, held / 6)
-    np.testing.assert_allclose(cover.mean_merge, merge / 6)
-    assert cover.held.sum() < shots - 5  # merges happened
-    with pytest.raises(ValueError, match="not 22"):
-        memory_cover(state, 22)
-
-
 def test_fallback_sample_video_and_its_shots(tmp_path):
     sample = scene_sample_video(tmp_path / "sample.mp4")
     log, seen = _offline_shots(sample, sample.actionshot.over(DEFAULT_INGEST))
@@ -249,19 +286,3 @@ def test_fallback_sample_video_and_its_shots(tmp_path):
     assert [s.start for s in log.shots] == pytest.approx([float(i) for i in range(8)])
     assert [s.frames for s in log.shots] == [10] * 8
     assert sample.duration == 8.0 and sample.expected_at(sample.final[0][0], 4.0) is None
-
-
-def test_thumbnails_stay_bounded_and_even_over_a_long_video():
-    """An hour at 10 Shots/s: at most 2·limit thumbnails kept at any time, `limit` shown, evenly spread."""
-    sampler = ThumbnailSampler(limit=48)
-    image = np.zeros((120, 160, 3), dtype=np.uint8)
-    most = 0
-    for i in range(36_000):
-        sampler.offer(i, image)
-        most = max(most, len(sampler.images))
-    chosen = sampler.chosen()
-    assert most <= 96 and len(chosen) == 48 and chosen == sorted(chosen)
-    assert chosen[0] == 0 and chosen[-1] >= 36_000 - sampler.stride
-    gaps = np.diff(chosen)
-    assert gaps.max() <= 2 * gaps.min()  # even: every gap one or two strides
-    assert sampler.images[0].shape == (thumbnail_height(160, 120), THUMB_WIDTH, 3)
