@@ -1,4 +1,5 @@
-"""`mixmalmm serve` as a process: SIGKILL and restart from the state directory, SIGTERM, CURVE."""
+"""`mixmalmm serve` as a process: SIGKILL and restart from the state directory, SIGTERM, CURVE, a quiet load,
+and what its defaults feed the built-in model."""
 
 from __future__ import annotations
 
@@ -8,11 +9,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from mixmalmm.clients import Client, ClientCurve, EngineTimeout
 from mixmalmm.clients.protocol import create_keypair
-from mixmalmm.model import StateSnapshot
+from mixmalmm.model import StateSnapshot, load_default_model
+from mixmalmm.model.synthetic import DEMO_FPS, DEMO_STEP, MAX_VIDEO_FRAMES, make_video, write_video
+from mixmalmm.model.train import normalise_answer
+from mixmalmm.streamer.frames import Frame
+from mixmalmm.streamer.ingest import make_accumulator, model_settings
+from mixmalmm.streamer.preprocess import preprocess
+from mixmalmm.streamer.sources import FileSource
 
 from .conftest import FPS, NUM_FRAMES, free_port
 
@@ -145,3 +154,70 @@ def test_serve_user_errors_are_one_line(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2, (args, run.stdout, run.stderr)
         assert needle in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
+
+
+def test_serve_loads_the_model_without_a_progress_bar(tmp_path):
+    """`serve --log-level WARNING` keeps stderr to log records: transformers' "Loading weights" bar, which
+    it drew while the built-in model loaded, is not drawn."""
+    serve = Serve(tmp_path, "--log-level", "WARNING")
+    try:
+        serve.wait_ready()  # the server answers only once the model has loaded
+        with serve.client() as c:
+            assert c.status().streams == []
+        serve.process.send_signal(signal.SIGINT)
+        assert serve.process.wait(timeout=30) == 0, serve.output()
+    finally:
+        serve.stop()
+    raw = serve.path.read_bytes()  # (bytes: reading text would turn a bar's "\r" into a newline)
+    text = raw.decode()
+    assert "Loading weights" not in text and "it/s]" not in text, text
+    assert b"\r" not in raw and not set(text) & set("\u2588\u2589\u258a\u258b\u258c\u258d\u258e\u258f"), text
+    assert "Traceback" not in text and " INFO " not in text, text  # (INFO lines would mean a wrong level)
+
+
+def test_serve_with_no_ingest_flags_feeds_the_built_in_model_what_it_was_trained_on(tmp_path):
+    """Held-out synthetic videos through `mixmalmm serve` as a user starts it (no ingest option), asked over
+    ZeroMQ, against the same model fed the demo's input (every DEMO_STEP-th frame) in this process."""
+    videos = {f"v{k}": make_video(910_000_000 + k, frames=MAX_VIDEO_FRAMES) for k in range(8)}  # never trained on
+    for sid, video in videos.items():
+        write_video(tmp_path / f"{sid}.mp4", video.render_all(128), DEMO_FPS)
+    model = load_default_model().eval()
+    own = model_settings(model)
+    mean, std = model.processor.image_processor.image_mean, model.processor.image_processor.image_std
+
+    def demo_answers(video, questions: list[str]) -> list[str]:
+        """The demo's input: every DEMO_STEP-th frame of the decoded file, each its own Shot."""
+        state = model.create_state("demo")
+        with FileSource(tmp_path / f"{video}.mp4") as source:
+            frames = [f for f in source if f.index % DEMO_STEP == 0]
+        with torch.inference_mode():
+            feats = model.encode_frames(preprocess([f.rgb for f in frames], model.image_size, mean, std))
+            for t, f in enumerate(frames):
+                model.step([state], feats[t : t + 1], [(f.pts, f.pts)])
+            return [model.answer(state, q, max_new_tokens=4).text for q in questions]
+
+    serve = Serve(tmp_path, "--pace", "fast", *(f"{sid}={tmp_path / sid}.mp4" for sid in videos))
+    try:
+        serve.wait_ready()
+        right = {"serve": 0, "demo": 0}
+        asked = 0
+        with serve.client(timeout_s=30.0) as c:
+            listed = {s.stream: s for s in c.list_streams().streams}
+            assert all(s.actionshot == own for s in listed.values())  # the model's own settings, shown
+            for sid, video in videos.items():
+                s = wait_status(c, sid, lambda s: s.state == "finished", 120, f"{sid} to finish")
+                expected_shots = len(list(make_accumulator(own).feed(
+                    Frame(np.zeros((2, 2, 3), np.uint8), i / DEMO_FPS, i, 0.0) for i in range(video.frames))))
+                assert s.shots == expected_shots
+                qa = video.questions()
+                served = [c.ask(sid, q, max_new_tokens=4).answer for q, _, _ in qa]
+                reference = demo_answers(sid, [q for q, _, _ in qa])
+                for (_, truth, _), a, b in zip(qa, served, reference, strict=True):
+                    right["serve"] += normalise_answer(a) == truth
+                    right["demo"] += normalise_answer(b) == truth
+                asked += len(qa)
+    finally:
+        serve.stop()
+    assert asked >= 40
+    assert right["serve"] >= right["demo"] - 0.03 * asked, right  # as well as the demo's settings
+    assert right["serve"] >= 0.85 * asked, right  # and far above always giving the commonest answer (~37%)
