@@ -80,12 +80,18 @@ def test_frame_and_time_limits():
 
 def test_the_cut_rule_counts_the_share_of_the_picture_that_changed():
     w, h = CUT_GRID
-    before = np.full((2 * h, 2 * w, 3), 100, np.int16)
+    before = np.full((h, w, 3), 100, np.float32)
     after = before.copy()
-    after[: h, :, 0] += CUT_LEVEL + 1  # the top half moves by one level more than CUT_LEVEL in red
-    assert changed_share(before[::2, ::2], after[::2, ::2]) == 0.5
-    after[: h, :, 0] = 100 + CUT_LEVEL  # exactly CUT_LEVEL: unchanged
-    assert changed_share(before[::2, ::2], after[::2, ::2]) == 0.0
+    after[: h // 2, :, 0] += 60  # the top half turns redder: half the picture changed
+    assert changed_share(before, after) == 0.5
+    after = before.copy()
+    after[: h // 2] += CUT_LEVEL  # exactly CUT_LEVEL: unchanged
+    assert changed_share(before, after) == 0.0
+    # Light over the whole scene: 40 % darker and warmer at once changes every block, but taking the
+    # change of light out (a gain per channel, at most MAX_GAIN) leaves none: no cut.
+    scene = np.random.default_rng(0).uniform(40, 220, (h, w, 3)).astype(np.float32)
+    assert changed_share(scene, scene * np.float32([0.65, 0.6, 0.5])) == 0.0
+    assert changed_share(scene, scene[::-1]) > 0.45  # the same colours rearranged: a new picture
     # Through the accumulator: 40 % of the picture repainted is no cut at the default 0.45, 50 % is.
     base = np.full((48, 64, 3), 90, np.uint8)
     part = base.copy()
