@@ -23,7 +23,9 @@ no-cut recordings (vtest, box, cup, tree) as they are.
 Rules (each fed one sampled frame at a time, online; the longest-action limit is off, so every cut counted
 is the rule's own):
 - MixMA-LMM's threshold: mean |frame - composite| > 127.5 grey levels (exact difference, exponential blend);
-X
+- mixmalmm's cut rule (`mixmalmm.streamer.actionshot.ActionShot`'s default `cut`: at least 45 % of the
+  picture changed since the previous sampled frame, a change of light over the whole picture taken out;
+  see `changed_share`);
 - PySceneDetect's `ContentDetector` (defaults: threshold 27 on its HSV score, min_scene_len 15 frames), the
   established reference, through its per-frame `process_frame` API (`pip install -e '.[bench]'`, which is
   `scenedetect-headless`: the plain `scenedetect` wheel pulls the GUI OpenCV over the headless one; left
@@ -48,8 +50,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mixmalmm.streamer.actionshot import ActionShot, changed_share, picture_blocks
-from mixmalmm.streamer.frames import Frame
+from mixmalmm.streamer.actionshot import MIXMALMM_THRESHOLD, ActionShot, changed_share, picture_blocks
+from mixmalmm.streamer.frames import Frame, FrameSampler
 from mixmalmm.streamer.sources import FileSource
 
 SIZE = (320, 240)  # (width, height) every recording is decoded to
@@ -238,15 +240,10 @@ def hard_negatives(shots: list[Shot], seconds: float, rng: np.random.Generator) 
 
 
 def sample(frames: list[Frame], fps: float | None) -> list[Frame]:
-    """Every frame (fps None) or at most `fps` per second of stream time (the first frame at or after each tick)."""
-    if fps is None:
-        return frames
-    out, due = [], -np.inf
-    for f in frames:
-        if f.pts >= due - 1e-6:
-            out.append(f)
-            due = max(due + 1.0 / fps, f.pts + 0.5 / fps) if np.isfinite(due) else f.pts + 1.0 / fps
-    return out
+    """Every frame (fps None) or at most `fps` per second of stream time, as the engine samples them
+    (`FrameSampler`, ActionShot's `sample_fps`)."""
+    sampler = FrameSampler(1, fps)
+    return [f for f in frames if sampler.keep(f.pts)]
 
 
 # ------------------------------------------------------------------------------------------------ rules
@@ -352,7 +349,7 @@ def _have_scenedetect() -> bool:
 
 RULES: dict[str, Callable[[list[Frame]], list[int]]] = {
     "MixMA-LMM: mean abs. difference to the composite > 127.5": actionshot_cuts(
-        lambda: ActionShot(cut=None, threshold=127.5, max_seconds=None)
+        lambda: ActionShot(cut=None, threshold=MIXMALMM_THRESHOLD, max_seconds=None)
     ),
     "mixmalmm cut rule (default)": actionshot_cuts(lambda: ActionShot(max_seconds=None)),
     "PySceneDetect ContentDetector (27, 15 frames)": scenedetect_cuts,

@@ -366,6 +366,9 @@ def _wait_finished(args: argparse.Namespace, added: p.StreamInfo) -> int:
     """``streams add --wait``: poll the stream's status until it is finished (every Shot of the file in
     memory, not just decoded: it is ``draining`` before) and print that status; a stream that fails or
     is stopped instead is a ``not_finished`` error."""
+    if added.mode == "live":
+        raise CommandError(f"stream {added.stream} was added, but it is live ({added.uri}): it never finishes, "
+                           "so --wait is for files (replay mode) only")
     if not args.json:
         _out(f"added stream {added.stream} ({added.mode}, {added.state}): {added.uri}; waiting for it to finish")
 

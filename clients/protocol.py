@@ -157,9 +157,10 @@ class ListStreams(Request, tag="list_streams"):
 class ActionShotSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """How a stream's frames become Shots: which frames are sampled, and ActionShot (shared/DESIGN.md §5).
 
-    Every field may be left out: a field given here replaces the stream's default for it, which comes
-    from the model (its folder's ingest settings: `serve`'s `--model`), then from the server's command
-    line. `list_streams` and `status` show the settings a stream actually runs with, every field set.
+    Every field may be left out: a field given here replaces the stream's default for it, which is the
+    server's command line's if it gave one, else the model's (its folder's ingest settings: `serve`'s
+    `--model`), else MA-LMM's. `list_streams` and `status` show the settings a stream actually runs with,
+    every field set.
 
     enabled: blend similar consecutive frames into composites (false: every sampled frame is a Shot).
     step: sample every ``step``-th decoded frame.
@@ -198,6 +199,11 @@ class ActionShotSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
         return len(self.given()) == len(self.__struct_fields__)
 
 
+class ShownActionShotSettings(ActionShotSettings, forbid_unknown_fields=False):
+    """`ActionShotSettings` as replies show them: read leniently, so that a field a later server adds
+    does not break an older client."""
+
+
 class AddStream(Request, tag="add_stream"):
     """Start ingesting a source.
 
@@ -206,7 +212,7 @@ class AddStream(Request, tag="add_stream"):
       instead (nothing dropped); ``auto`` picks replay for files and live otherwise.
     pace: for replay, ``realtime`` follows the file's own timestamps, ``fast`` runs as fast as possible.
     actionshot: how frames become Shots (`ActionShotSettings`): the fields given replace the stream's
-      defaults (the model's own, then the server's); ``null`` or left out: the defaults.
+      defaults (the server's options, then the model's own); ``null`` or left out: the defaults.
     """
 
     stream: Name
@@ -309,7 +315,7 @@ class StreamInfo(msgspec.Struct, kw_only=True):
     state: StreamState
     mode: Literal["live", "replay"]
     questions: list[StandingQuestion] = []
-    actionshot: ActionShotSettings | None = None
+    actionshot: ShownActionShotSettings | None = None
 
 
 class StreamStatus(msgspec.Struct, kw_only=True):
@@ -338,7 +344,7 @@ class StreamStatus(msgspec.Struct, kw_only=True):
     span_end_s: float | None = None
     queue_depth: int = 0
     last_error: str | None = None
-    actionshot: ActionShotSettings | None = None
+    actionshot: ShownActionShotSettings | None = None
 
 
 class EngineStatus(msgspec.Struct, kw_only=True):

@@ -33,6 +33,6 @@ else
 fi
 if [ "$want_test" = 1 ]; then
     # Real recordings for the tests and benchmarks that use real footage (never committed).
-    bash scripts/fetch_footage.sh || echo "setup: could not fetch the real footage; the tests that need it are skipped"
+    bash scripts/fetch_footage.sh
 fi
 echo "setup: ready ($($py -c 'import torch; print("torch", torch.__version__)'))"

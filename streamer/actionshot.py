@@ -13,14 +13,15 @@ frame is blended in unless it starts a new composite, which it does when
 
 The cut rule is calibrated on real recordings (`benchmarks/actionshot_cuts.py`): a cut between two real
 scenes changes 48-100 % of the blocks, while noise, pans, lighting changes and a person walking close past
-the camera change at most 31 % between consecutive frames at 10 fps or more (42 % at 2 fps). The default
-`cut` of 0.45 finds every cut there with no false cut.
+the camera change at most 31 % between consecutive frames at 10 fps or more. The default `cut` of 0.45
+finds every cut there with no false cut. It is meant for 10 sampled frames per second or more: at 1-2 fps
+the motion between samples can pass it.
 
 MixMA-LMM's own rules are kept for comparison and off by default: `threshold` cuts when the mean absolute
 difference between the frame and the composite exceeds that many grey levels (exact here; MixMA-LMM's
-code subtracts uint8 arrays, which wraps around, so its 127.5 only meant something with the wrap: on
-real footage an exact difference never reaches it), and `max_frames` bounds a composite by its count
-of sampled frames instead of seconds.
+code subtracts uint8 arrays, which wraps around, so its 127.5 only meant something with the wrap: an
+exact difference reaches it only between very different pictures, never at a real trailer's cuts), and
+`max_frames` bounds a composite by its count of sampled frames instead of seconds.
 
 Blends:
 - "exponential": MixMA-LMM's `composite = 0.5·composite + 0.5·frame` with cv2.addWeighted's uint8

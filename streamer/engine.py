@@ -39,7 +39,7 @@ import msgspec
 from mixmalmm.clients import protocol as P
 from mixmalmm.model import MALMM, StateSnapshot, StreamState
 
-from .ingest import model_settings
+from .ingest import PROTOCOL_1_INGEST, model_settings, parse_settings
 from .pipeline import StreamPipeline, rate
 from .preprocess import preprocess
 from .shotqueue import ShotQueue
@@ -151,8 +151,8 @@ class Engine:
     def shutdown(self, save: bool = True) -> None:
         """Stop sources, finish the current step, save every stream, stop the threads.
 
-        A draining file's Shots still queued are not folded in: it is saved "stopped", so a restart
-        resumes it after the last Shot in memory.
+        A draining file's Shots still queued may not all be folded in before the model thread stops: it is
+        saved "stopped", so a restart resumes it after the last Shot in memory.
         """
         with self._streams_lock:
             streams = list(self._streams.values())
@@ -290,7 +290,10 @@ class Engine:
                 for stream, _ in batch:
                     stream.last_error = error
             for stream, _ in batch:  # after the step: a file's last one turns it finished (or failed)
-                stream.queue.task_done(error)
+                try:
+                    stream.queue.task_done(error)
+                except Exception:  # (a state callback that raised): the one model thread must go on
+                    log.exception("stream %s: marking a Shot done failed", stream.id)
 
     def _step(self, batch) -> None:
         proc = self._image_processor
@@ -450,6 +453,7 @@ class Engine:
             snap = stream.state.snapshot()
             snap.meta["engine"] = {
                 "request": msgspec.to_builtins(stream.request),
+                "actionshot": msgspec.to_builtins(stream.actionshot),  # what it runs with, every field set
                 "standing": [[q.question_id, q.text, q.period_s] for q in stream.standing.values()],
                 "state": stream.state_name,
                 "live": stream.live,
@@ -487,6 +491,12 @@ class Engine:
                 snap = StateSnapshot.load(path)
                 info = snap.meta["engine"]
                 request = msgspec.convert(info["request"], P.AddStream)
+                # A restored stream goes on with the settings it ran with (another model or other options
+                # now must not change its input halfway through); one saved by protocol 1 had none saved.
+                saved = info.get("actionshot")
+                settings = (parse_settings(saved, f"'{path}' actionshot") if saved is not None
+                            else (request.actionshot or P.ActionShotSettings()).over(PROTOCOL_1_INGEST))
+                request = msgspec.structs.replace(request, actionshot=settings)
                 state = self.model.restore(snap)
             except Exception as exc:  # a bad file must not keep the others from loading
                 log.error("could not restore '%s': %s", path, exc)

@@ -29,9 +29,17 @@ DEFAULT_INGEST = P.ActionShotSettings(
 )
 
 
+#: What an engine of protocol 1 ran every stream with unless told otherwise (MixMA-LMM's rule, exact): a
+#: snapshot saved then (no "actionshot" of its own) resumes with these, so its memory keeps one kind of input.
+PROTOCOL_1_INGEST = P.ActionShotSettings(
+    enabled=True, step=1, sample_fps=None, cut=None, max_seconds=None, blend="exponential", threshold=127.5,
+    max_frames=120,
+)
+
+
 def parse_settings(fields: dict | None, where: str) -> P.ActionShotSettings:
-    """Settings from a plain dict (a model folder's, a command line's), checked against the protocol's
-    ranges; ValueError naming `where` and the bad field otherwise."""
+    """Settings from a plain dict (a model folder's, a snapshot's), checked against the protocol's ranges;
+    ValueError naming `where` and the bad field otherwise."""
     try:
         return msgspec.convert(fields or {}, P.ActionShotSettings)
     except msgspec.ValidationError as exc:

@@ -105,6 +105,12 @@ def load_model(args: argparse.Namespace):
             name = args.model
     if args.memory_bank_length is not None:  # the model's other streaming settings (present_frame...) stay
         model.config = replace(model.config, memory_bank_length=args.memory_bank_length)
+    from .ingest import model_settings
+
+    try:  # a folder whose ingest settings are bad is refused here, not by the engine with a traceback
+        model_settings(model)
+    except ValueError as exc:
+        raise UserError(f"{name}: {exc}") from exc
     return model.eval(), name
 
 

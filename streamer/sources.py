@@ -294,8 +294,10 @@ class Source:
         self._stop.set()
         if self._queue is not None:
             self._queue.close()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30.0)
+        with self._lock:
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30.0)
         if self._generator is not None and self._queue_size == 0:
             # ValueError: it is running in another thread, which sees the stop flag and cleans up.
             with contextlib.suppress(ValueError):
@@ -399,8 +401,10 @@ class Source:
             finally:
                 queue.close()
 
-        self._thread = threading.Thread(target=work, name=f"source {self.uri}", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=work, name=f"source {self.uri}", daemon=True)
+        with self._lock:  # close() from another thread sees no thread, or a started one (never joins early)
+            self._thread = thread
+            thread.start()
 
     def _iterate_queue(self) -> Iterator[Frame]:
         while (frame := self.read()) is not None:

@@ -20,7 +20,7 @@ from mixmalmm.streamer.server import Server
 
 from .conftest import FPS, NUM_FRAMES, wait_for
 
-EVERY_FRAME = P.ActionShotSettings(enabled=False)  # each frame is a Shot: memory fills at once
+EVERY_FRAME = P.ActionShotSettings(enabled=False, sample_fps=None)  # each frame is a Shot: memory fills at once
 FAST_NETWORK = {"open_timeout": 4.0, "read_timeout": 1.5, "backoff": (0.2, 0.5)}
 
 
@@ -220,7 +220,7 @@ def test_restart_restores_memory_and_standing_questions(model, media, tmp_path):
     config = EngineConfig(state_dir=str(tmp_path / "state"))
     first = Engine(model, config).start()
     first.add_stream(msgspec.convert({"id": 1, "stream": "f", "uri": str(media.h264), "pace": "fast",
-                                      "actionshot": {"enabled": False}}, P.AddStream))
+                                      "actionshot": {"enabled": False, "sample_fps": None}}, P.AddStream))
     first.add_question(P.AddQuestion(id=2, stream="f", question_id="q", text="what moved?"))
     wait_for(lambda: first.stream_status(first._get("f")).state == "finished", 60, "the file to finish")
     assert first._get("f").state.frames == NUM_FRAMES  # finished: every Shot is in memory

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -202,8 +203,11 @@ def test_serve_with_no_ingest_flags_feeds_the_built_in_model_what_it_was_trained
         right = {"serve": 0, "demo": 0}
         asked = 0
         with serve.client(timeout_s=30.0) as c:
+            for sid in videos:  # serve adds its sources once it serves
+                wait_status(c, sid, lambda s: True, 60, f"{sid} added")
             listed = {s.stream: s for s in c.list_streams().streams}
-            assert all(s.actionshot == own for s in listed.values())  # the model's own settings, shown
+            shown = [msgspec.to_builtins(s.actionshot) for s in listed.values()]
+            assert shown == [msgspec.to_builtins(own)] * len(videos)  # the model's own settings, shown
             for sid, video in videos.items():
                 s = wait_status(c, sid, lambda s: s.state == "finished", 120, f"{sid} to finish")
                 expected_shots = len(list(make_accumulator(own).feed(
