@@ -43,7 +43,8 @@ class StreamPipeline:
     """Decodes one source on its own thread and queues its Shots for the model.
 
     mode: "live" drops the oldest queued Shot when the model falls behind; "replay" waits for room;
-    "auto" picks live for network and camera sources, replay for files. pace: for replay, "realtime"
+    "auto" picks live for network and camera sources, replay for files (an HTTP link to a file becomes
+    one at its first connection: `NetworkSource`'s `live`). pace: for replay, "realtime"
     follows the file's timestamps, "fast" decodes as fast as the model takes Shots. actionshot: the
     complete settings the stream runs with (`ingest.make_accumulator`).
     """
@@ -76,7 +77,8 @@ class StreamPipeline:
             # A replay restored from a snapshot goes on after the last frame its memory holds.
             self.source.close()
             self.source = open_source(uri, **options, start=resume_after + RESUME_GAP_S)
-        self.live = self.source.live if mode == "auto" else mode == "live"
+        self._auto = mode == "auto"
+        self.live = self.source.live if self._auto else mode == "live"
         self.queue.drop_oldest = self.live
         self.state = "connecting"
         self._state_lock = threading.RLock()  # decode thread, model thread (drained) and stop()
@@ -163,6 +165,8 @@ class StreamPipeline:
                 self._follow_source()
                 if frame is None:
                     break
+                if self._auto and self.live != self.source.live:  # an HTTP link turned out to be a file
+                    self.live = self.queue.drop_oldest = self.source.live
                 self.frames += 1
                 self._in_times.append(time.time())
                 shot = accumulator.push(frame)
