@@ -92,6 +92,18 @@ def test_questions_while_a_file_and_an_rtsp_stream_flow(running, media, rtsp_ser
     assert status.engine.questions_answered >= 6 and status.engine.question_latency_p99_s is not None
 
 
+def test_http_mp4_link_is_replayed_as_a_file(running, http_server):
+    # An MP4 link over HTTP is a file: replayed (nothing dropped), it ends and is finished with every frame
+    # in memory once (before: a live stream that looped the file forever).
+    engine, _, client = running
+    info = client.add_stream("web", f"{http_server}/h264.mp4", pace="fast", actionshot=EVERY_FRAME)
+    assert info.uri == f"{http_server}/h264.mp4"
+    web = wait_for(lambda: (s := stream_status(client, "web")).state == "finished" and s, 60, "the link to finish")
+    assert client.list_streams().streams[0].mode == "replay"
+    assert web.frames == NUM_FRAMES and web.shots == NUM_FRAMES and web.drops == 0
+    assert web.reconnects == 0 and web.span_end_s == pytest.approx((NUM_FRAMES - 1) / FPS)
+
+
 def test_rtsp_server_killed_and_restarted_memory_kept(running, rtsp_server):
     engine, _, client = running
     client.add_stream("cam", rtsp_server.url, actionshot=EVERY_FRAME)
