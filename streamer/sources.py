@@ -45,8 +45,10 @@ from mixmalmm.streamer.synthetic import synthetic_rgb
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https")
 #: RTSP transports (`transport=`): "auto" asks for TCP, then for UDP when the server refuses TCP.
 RTSP_TRANSPORTS = ("auto", "tcp", "udp")
-#: Options a network URI may carry after '#', with how each value is read.
+#: Options a network URI may carry after '#'.
 URI_OPTIONS = ("transport", "live", "poll_s", "open_timeout", "read_timeout")
+#: Options of `synthetic:?...`, SyntheticSource's.
+SYNTHETIC_OPTIONS = ("width", "height", "fps", "num_frames", "scene_length")
 # Demuxers without a clock of their own (FFmpeg counts frames at a fixed 25/s): live frames are
 # stamped with their arrival time instead.
 _NO_CLOCK_FORMATS = frozenset({"mpjpeg", "mjpeg", "image2", "image2pipe", "jpeg_pipe", "png_pipe", "webp_pipe",
@@ -1137,7 +1139,12 @@ def open_source(uri: str | Path, **options: Any) -> Source:
             raise SourceError(f"bad camera in '{text}': use webcam:N with N a device number", text)
         return OpenCVSource(int(device), uri=text, **options)
     if scheme == "synthetic":
-        return SyntheticSource(uri=text, **{**_query_options(parts.query), **options})
+        query = _query_options(parts.query)
+        unknown = sorted(set(query) - set(SYNTHETIC_OPTIONS))
+        if unknown:
+            raise SourceError(f"unknown option {unknown[0]!r} in '{text}': synthetic: takes "
+                              + ", ".join(SYNTHETIC_OPTIONS), text)
+        return SyntheticSource(uri=text, **{**query, **options})
     raise SourceError(
         f"unknown scheme '{scheme}' in '{text}': use a file path, file://, "
         + ", ".join(f"{s}://" for s in NETWORK_SCHEMES)

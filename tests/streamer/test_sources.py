@@ -180,7 +180,9 @@ def test_bad_input_gets_a_clear_error(media, tmp_path):
     for uri, message in (("rtsp://127.0.0.1:9/s#transport=quic", "unknown transport 'quic'"),
                          ("http://127.0.0.1:9/a.mp4#transport=udp", "transport=udp applies to rtsp:// sources only"),
                          ("rtsp://127.0.0.1:9/s#speed=2", "unknown option 'speed' in 'rtsp://127.0.0.1:9/s#speed=2'"),
-                         ("http://127.0.0.1:9/a.mp4#live=maybe", "bad live=maybe")):
+                         ("http://127.0.0.1:9/a.mp4#live=maybe", "bad live=maybe"),
+                         ("synthetic:?width=32&colour=red", "unknown option 'colour' in 'synthetic:.*': synthetic: "
+                                                            "takes width, height, fps, num_frames, scene_length")):
         with pytest.raises((SourceError, ValueError), match=message):
             open_source(uri)
     with pytest.raises(SourceError, match=r"no video stream in '.*audio\.mp4' \(streams: audio\)"):
