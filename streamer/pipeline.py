@@ -25,7 +25,7 @@ from mixmalmm.clients import protocol as P
 
 from .ingest import make_accumulator
 from .shotqueue import ShotQueue
-from .sources import NETWORK_SCHEMES, FileSource, SourceState, open_source
+from .sources import NETWORK_SCHEMES, FileSource, NetworkSource, SourceState, open_source
 
 log = logging.getLogger("mixmalmm.pipeline")
 
@@ -73,8 +73,9 @@ class StreamPipeline:
         if urlsplit(uri).scheme.lower() in NETWORK_SCHEMES:
             options.update(network_options or {})
         self.source = open_source(uri, **options)
-        if resume_after is not None and isinstance(self.source, FileSource):
-            # A replay restored from a snapshot goes on after the last frame its memory holds.
+        if resume_after is not None and isinstance(self.source, (FileSource, NetworkSource)):
+            # A replay restored from a snapshot goes on after the last frame its memory holds (a live
+            # network stream ignores `start`).
             self.source.close()
             self.source = open_source(uri, **options, start=resume_after + RESUME_GAP_S)
         self._auto = mode == "auto"

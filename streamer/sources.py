@@ -730,7 +730,8 @@ class _LiveSource(Source):
                 self._count("reconnects")
             connected_before = True
             failures = 0
-            self._clock.new_session()
+            if self.live:  # a file read again after an error goes on in its own time
+                self._clock.new_session()
             self._set_state(SourceState.LIVE)
             try:
                 yield from self._session_frames(session)
@@ -776,6 +777,8 @@ class NetworkSource(_PyAVDecoding, _LiveSource):
             on every reconnection.
         poll_s: a URL that answers one picture per request (a camera's snapshot.jpg) is fetched
             again every `poll_s` seconds, without counting a disconnect each time.
+        start: for a file, the time of its timeline to begin at, seconds (a resumed replay). A file
+            whose connection is lost goes on after its last frame yielded, never repeating one.
         stride, target_fps, size, interpolation, threads: as for `FileSource`.
         queue_size: frames buffered between the decode thread and the consumer; when full the
             oldest is dropped (counted in `dropped`).
@@ -799,6 +802,7 @@ class NetworkSource(_PyAVDecoding, _LiveSource):
         live: bool | None = None,
         transport: str = "auto",
         poll_s: float = 1.0,
+        start: float | None = None,
         realtime: bool = False,
         stride: int = 1,
         target_fps: float | None = None,
@@ -844,6 +848,9 @@ class NetworkSource(_PyAVDecoding, _LiveSource):
             self._transports = [None]
         self._arrivals: collections.deque[float] = collections.deque(maxlen=_RATE_WINDOW)
         self._newest_hls: float | None = None  # source time of the newest HLS frame yielded
+        # A file's frames before this time (seconds of its timeline) are skipped: `start`, then just after
+        # the last frame yielded.
+        self._file_from = None if start is None else start - 1e-6
 
     @property
     def transport(self) -> str | None:
@@ -912,9 +919,16 @@ class NetworkSource(_PyAVDecoding, _LiveSource):
                     self._nominal_fps = (len(self._arrivals) - 1) / (self._arrivals[-1] - self._arrivals[0])
                 yield now, frame
             return
+        if not self.live and self._file_from:
+            with contextlib.suppress(av.FFmpegError):  # a link that cannot seek is read from its start
+                container.seek(int(self._file_from / stream.time_base), stream=stream, backward=True)
         repeats = self.live and fmt == "hls" and self._newest_hls is not None
         for frame in self._decode(container, stream, demux_errors_fatal=True):
             t = frame.time
+            if not self.live and t is not None:  # a file: where it resumes after a lost connection
+                if self._file_from is not None and t < self._file_from:
+                    continue
+                self._file_from = t + 1e-6
             if repeats:  # the first frames of a reconnected live playlist: skip what was yielded already
                 if t is not None and self._newest_hls - _HLS_REPEAT_WINDOW_S < t <= self._newest_hls:
                     continue

@@ -251,6 +251,26 @@ def test_restart_restores_memory_and_standing_questions(model, media, tmp_path):
         second.shutdown(save=False)
 
 
+def test_http_file_restored_from_a_snapshot_resumes_after_its_memory(model, http_server, tmp_path):
+    config = EngineConfig(state_dir=str(tmp_path / "state"), snapshot_period_s=3600, network_options=FAST_NETWORK)
+    request = msgspec.convert({"id": 1, "stream": "w", "uri": f"{http_server}/h264.mp4", "pace": "realtime",
+                               "actionshot": {"enabled": False, "sample_fps": None}}, P.AddStream)
+    first = Engine(model, config).start()
+    first.add_stream(request)
+    wait_for(lambda: first._get("w").state.frames >= 20, 60, "20 frames in memory")
+    first.shutdown(save=True)  # halfway through the 6 s link
+    second = Engine(model, config).start()
+    try:
+        stream = second._get("w")
+        assert 20 <= stream.state.frames < NUM_FRAMES and stream.pipeline is not None
+        wait_for(lambda: second.stream_status(stream).state == "finished", 60, "the restored link to finish")
+        status = second.stream_status(stream)
+        # Read on from where the memory ended (before: from the start again, 20+ frames twice).
+        assert stream.state.frames == NUM_FRAMES and status.span_end_s == pytest.approx((NUM_FRAMES - 1) / FPS)
+    finally:
+        second.shutdown(save=False)
+
+
 def test_more_streams_than_a_batch_all_progress(model):
     engine = Engine(model, EngineConfig(max_batch=1)).start()
     try:

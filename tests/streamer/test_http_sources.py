@@ -19,7 +19,7 @@ import pytest
 from mixmalmm.streamer.sources import NetworkSource, SourceState, open_source
 from mixmalmm.streamer.synthetic import synthetic_rgb
 
-from .conftest import FPS, HEIGHT, SCENE, WIDTH, X264, source_frames
+from .conftest import FPS, HEIGHT, NUM_FRAMES, SCENE, WIDTH, X264, source_frames
 
 FAST = {"open_timeout": 4.0, "read_timeout": 1.5, "backoff": (0.1, 0.2)}
 
@@ -112,6 +112,9 @@ def test_http_mp4_link_is_a_file(serve, media):
     assert elapsed > 1.3  # 15 frames at 10 fps: 1.4 s of video
     np.testing.assert_allclose([f.pts for f in frames], np.arange(15) / FPS, atol=1e-6)
     assert source.stats.dropped == 0 and server.requests["/clip.mp4"] == 1
+    # From a time on (a replay resumed from a snapshot).
+    with open_source(f"{server.url}/clip.mp4", start=0.75, **FAST) as resumed:
+        np.testing.assert_allclose([f.pts for f in read_all(resumed, 100)], np.arange(8, 15) / FPS, atol=1e-6)
     # Told it is live (a looping feed), it goes on past the end.
     with open_source(f"{server.url}/clip.mp4#live=1", queue_size=64, **FAST) as looping:
         assert len(read_all(looping, 20)) == 20 and looping.live
@@ -229,3 +232,25 @@ def test_stalled_live_hls_repeats_no_frames(serve, tmp_path):
     assert np.all(np.diff([f.pts for f in got]) > 0)
     for k in (0, 35, 79):  # every frame once, in order
         assert np.abs(got[k].rgb.astype(int) - frames[k]).mean() < 8.0
+
+
+def test_http_file_resumes_after_a_lost_connection(serve, media):
+    # The first response breaks off halfway: the file goes on after its last frame, none twice, none lost.
+    data = media.mpeg4.read_bytes()  # Matroska: what arrived decodes
+
+    def flaky(handler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "video/x-matroska")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data if server.requests["/clip.mkv"] > 1 else data[: len(data) // 2])
+
+    server = serve({"/clip.mkv": flaky})
+    with open_source(f"{server.url}/clip.mkv", queue_size=8, **FAST) as source:
+        frames = read_all(source, 200)
+        stats = source.stats
+    assert server.requests["/clip.mkv"] >= 2 and stats.disconnects >= 1 and stats.reconnects >= 1
+    assert len(frames) == NUM_FRAMES and stats.state == SourceState.ENDED
+    np.testing.assert_allclose([f.pts for f in frames], np.arange(NUM_FRAMES) / FPS, atol=1e-6)
+    for k in (0, 40, NUM_FRAMES - 1):
+        assert np.abs(frames[k].rgb.astype(int) - source_frames()[k]).mean() < 8.0
