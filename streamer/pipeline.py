@@ -162,7 +162,9 @@ class StreamPipeline:
             self._connect_failed(stats.connect_failures - self._failures_seen, stats.last_error)
             self._failures_seen = stats.connect_failures
         new = _STATES[stats.state]
-        if new != self.state and new not in ("finished", "stopped", "failed"):
+        # Never back to "connecting": the pipeline starts there, and a copy of the stats taken while the
+        # source counted a failure but had not yet turned "reconnecting" must not undo the report above.
+        if new != self.state and new not in ("connecting", "finished", "stopped", "failed"):
             self._set_state(new, stats.last_error if new == "reconnecting" else None)
 
     def _connect_failed(self, attempts: int, message: str | None) -> None:

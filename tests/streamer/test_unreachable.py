@@ -177,6 +177,7 @@ def test_serve_shows_no_password_and_a_snapshot_reconnects_with_it(
             "mute": f"rtsp://viewer:***@127.0.0.1:{silent_server}/live",
         }
         assert all(s.state == "reconnecting" for s in replies[0].streams if s.stream != "good")
+        ran = time.monotonic() - started
         first.process.send_signal(signal.SIGTERM)
         assert first.process.wait(timeout=30) == 0, first.output()
     finally:
@@ -184,8 +185,11 @@ def test_serve_shows_no_password_and_a_snapshot_reconnects_with_it(
     log = first.output()
     for sid, (_, reason) in sources.items():
         failures = [line for line in log.splitlines() if f"stream {sid}:" in line and "cannot connect" in line]
-        # The first failed attempt at once; then at most one line per 30 s (none within these 20 s).
-        assert len(failures) == 1 and "connecting -> reconnecting" in failures[0] and reason in failures[0], log
+        # The first failed attempt at once (attempts came every 0.5-8 s meanwhile); then at most one line per
+        # 30 s: none in a 20 s run, unless this machine was slow enough to take over 30 s.
+        assert "connecting -> reconnecting" in failures[0] and reason in failures[0], log
+        assert len(failures) <= 1 + ran // pipeline.FAILURE_LOG_PERIOD_S, log
+        assert all("more connection attempt(s) failed" in line for line in failures[1:]), log
     assert "stream good added: rtsp://viewer:***@127.0.0.1:" in log
 
     # The snapshot keeps the full URI (the stream must log in again after a restart), readable by its owner only.
