@@ -768,9 +768,9 @@ class NetworkSource(_PyAVDecoding, _LiveSource):
         started = time.monotonic()
         try:
             container = _av_open(self._uri, self._av_options, self._timeout)
-        except av.FFmpegError as exc:
+        except (av.error.InvalidDataError, av.error.TimeoutError, av.error.ExitError) as exc:
             waited = time.monotonic() - started
-            if waited >= 0.9 * self._timeout[1]:  # FFmpeg's own error for a silent server is unhelpful
+            if waited >= 0.9 * self._timeout[1]:  # what FFmpeg says of a silent server does not say that
                 raise TimeoutError(f"no answer within {waited:.1f} s ({exc})") from exc
             raise
         try:
