@@ -27,6 +27,7 @@ from .options import (
     add_model_arguments,
     load_model,
 )
+from .redact import redact_uri
 
 log = logging.getLogger("mixmalmm")
 
@@ -125,7 +126,7 @@ def run_serve(args: argparse.Namespace) -> int:
             try:
                 engine.add_stream(P.AddStream(id=0, stream=sid, uri=uri, mode=args.mode, pace=args.pace))
             except P.RequestError as exc:
-                log.error("source %s not added: %s", text, exc.message)
+                log.error("source %s not added: %s", redact_uri(text), exc.message)
         log.info("serving %d stream(s) on %s (events on %s), model %s on %s", len(engine.streams()), server.request_address,
                  server.event_address, name, model.device)
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -42,6 +42,7 @@ from mixmalmm.model import MALMM, StateSnapshot, StreamState
 from .ingest import PROTOCOL_1_INGEST, model_settings, parse_settings
 from .pipeline import StreamPipeline, rate
 from .preprocess import preprocess
+from .redact import redact_uri
 from .shotqueue import ShotQueue
 from .sources import SourceError
 
@@ -85,7 +86,8 @@ class Stream:
     def __init__(self, sid: str, request: P.AddStream, state: StreamState, queue: ShotQueue,
                  actionshot: P.ActionShotSettings):
         self.id = sid
-        self.request = request
+        self.request = request  # its URI as given, credentials included: the source and snapshots need them
+        self.uri = redact_uri(request.uri)  # as shown in logs, replies and events
         self.actionshot = actionshot  # the settings it runs with, every field set
         self.state = state
         self.queue = queue
@@ -223,7 +225,7 @@ class Engine:
         self._publish(P.StreamStateEvent(stream=sid, state=stream.state_name, previous=None))
         if stream.pipeline is not None:
             stream.pipeline.start()
-            log.info("stream %s added: %s (%s)", sid, request.uri, "live" if stream.pipeline.live else "replay")
+            log.info("stream %s added: %s (%s)", sid, stream.uri, "live" if stream.pipeline.live else "replay")
         return stream
 
     def remove_stream(self, sid: str) -> Stream:
@@ -253,7 +255,8 @@ class Engine:
     def _on_state(self, stream: Stream, old: str | None, new: str, message: str | None) -> None:
         if message and new in ("failed", "reconnecting"):
             stream.last_error = message
-        log.info("stream %s: %s -> %s%s", stream.id, old, new, f" ({message})" if message else "")
+        if new != old:  # a repeated report (another failed connection attempt) is logged by the pipeline
+            log.info("stream %s: %s -> %s%s", stream.id, old, new, f" ({message})" if message else "")
         self._publish(P.StreamStateEvent(stream=stream.id, state=new, previous=old, message=message))
 
     def _notify(self) -> None:
@@ -407,7 +410,7 @@ class Engine:
             state_name = stream.state_name
         pipe = stream.pipeline
         return P.StreamStatus(
-            stream=stream.id, uri=stream.request.uri, state=state_name,
+            stream=stream.id, uri=stream.uri, state=state_name,
             fps_in=pipe.fps_in(now) if pipe else 0.0, fps_out=stream.fps_out(now),
             frames=pipe.frames if pipe else 0, shots=folded,
             drops=stream.queue.dropped + (pipe.source_drops if pipe else 0),
@@ -435,7 +438,7 @@ class Engine:
 
     def stream_info(self, stream: Stream) -> P.StreamInfo:
         return P.StreamInfo(
-            stream=stream.id, uri=stream.request.uri, state=stream.state_name,
+            stream=stream.id, uri=stream.uri, state=stream.state_name,
             mode="live" if stream.live else "replay",
             questions=[P.StandingQuestion(stream=stream.id, question_id=q.question_id, text=q.text,
                                           period_s=q.period_s) for q in stream.standing.values()],
@@ -462,7 +465,9 @@ class Engine:
         tmp = path.with_name(path.name + ".tmp")
         data = snap.to_bytes()
         try:
-            with open(tmp, "wb") as f:
+            # Owner only: the saved request keeps the source's URI with its credentials (to reconnect).
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                os.fchmod(f.fileno(), 0o600)  # also a leftover temporary file made with other permissions
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

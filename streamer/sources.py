@@ -40,6 +40,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from mixmalmm.streamer.frames import Frame, FrameSampler
+from mixmalmm.streamer.redact import redact_text, redact_uri
 from mixmalmm.streamer.synthetic import synthetic_rgb
 
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https")
@@ -75,7 +76,8 @@ _INTERPOLATIONS_CV2 = {
 
 
 class SourceError(RuntimeError):
-    """A source cannot be opened or read; the message names the source. `uri` is the source."""
+    """A source cannot be opened or read; the message names the source. `uri` is the source, as shown
+    (credentials redacted)."""
 
     def __init__(self, message: str, uri: str):
         super().__init__(message)
@@ -109,7 +111,9 @@ class SourceStats:
         decode_errors: packets the decoder or demuxer rejected (skipped, not fatal).
         disconnects: live sessions lost (error, read timeout, or end of stream).
         reconnects: successful reconnections after a disconnect.
-        last_error: the most recent error or disconnect reason, or None.
+        connect_failures: connection attempts that failed (each is retried after a backoff, until
+            `max_attempts` in a row have failed).
+        last_error: the most recent error or disconnect reason, or None (credentials redacted).
     """
 
     state: SourceState = SourceState.CONNECTING
@@ -118,6 +122,7 @@ class SourceStats:
     decode_errors: int = 0
     disconnects: int = 0
     reconnects: int = 0
+    connect_failures: int = 0
     last_error: str | None = None
 
 
@@ -223,6 +228,9 @@ class Source:
     `self._clock.new_session()` at each new connection) and `_to_rgb(payload)` ([H, W, 3] uint8),
     which runs only for frames kept by the stride / target-rate selection.
 
+    `uri` is the source as shown in messages and stats, its credentials redacted (`redact.redact_uri`);
+    subclasses connect with `self._uri`, the URI as given.
+
     A source is read once, by iterating it or by `read(timeout)`; `close()` it (or use it as a
     context manager) to stop. With `queue_size > 0` the frames are produced by a daemon thread into a
     `FrameQueue` (drop-oldest for live sources, blocking otherwise); with 0 they are produced in the
@@ -241,7 +249,8 @@ class Source:
         queue_size: int = 0,
         drop_oldest: bool | None = None,
     ):
-        self.uri = uri
+        self.uri = redact_uri(uri)
+        self._uri = uri
         self._selector = FrameSampler(stride, target_fps)
         self._realtime = realtime
         self._queue_size = int(queue_size)
@@ -362,6 +371,10 @@ class Source:
     def _note_error(self, message: str) -> None:
         with self._lock:
             self._stats.last_error = message
+
+    def _describe(self, exc: BaseException) -> str:
+        """`exc`'s message as it may be shown: FFmpeg's messages echo the URL, credentials included."""
+        return redact_text(str(exc), self._uri)
 
     def _frame_interval(self) -> float:
         return 1.0 / (self._nominal_fps or _DEFAULT_FPS)
@@ -511,10 +524,10 @@ class _PyAVDecoding:
                 if demux_errors_fatal:
                     raise
                 consecutive += 1
-                self._count("decode_errors", error=f"corrupt data in '{self.uri}': {exc}")
+                self._count("decode_errors", error=f"corrupt data in '{self.uri}': {self._describe(exc)}")
                 if consecutive >= _MAX_CONSECUTIVE_DEMUX_ERRORS:
                     raise SourceError(
-                        f"corrupt data in '{self.uri}': {consecutive} demuxer errors in a row ({exc})",
+                        f"corrupt data in '{self.uri}': {consecutive} demuxer errors in a row ({self._describe(exc)})",
                         self.uri,
                     ) from exc
                 packets = container.demux(stream)
@@ -523,7 +536,7 @@ class _PyAVDecoding:
             try:
                 frames = packet.decode()
             except av.FFmpegError as exc:
-                self._count("decode_errors", error=f"decode error in '{self.uri}': {exc}")
+                self._count("decode_errors", error=f"decode error in '{self.uri}': {self._describe(exc)}")
                 continue
             yield from frames
 
@@ -707,7 +720,7 @@ class _LiveSource(Source):
         polled = False  # the last session was one picture of a polled snapshot URL
         while not self._stop.is_set():
             if not polled:
-                self._set_state(SourceState.RECONNECTING if connected_before else SourceState.CONNECTING)
+                self._set_state(SourceState.RECONNECTING if connected_before or failures else SourceState.CONNECTING)
             started = time.monotonic()
             try:
                 session = self._connect()
@@ -715,14 +728,15 @@ class _LiveSource(Source):
                 raise
             except Exception as exc:
                 failures += 1
-                self._note_error(f"cannot connect to '{self.uri}': {exc}")
+                reason = self._describe(exc)
+                self._count("connect_failures", error=f"cannot connect to '{self.uri}': {reason}")
                 if polled:  # a snapshot URL that stopped answering is lost like a stream
                     polled = False
                     self._count("disconnects")
-                    self._set_state(SourceState.RECONNECTING)
+                self._set_state(SourceState.RECONNECTING)  # a failed first attempt too: it is retried
                 if self._max_attempts is not None and failures >= self._max_attempts:
                     raise SourceError(
-                        f"cannot connect to '{self.uri}' after {failures} attempt(s): {exc}", self.uri
+                        f"cannot connect to '{self.uri}' after {failures} attempt(s): {reason}", self.uri
                     ) from exc
                 self._stop.wait(min(self._backoff[1], self._backoff[0] * 2 ** (failures - 1)))
                 continue
@@ -739,7 +753,7 @@ class _LiveSource(Source):
             except SourceError:
                 raise
             except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+                reason = f"{type(exc).__name__}: {self._describe(exc)}"
             finally:
                 self._disconnect(session)
             if self._stop.is_set():
@@ -828,9 +842,9 @@ class NetworkSource(_PyAVDecoding, _LiveSource):
         if not (open_timeout > 0 and read_timeout > 0):
             raise ValueError(f"timeouts must be > 0 seconds, got open={open_timeout} read={read_timeout}")
         if transport not in RTSP_TRANSPORTS:
-            raise ValueError(f"unknown transport {transport!r} for '{url}': one of {', '.join(RTSP_TRANSPORTS)}")
+            raise ValueError(f"unknown transport {transport!r} for '{self.uri}': one of {', '.join(RTSP_TRANSPORTS)}")
         if transport != "auto" and not scheme.startswith("rtsp"):
-            raise ValueError(f"transport={transport} applies to rtsp:// sources only, not '{url}'")
+            raise ValueError(f"transport={transport} applies to rtsp:// sources only, not '{self.uri}'")
         if not poll_s > 0:
             raise ValueError(f"poll_s must be > 0 seconds, got {poll_s}")
         self._url = url.partition("#")[0]
@@ -886,7 +900,14 @@ class NetworkSource(_PyAVDecoding, _LiveSource):
         raise AssertionError("no transport to try")  # _transports is never empty
 
     def _connect(self):
-        container = self._open()
+        started = time.monotonic()
+        try:
+            container = self._open()
+        except (av.error.InvalidDataError, av.error.TimeoutError, av.error.ExitError) as exc:
+            waited = time.monotonic() - started
+            if waited >= 0.9 * self._timeout[1]:  # what FFmpeg says of a silent server does not say that
+                raise TimeoutError(f"no answer within {waited:.1f} s ({exc})") from exc
+            raise
         try:
             stream = _video_stream(container, self.uri, self._threads)
         except SourceError:
@@ -1105,7 +1126,8 @@ def _query_options(query: str) -> dict[str, Any]:
 
 
 def _uri_options(fragment: str, uri: str) -> dict[str, Any]:
-    """A network URI's options after '#' (`transport=udp&live=0`), checked; they override `open_source`'s."""
+    """A network URI's options after '#' (`transport=udp&live=0`), checked; they override `open_source`'s.
+    `uri` is the URI as errors show it (redacted)."""
     options = _query_options(fragment)
     unknown = sorted(set(options) - set(URI_OPTIONS))
     if unknown:
@@ -1146,7 +1168,7 @@ def open_source(uri: str | Path, **options: Any) -> Source:
     if scheme == "file":
         return FileSource(unquote(parts.path), **options)
     if scheme in NETWORK_SCHEMES:
-        return NetworkSource(text, **{**options, **_uri_options(parts.fragment, text)})
+        return NetworkSource(text, **{**options, **_uri_options(parts.fragment, redact_uri(text))})
     if scheme == "webcam":
         device = parts.path or "0"
         if not device.isdigit():
@@ -1159,9 +1181,10 @@ def open_source(uri: str | Path, **options: Any) -> Source:
             raise SourceError(f"unknown option {unknown[0]!r} in '{text}': synthetic: takes "
                               + ", ".join(SYNTHETIC_OPTIONS), text)
         return SyntheticSource(uri=text, **{**query, **options})
+    shown = redact_uri(text)
     raise SourceError(
-        f"unknown scheme '{scheme}' in '{text}': use a file path, file://, "
+        f"unknown scheme '{scheme}' in '{shown}': use a file path, file://, "
         + ", ".join(f"{s}://" for s in NETWORK_SCHEMES)
         + ", webcam:N, /dev/videoN or synthetic:",
-        text,
+        shown,
     )
