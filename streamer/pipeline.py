@@ -30,7 +30,7 @@ from mixmalmm.clients import protocol as P
 
 from .ingest import make_accumulator
 from .shotqueue import ShotQueue
-from .sources import NETWORK_SCHEMES, FileSource, SourceState, open_source
+from .sources import NETWORK_SCHEMES, FileSource, NetworkSource, SourceState, open_source
 
 log = logging.getLogger("mixmalmm.pipeline")
 
@@ -51,7 +51,8 @@ class StreamPipeline:
     """Decodes one source on its own thread and queues its Shots for the model.
 
     mode: "live" drops the oldest queued Shot when the model falls behind; "replay" waits for room;
-    "auto" picks live for network and camera sources, replay for files. pace: for replay, "realtime"
+    "auto" picks live for network and camera sources, replay for files (an HTTP link to a file becomes
+    one at its first connection: `NetworkSource`'s `live`). pace: for replay, "realtime"
     follows the file's timestamps, "fast" decodes as fast as the model takes Shots. actionshot: the
     complete settings the stream runs with (`ingest.make_accumulator`).
     """
@@ -80,11 +81,13 @@ class StreamPipeline:
         if urlsplit(uri).scheme.lower() in NETWORK_SCHEMES:
             options.update(network_options or {})
         self.source = open_source(uri, **options)
-        if resume_after is not None and isinstance(self.source, FileSource):
-            # A replay restored from a snapshot goes on after the last frame its memory holds.
+        if resume_after is not None and isinstance(self.source, (FileSource, NetworkSource)):
+            # A replay restored from a snapshot goes on after the last frame its memory holds (a live
+            # network stream ignores `start`).
             self.source.close()
             self.source = open_source(uri, **options, start=resume_after + RESUME_GAP_S)
-        self.live = self.source.live if mode == "auto" else mode == "live"
+        self._auto = mode == "auto"
+        self.live = self.source.live if self._auto else mode == "live"
         self.queue.drop_oldest = self.live
         self.state = "connecting"
         self._state_lock = threading.RLock()  # decode thread, model thread (drained) and stop()
@@ -199,6 +202,8 @@ class StreamPipeline:
                 self._follow_source()
                 if frame is None:
                     break
+                if self._auto and self.live != self.source.live:  # an HTTP link turned out to be a file
+                    self.live = self.queue.drop_oldest = self.source.live
                 self.frames += 1
                 self._in_times.append(time.time())
                 shot = accumulator.push(frame)

@@ -162,10 +162,11 @@ def free_port() -> int:
 
 class RtspServer:
     """Debian's GStreamer RTSP server serving one file at rtsp://127.0.0.1:PORT/stream; with `auth`
-    ("USER:PASSWORD") only to clients that log in with it (`url_with(auth)`)."""
+    ("USER:PASSWORD") only to clients that log in with it (`url_with(auth)`); RTP over UDP only with
+    `udp_only`, refusing TCP as some cameras do."""
 
-    def __init__(self, path: Path, port: int, auth: str | None = None):
-        self.path, self.port, self.auth = path, port, auth
+    def __init__(self, path: Path, port: int, auth: str | None = None, udp_only: bool = False):
+        self.path, self.port, self.auth, self.udp_only = path, port, auth, udp_only
         self.url = f"rtsp://127.0.0.1:{port}/stream"
         self.process: subprocess.Popen | None = None
 
@@ -176,7 +177,7 @@ class RtspServer:
     def start(self, timeout: float = 15.0) -> None:
         assert self.process is None, "already running"
         self.process = subprocess.Popen(
-            [SYSTEM_PYTHON, str(SERVER_SCRIPT), str(self.path), str(self.port)],
+            [SYSTEM_PYTHON, str(SERVER_SCRIPT), str(self.path), str(self.port), *(["udp"] if self.udp_only else [])],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -204,13 +205,13 @@ class RtspServer:
         self.process.send_signal(signal.SIGCONT)
 
 
-def _server(path: Path, auth: str | None = None):
+def _server(path: Path, auth: str | None = None, udp_only: bool = False):
     if not _gst_rtsp_available():
         message = "needs Debian's GStreamer RTSP server for /usr/bin/python3 (bash scripts/setup.sh --test)"
         if os.environ.get("CI"):  # CI installs it: a skip there would hide a broken set-up
             pytest.fail(message)
         pytest.skip(message)
-    server = RtspServer(path, free_port(), auth)
+    server = RtspServer(path, free_port(), auth, udp_only)
     server.start()
     try:
         yield server
@@ -222,6 +223,12 @@ def _server(path: Path, auth: str | None = None):
 def rtsp_server(media):
     """A running RTSP server serving 30 s of video."""
     yield from _server(media.rtsp)
+
+
+@pytest.fixture
+def rtsp_udp_server(media):
+    """A running RTSP server serving 30 s of video over UDP only."""
+    yield from _server(media.rtsp, udp_only=True)
 
 
 @pytest.fixture
