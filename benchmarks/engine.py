@@ -135,9 +135,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--long-frames", type=int, default=None, help="frames in the long replay (default 100000)")
     ap.add_argument("--questions-only", action="store_true", help="only the question latency sections")
+    ap.add_argument("--questions", type=int, default=None, help="questions per latency row (default 50)")
     args = ap.parse_args()
     shots = 300 if args.quick else 1000
-    questions = 20 if args.quick else 50
+    questions = args.questions or (20 if args.quick else 50)
     long_frames = args.long_frames or (10_000 if args.quick else 100_000)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = MALMM.tiny().eval()
