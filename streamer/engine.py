@@ -12,8 +12,9 @@ each step the model thread takes every question waiting (at most `max_questions`
 Q-Former output under its stream's lock (a consistent view of the memory; a stream's ad-hoc questions
 of equal token counts share one Q-Former pass), then answers them with one LLM `generate` per
 generation setting (max_new_tokens, num_beams), their inputs left-padded to one batch. A question waits
-at most for the step under way and the batch before its own; ingestion pauses while questions are
-answered. Each answer is the one the question gets alone.
+for the step under way and a batch already generating (and, beyond max_questions, the batches ahead
+of it); ingestion pauses while questions are answered, with one step between two batches so that it
+never stops. Each answer is the one the question gets alone.
 
 A file's stream is "draining" from the end of its decoding until the model thread has stepped its
 last Shot (the stream's queue counts Shots put and Shots done, so a Shot taken out of the queue and
@@ -349,6 +350,9 @@ class Engine:
             try:
                 self._query(questions[0].stream, questions)
             except Exception as exc:  # reported to each asker; the model thread goes on
+                if not isinstance(exc, P.RequestError):
+                    log.exception("the Q-Former pass for %d questions on stream %s failed", len(questions),
+                                  questions[0].stream.id)
                 for q in questions:
                     q.answer.set_exception(exc)
                 continue
