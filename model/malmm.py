@@ -547,10 +547,10 @@ class MALMM(nn.Module):
     def _adhoc_output(self, state: StreamState, question: str) -> torch.Tensor:
         ids = self._qformer_ids(self.prompt(question))
         if state.visual_bank is not None:
-            bank = state.visual_bank
-            newest = bank.ordered()[0][:, -1] if self.present_embedding is not None else None
-            source, mask = self._bank_source(bank, newest)
-            context = self._visual_context(source, bank.side is not None, mask=mask)
+            visual = state.visual_bank
+            newest = visual.ordered()[0][:, -1] if self.present_embedding is not None else None
+            source, mask = self._bank_source(visual, newest)
+            context = self._visual_context(source, visual.side is not None, mask=mask)
             memories = []
             for bank in state.default.banks:
                 past = None
@@ -675,13 +675,19 @@ class MALMM(nn.Module):
             else:
                 state.standing[self._question_of(info["text"])] = q
         if state.visual_bank is not None:
+            visual = state.visual_bank
             bank_state = _bank_state(meta, tensors, "visual")
-            if state.visual_bank.side is not None:
+            data = bank_state.get("data")
+            if visual.side is not None and data is not None:
                 # Snapshots hold the raw entries only: keys/values are projected again, with this
                 # model's weights (merged entries project to their merged keys/values up to rounding).
-                data = bank_state["data"].to(self.device, self.dtype)
-                bank_state["side"] = self.qformer.project_visual(data)
-            state.visual_bank.load_state_dict(bank_state)
+                if tuple(data.shape) != tuple(visual.data.shape):
+                    raise ValueError(
+                        f"snapshot's visual bank entries have shape {tuple(data.shape)}, this model's "
+                        f"{tuple(visual.data.shape)}"
+                    )
+                bank_state["side"] = self.qformer.project_visual(data.to(self.device, self.dtype))
+            visual.load_state_dict(bank_state)
         if "last_frame" in tensors:
             state.last_frame = tensors["last_frame"].to(self.device, self.dtype)
         state.frames = int(meta["frames"])
