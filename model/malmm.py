@@ -65,7 +65,7 @@ class StreamConfig:
     entries, projected once per frame and merged with the entries' weights, so a Q-Former step
     projects its new frame only instead of the whole bank (the same result up to rounding: projections
     are affine, merges convex combinations). Costs 2·C_q per cross-attention layer per visual token
-    beside the entry's C_vis (InstructBLIP: 6 x 1536 beside 1408, 7.5x the bank's bytes). The cache
+    beside the entry's C_vis (InstructBLIP: 6 x 1536 beside 1408, 7.4x the bank's bytes). The cache
     holds the weights' projections when each frame was stepped: after changing the Q-Former's weights,
     restore states from snapshots (which recompute it). False: project the bank at every step.
     """

@@ -47,7 +47,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-bank-length", type=int, metavar="M",
                    help="entries per memory bank (MA-LMM: 10 for QA, 20 for long videos; 0 = no memory)")
     g.add_argument("--visual-kv-cache", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep the visual bank's cross-attention keys/values (a faster Q-Former step, 7.5x the "
+                   help="keep the visual bank's cross-attention keys/values (a faster Q-Former step, 7.4x the "
                         "visual bank's bytes at InstructBLIP's sizes; default: the model's, on)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
