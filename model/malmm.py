@@ -490,11 +490,12 @@ class MALMM(nn.Module):
     ) -> None:
         members = sorted({b for b, _ in rows})
         slot = {b: i for i, b in enumerate(members)}
-        # One stream's source is read in place (the bank's own storage when there is no present frame).
+        # One stream's source is read in place (the bank's own storage when there is no present frame),
+        # and rows that are the streams in order need no index (index_select would copy every key).
         source = visual[members[0]] if len(members) == 1 else torch.cat([visual[b] for b in members], dim=0)
-        context = self._visual_context(
-            source, projected, index=torch.tensor([slot[b] for b, _ in rows], device=self.device)
-        )
+        order = [slot[b] for b, _ in rows]
+        index = None if order == list(range(len(members))) else torch.tensor(order, device=self.device)
+        context = self._visual_context(source, projected, index=index)
         questions = [q for _, q in rows]
         ids = torch.cat([q.input_ids for q in questions], dim=0)
         queries = self.query_tokens.expand(len(rows), -1, -1)
