@@ -3,12 +3,15 @@
     python benchmarks/model_step.py                              # tiny config, CPU, float32
     python benchmarks/model_step.py --device cuda --full         # InstructBLIP-Vicuna-7B dims, random fp16
     python benchmarks/model_step.py --full --depth 1 --frames 3  # full widths, 1 layer per stack: shape dry run
+    python benchmarks/model_step.py --full --depth 2 --frames 3 --standing 0 --streams 2  # the same on a small CPU
 
 Weights are random (nothing is downloaded): speeds and memory are those of the real shapes, answers are
 noise. Prints a markdown table: per-frame milliseconds and frames per second, how the Q-Former step grows
-with memory_bank_length (10, 20, 100), several streams stepped in one call, answer latency (greedy and
-beam search), state bytes per stream and peak GPU memory, and how far ad-hoc query outputs fall from
-standing ones (cosine similarity; meaningful only with trained weights).
+with memory_bank_length (10, 20, 100) with the visual bank's keys/values cached (the default) and
+recomputed at every step (`StreamConfig(visual_kv_cache=False)`), several streams stepped in one call,
+answer latency (greedy and beam search), state bytes per stream, visual bank bytes per entry and peak
+GPU memory, and how far ad-hoc query outputs fall from standing ones (cosine similarity; meaningful only
+with trained weights).
 """
 
 from __future__ import annotations
@@ -89,10 +92,15 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return times[len(times) // 2]
 
 
-def with_bank_length(model: MALMM, M: int) -> MALMM:
-    """The same weights with another memory_bank_length (states are made per length)."""
+def with_bank_length(model: MALMM, M: int, visual_kv_cache: bool = True) -> MALMM:
+    """The same weights with another memory_bank_length and cache setting (states are made per setting)."""
     model.config.memory_bank_length = M
+    model.config.visual_kv_cache = visual_kv_cache
     return model
+
+
+def kv_name(visual_kv_cache: bool) -> str:
+    return "keys/values cached" if visual_kv_cache else "keys/values recomputed"
 
 
 def main() -> None:
@@ -104,12 +112,14 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=20, help="timed repeats per measurement")
     ap.add_argument("--streams", type=int, default=8, help="streams stepped together in the batched row")
     ap.add_argument("--lengths", default="10,20,100", help="memory_bank_length values")
+    ap.add_argument("--standing", default="0,2", help="standing questions beside the default one, per step row")
     ap.add_argument("--max-new-tokens", type=int, default=20)
     args = ap.parse_args()
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     lengths = [int(x) for x in args.lengths.split(",")]
+    standings = [int(x) for x in args.standing.split(",")]
     if device.type == "cpu":
         torch.set_num_threads(min(4, os.cpu_count() or 1))
     if device.type == "cuda":
@@ -139,24 +149,29 @@ def main() -> None:
         row(f"vision encoder, batch {batch} (per frame)", timed(lambda p=pixels: model.encode_frames(p), device, args.frames), batch)
     feats = model.encode_frames(torch.randn(1, 3, size, size, generator=gen).to(device=device, dtype=dtype))
 
-    # Q-Former step with memory, per memory_bank_length, after the banks are full.
+    # Q-Former step with memory, per memory_bank_length, after the banks are full; with the visual
+    # bank's keys/values cached and recomputed at every step.
     state_bytes = {}
+    entry_bytes = {}
     for M in lengths:
-        with_bank_length(model, M)
-        for standing in (0, 2):
-            state = model.create_state("bench")
-            for i in range(standing):
-                model.register_question(state, f"{QUESTION} {i}")
-            for t in range(M + 1):
-                model.step([state], feats, [float(t)])
-            clock = [float(M + 1)]
+        for cache in (False, True):
+            with_bank_length(model, M, cache)
+            for standing in standings:
+                state = model.create_state("bench")
+                for i in range(standing):
+                    model.register_question(state, f"{QUESTION} {i}")
+                for t in range(M + 1):
+                    model.step([state], feats, [float(t)])
+                clock = [float(M + 1)]
 
-            def step(state=state, clock=clock):
-                model.step([state], feats, [clock[0]])
-                clock[0] += 1.0
+                def step(state=state, clock=clock):
+                    model.step([state], feats, [clock[0]])
+                    clock[0] += 1.0
 
-            row(f"Q-Former step, M={M}, default + {standing} standing", timed(step, device, args.frames))
-            state_bytes[(M, standing)] = state.nbytes()
+                row(f"Q-Former step, M={M}, default + {standing} standing, {kv_name(cache)}",
+                    timed(step, device, args.frames))
+                state_bytes[(M, standing, cache)] = state.nbytes()
+            entry_bytes[cache] = state.visual_bank.nbytes() // state.visual_bank.slots
 
     # Several streams stepped in one call (Q-Former batched where fills match) vs one call each.
     M = lengths[0]
@@ -195,10 +210,14 @@ def main() -> None:
     print("|---|---:|---:|")
     for what, ms, fps in rows:
         print(f"| {what} | {ms} | {fps} |")
-    print("\n| memory_bank_length | standing questions | state bytes per stream |")
-    print("|---:|---:|---:|")
-    for (M, standing), nbytes in state_bytes.items():
-        print(f"| {M} | {standing} | {nbytes / 2**20:.2f} MiB |")
+    print("\n| memory_bank_length | standing questions | visual keys/values | state bytes per stream |")
+    print("|---:|---:|---|---:|")
+    for (M, standing, cache), nbytes in state_bytes.items():
+        print(f"| {M} | {standing} | {'cached' if cache else 'recomputed'} | {nbytes / 2**20:.2f} MiB |")
+    plain = entry_bytes[False]
+    print(f"\nvisual bank bytes per entry ({model.vision_tokens} tokens, merge counts and links included): "
+          f"{plain / 2**10:.1f} KiB without the keys/values, {entry_bytes[True] / 2**10:.1f} KiB with them "
+          f"({entry_bytes[True] / plain:.1f}x; {len(model.qformer.cross_attention_layers)} cross-attention layers)")
     print(f"\nad hoc vs standing query outputs (random weights): mean cosine {cosine:.3f}")
     if device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")

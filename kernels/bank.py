@@ -6,6 +6,10 @@ the bank lives in S = capacity + 1 slots per token column (shared/DESIGN.md §4)
 - temporal order is kept as per-column doubly linked lists (`prev`, `next` slot indices, -1 = none);
 - each entry caches its cosine similarity to its temporal successor (`sim`, -inf for the newest entry
   and for free slots);
+- each entry may carry side channels (`side`, D per token, e.g. attention keys and values projected
+  from it): merged with the same count weights as the entry, never compared. An affine function of
+  the entries (a Linear layer) commutes with the merge, which is a convex combination, so side
+  channels computed once per frame equal that function of the merged entries up to rounding;
 - each entry carries its merge count (`sizes`, 0 = free slot), the sequence number of the first frame
   it averages (`seq`, which orders entries in time and breaks similarity ties towards the earlier one,
   as MA-LMM's argmax does), and the first/last frame time it covers (`t_first`, `t_last`, seconds).
@@ -33,6 +37,7 @@ from .reference import cosine, merge_pair
 FREE_SEQ = torch.iinfo(torch.int64).max
 
 _STATE_KEYS = ("data", "sizes", "seq", "t_first", "t_last", "sim", "prev", "next", "tail", "free")
+SIDE_KEY = "side"
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,8 @@ class StreamingMemoryBank:
     batch B, tokens N, channels C: entries are [B, N, C] (one frame's tokens, or one step's Q-Former
     hidden states). After `append` the bank holds at most M+1 entries; `compress` brings it to M.
 
+    side_channels: D > 0 gives every entry side channels [B, N, D] (`append(x, side=...)`, `side_view`),
+    stored in the bank's dtype and merged with the entries' weights; 0: none.
     backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton" (see kernels.dispatch).
     """
 
@@ -100,11 +107,14 @@ class StreamingMemoryBank:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         backend: str = "auto",
+        side_channels: int = 0,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1 (a bank of 0 entries is no memory), got {capacity}")
         if min(batch, tokens, channels) < 1:
             raise ValueError(f"batch, tokens and channels must be >= 1, got {batch}, {tokens}, {channels}")
+        if side_channels < 0:
+            raise ValueError(f"side_channels must be >= 0 (0: none), got {side_channels}")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self.shape = BankShape(batch, capacity, tokens, channels)
@@ -124,6 +134,8 @@ class StreamingMemoryBank:
         self.next = torch.empty(B, S, N, dtype=torch.int64, **kw)
         self.tail = torch.empty(B, N, dtype=torch.int64, **kw)
         self.free = torch.empty(B, N, dtype=torch.int64, **kw)
+        self.side = torch.empty(B, S, N, side_channels, dtype=dtype, **kw) if side_channels else None
+        self._keys = (*_STATE_KEYS, SIDE_KEY) if side_channels else _STATE_KEYS
         self._cols = _Columns(B, S, N, self.device)
         self.reset()  # the empty bank's values, in one place
 
@@ -137,18 +149,23 @@ class StreamingMemoryBank:
     def slots(self) -> int:
         return self.shape.slots
 
+    @property
+    def side_channels(self) -> int:
+        return 0 if self.side is None else self.side.shape[-1]
+
     def __len__(self) -> int:
         return self.count
 
     def nbytes(self) -> int:
-        """Bytes held by the bank's tensors (fixed at construction)."""
-        return sum(getattr(self, k).numel() * getattr(self, k).element_size() for k in _STATE_KEYS)
+        """Bytes held by the bank's tensors, side channels included (fixed at construction)."""
+        return sum(getattr(self, k).numel() * getattr(self, k).element_size() for k in self._keys)
 
     # ---------------------------------------------------------------- updates
 
-    def append(self, x: torch.Tensor, time: float | None = None) -> None:
+    def append(self, x: torch.Tensor, time: float | None = None, side: torch.Tensor | None = None) -> None:
         """Store one entry x [B, N, C] covering the frame at `time` (seconds; default: its sequence number).
 
+        side: the entry's side channels [B, N, D], required when the bank has them (D > 0).
         When the bank already holds M+1 entries it first merges once (as `compress`), so a caller that
         attends between `append` and the next `append` sees exactly MA-LMM's bank plus the new entry.
         """
@@ -157,17 +174,29 @@ class StreamingMemoryBank:
             raise ValueError(f"entry must be [B, N, C] = {expected}, got {tuple(x.shape)}")
         if x.device != self.device:
             raise ValueError(f"entry is on {x.device}, the bank on {self.device}")
+        if (side is None) != (self.side is None):
+            raise ValueError(
+                f"this bank has {self.side_channels} side channels per token: "
+                + ("pass side=[B, N, D]" if side is None else "pass no side")
+            )
+        if side is not None:
+            expected = (*expected[:2], self.side_channels)
+            if tuple(side.shape) != expected:
+                raise ValueError(f"side must be [B, N, D] = {expected}, got {tuple(side.shape)}")
+            if side.device != self.device:
+                raise ValueError(f"side is on {side.device}, the bank on {self.device}")
+            side = side.to(self.dtype)
         x = x.to(self.dtype)
         t = float(self.frames if time is None else time)
         merge = self.count == self.slots
         if self._triton:
             from .triton_bank import bank_update
 
-            bank_update(self, x, t, merge=merge)
+            bank_update(self, x, t, merge=merge, side=side)
         else:
             if merge:
                 self._merge_torch()
-            self._append_torch(x, t)
+            self._append_torch(x, t, side)
         if merge:
             self.count -= 1
             self.merged = True
@@ -191,12 +220,14 @@ class StreamingMemoryBank:
         self.merged = True
         return True
 
-    def _append_torch(self, x: torch.Tensor, t: float) -> None:
+    def _append_torch(self, x: torch.Tensor, t: float, side: torch.Tensor | None) -> None:
         cols = self._cols
         slot = self.free.clone()
         tail = self.tail
         has_prev = self.count > 0  # (a merge just before leaves M >= 1 entries)
         cols.put(self.data, slot, x)
+        if side is not None:
+            cols.put(self.side, slot, side)
         ones = torch.ones_like(slot)
         cols.put(self.sizes, slot, ones)
         cols.put(self.seq, slot, ones * self.frames)
@@ -228,6 +259,8 @@ class StreamingMemoryBank:
         s_k, s_j = cols.take(self.sizes, k), cols.take(self.sizes, j)
         merged = merge_pair(cols.take(self.data, k), s_k, cols.take(self.data, j), s_j, self.dtype)
         cols.put(self.data, k, merged)
+        if self.side is not None:
+            cols.put(self.side, k, merge_pair(cols.take(self.side, k), s_k, cols.take(self.side, j), s_j, self.dtype))
         cols.put(self.sizes, k, s_k + s_j)
         cols.put(self.t_last, k, cols.take(self.t_last, j))
         # Unlink j: k's successor becomes j's successor.
@@ -262,6 +295,12 @@ class StreamingMemoryBank:
             return self.data, None
         return self.data, self.sizes > 0
 
+    def side_view(self) -> torch.Tensor:
+        """The side channels [B, S', N, D] of the slots `view()` returns, in the same order (no copy)."""
+        if self.side is None:
+            raise ValueError("this bank has no side channels")
+        return self.side[:, : self.count] if not self.merged else self.side
+
     def _order(self) -> torch.Tensor:
         """Slot indices of the held entries in temporal order, [B, T, N]."""
         return self.seq.argsort(dim=1)[:, : self.count]
@@ -271,6 +310,13 @@ class StreamingMemoryBank:
         order = self._order()
         index = order.unsqueeze(-1).expand(-1, -1, -1, self.shape.channels)
         return self.data.gather(1, index), self.sizes.gather(1, order)
+
+    def ordered_side(self) -> torch.Tensor:
+        """The side channels [B, T, N, D] in temporal order, T = count."""
+        if self.side is None:
+            raise ValueError("this bank has no side channels")
+        order = self._order()
+        return self.side.gather(1, order.unsqueeze(-1).expand(-1, -1, -1, self.side_channels))
 
     def spans(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(t_first, t_last) [B, T, N] float64 seconds: the frames each entry averages, temporal order."""
@@ -304,13 +350,18 @@ class StreamingMemoryBank:
         self.next.fill_(-1)
         self.tail.fill_(-1)
         self.free.zero_()
+        if self.side is not None:
+            self.side.zero_()
         self.count = 0
         self.frames = 0
         self.merged = False
 
     def state_dict(self) -> dict:
-        """Everything needed to continue the stream: tensors (copies) and counters."""
-        state = {k: getattr(self, k).clone() for k in _STATE_KEYS}
+        """Everything needed to continue the stream: tensors (copies) and counters.
+
+        The side channels are under "side" when the bank has them.
+        """
+        state = {k: getattr(self, k).clone() for k in self._keys}
         state.update(
             capacity=self.capacity,
             batch=self.shape.batch,
@@ -324,24 +375,29 @@ class StreamingMemoryBank:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from `state_dict()`; the shapes must match this bank's (dtype and device may differ)."""
+        """Restore from `state_dict()`; the shapes must match this bank's (dtype and device may differ).
+
+        A bank with side channels needs "side" [B, S, N, D] (a caller may compute it from "data"); one
+        without ignores it.
+        """
         ours = (self.capacity, self.shape.batch, self.shape.tokens, self.shape.channels)
         theirs = tuple(state.get(k) for k in ("capacity", "batch", "tokens", "channels"))
         if ours != theirs:
             raise ValueError(
                 f"bank snapshot has (capacity, batch, tokens, channels) = {theirs}, this bank {ours}"
             )
-        missing = [k for k in (*_STATE_KEYS, "count", "frames", "merged") if k not in state]
+        missing = [k for k in (*self._keys, "count", "frames", "merged") if k not in state]
         if missing:
             raise ValueError(f"bank snapshot lacks {missing}")
-        for k in _STATE_KEYS:
-            src = state[k]
-            dst = getattr(self, k)
+        for k in self._keys:  # every check before the first copy: a bad snapshot leaves the bank as it was
+            src, dst = state[k], getattr(self, k)
             if tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(f"bank snapshot's {k!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
-            dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
-        self.count = int(state["count"])
+        count = int(state["count"])
+        if not 0 <= count <= self.slots:
+            raise ValueError(f"bank snapshot holds {count} entries, more than {self.slots} slots")
+        for k in self._keys:
+            getattr(self, k).copy_(state[k].to(device=self.device, dtype=getattr(self, k).dtype))
+        self.count = count
         self.frames = int(state["frames"])
         self.merged = bool(state["merged"])
-        if not 0 <= self.count <= self.slots:
-            raise ValueError(f"bank snapshot holds {self.count} entries, more than {self.slots} slots")

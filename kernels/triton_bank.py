@@ -2,7 +2,8 @@
 
 Every value is converted to float32 right after `tl.load` (Triton's CPU interpreter computes bf16
 arithmetic wrongly otherwise) and merged entries are rounded once to the bank's dtype before their
-similarities are taken, so the results match the torch path in kernels/bank.py.
+similarities are taken, so the results match the torch path in kernels/bank.py. Side channels are
+merged with the same weights and rounding, and written on append, in the same program.
 """
 
 from __future__ import annotations
@@ -41,12 +42,28 @@ def _round_bf16(v):
 
 
 @triton.jit
+def _merge_rows(ptr, base, row_stride, k, j, w_k, w_j, mask_n, width, BLOCK: tl.constexpr):
+    """ptr's rows at slots k = (w_k·k + w_j·j) / (w_k + w_j), over `width` channels, rounded once."""
+    offs = tl.arange(0, BLOCK)
+    for c0 in range(0, width, BLOCK):
+        cc = c0 + offs
+        mc = mask_n[:, None] & (cc[None, :] < width)
+        at_k = ptr + base[:, None] + k[:, None] * row_stride + cc[None, :]
+        a = tl.load(at_k, mask=mc, other=0.0).to(tl.float32)
+        b = tl.load(ptr + base[:, None] + j[:, None] * row_stride + cc[None, :], mask=mc, other=0.0).to(tl.float32)
+        merged = (a * w_k[:, None] + b * w_j[:, None]) / (w_k + w_j)[:, None]
+        if ptr.dtype.element_ty == tl.bfloat16:
+            merged = _round_bf16(merged)
+        tl.store(at_k, merged.to(ptr.dtype.element_ty), mask=mc)
+
+
+@triton.jit
 def _bank_update_kernel(
     data_ptr, sizes_ptr, seq_ptr, tfirst_ptr, tlast_ptr, sim_ptr, prev_ptr, next_ptr,
-    tail_ptr, free_ptr, x_ptr,
-    time_ptr, S, N, C, count, new_seq, eps,
-    DO_MERGE: tl.constexpr, DO_APPEND: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    tail_ptr, free_ptr, x_ptr, side_ptr, xs_ptr,
+    time_ptr, S, N, C, D, count, new_seq, eps,
+    DO_MERGE: tl.constexpr, DO_APPEND: tl.constexpr, HAS_SIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per (batch row, block of BLOCK_N token columns).
 
@@ -54,7 +71,8 @@ def _bank_update_kernel(
     similarities, earliest entry on ties), free the later slot, relink, refresh the two similarities
     that changed. DO_APPEND: write x [B, N, C] into each column's free slot (the one just freed when
     merging), link it after the column's newest entry and cache that entry's similarity to it.
-    `count` is the number of entries held before this update.
+    HAS_SIDE: side channels side [B, S, N, D] are merged with the same weights and xs [B, N, D] is
+    written beside x. `count` is the number of entries held before this update.
     """
     b = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -63,6 +81,9 @@ def _bank_update_kernel(
     col = b.to(tl.int64) * N + offs_n  # index into [B, N]
     row_stride = N.to(tl.int64) * C  # elements between slots of one column
     bank_base = b.to(tl.int64) * S * row_stride + offs_n.to(tl.int64) * C  # slot 0 of each column
+    if HAS_SIDE:
+        side_stride = N.to(tl.int64) * D
+        side_base = b.to(tl.int64) * S * side_stride + offs_n.to(tl.int64) * D
 
     tail = tl.load(tail_ptr + col, mask=mask_n, other=0)
     if DO_MERGE:
@@ -116,6 +137,9 @@ def _bank_update_kernel(
             dot_kn += d
             nn_n += bb
 
+        if HAS_SIDE:
+            _merge_rows(side_ptr, side_base, side_stride, k, j, s_k.to(tl.float32), s_j.to(tl.float32),
+                        mask_n, D, BLOCK_D)
         tl.store(sizes_ptr + meta_col + k * N, s_k + s_j, mask=mask_n)
         t_last_j = tl.load(tlast_ptr + meta_col + j * N, mask=mask_n, other=0.0)
         tl.store(tlast_ptr + meta_col + k * N, t_last_j, mask=mask_n)
@@ -157,6 +181,13 @@ def _bank_update_kernel(
             dot += d
             nn_t += a
             nn_x += bb
+        if HAS_SIDE:
+            offs_d = tl.arange(0, BLOCK_D)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                md = mask_n[:, None] & (dd[None, :] < D)
+                sv = tl.load(xs_ptr + col[:, None] * D + dd[None, :], mask=md, other=0.0)
+                tl.store(side_ptr + side_base[:, None] + slot[:, None] * side_stride + dd[None, :], sv, mask=md)
         tl.store(sizes_ptr + meta_col + slot * N, tl.full([BLOCK_N], 1, tl.int32), mask=mask_n)
         tl.store(seq_ptr + meta_col + slot * N, tl.full([BLOCK_N], 0, tl.int64) + new_seq, mask=mask_n)
         # The time comes through memory: a Python float argument would be passed as float32.
@@ -209,10 +240,11 @@ def _block_c(channels: int) -> int:
     return min(triton.next_power_of_2(channels), 256)
 
 
-def bank_update(bank, x: torch.Tensor | None, time: float, merge: bool) -> None:
+def bank_update(bank, x: torch.Tensor | None, time: float, merge: bool, side: torch.Tensor | None = None) -> None:
     """Launch the fused update on a StreamingMemoryBank: merge (if `merge`), then append x (if given).
 
-    Updates the bank's tensors in place; the caller keeps its counters.
+    side: x's side channels [B, N, D] when the bank has them. Updates the bank's tensors in place;
+    the caller keeps its counters.
     """
     B, S, N, C = bank.data.shape
     block_s = triton.next_power_of_2(S)
@@ -221,13 +253,17 @@ def bank_update(bank, x: torch.Tensor | None, time: float, merge: bool) -> None:
     block_n = max(1, min(triton.next_power_of_2(N), 16, 4096 // block_s))
     grid = (B, triton.cdiv(N, block_n))
     x_arg = x.contiguous() if x is not None else bank.data  # unused when not appending
+    has_side = bank.side is not None
+    side_arg = bank.side if has_side else bank.data  # unused without side channels
+    xs_arg = side.contiguous() if side is not None else side_arg  # unused when not appending
+    D = bank.side.shape[-1] if has_side else 0
     time_arg = torch.tensor([time], dtype=torch.float64, device=bank.data.device)
     _bank_update_kernel[grid](
         bank.data, bank.sizes, bank.seq, bank.t_first, bank.t_last, bank.sim, bank.prev, bank.next,
-        bank.tail, bank.free, x_arg,
-        time_arg, S, N, C, bank.count, bank.frames, COSINE_EPS,
-        DO_MERGE=merge, DO_APPEND=x is not None,
-        BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_C=_block_c(C),
+        bank.tail, bank.free, x_arg, side_arg, xs_arg,
+        time_arg, S, N, C, D, bank.count, bank.frames, COSINE_EPS,
+        DO_MERGE=merge, DO_APPEND=x is not None, HAS_SIDE=has_side,
+        BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_C=_block_c(C), BLOCK_D=_block_c(max(D, 1)),
     )
 
 

@@ -61,6 +61,13 @@ class StreamConfig:
     ActionShotSettings fields (`sample_fps`, `step`, `enabled`, `cut`, `max_seconds`, `blend`, ...): the
     input the model was trained on. The engine (`mixmalmm.streamer.ingest`) uses it unless a request or
     the command line says otherwise; None: MA-LMM's own (10 frames per second, no ActionShot).
+    visual_kv_cache: the visual bank also keeps every cross-attention layer's keys and values of its
+    entries, projected once per frame and merged with the entries' weights, so a Q-Former step
+    projects its new frame only instead of the whole bank (the same result up to rounding: projections
+    are affine, merges convex combinations). Costs 2·C_q per cross-attention layer per visual token
+    beside the entry's C_vis (InstructBLIP: 6 x 1536 beside 1408, 7.4x the bank's bytes). The cache
+    holds the weights' projections when each frame was stepped: after changing the Q-Former's weights,
+    restore states from snapshots (which recompute it). False: project the bank at every step.
     """
 
     memory_bank_length: int = 10
@@ -73,6 +80,7 @@ class StreamConfig:
     freeze_llm: bool = True
     present_frame: bool = False
     ingest: dict | None = None
+    visual_kv_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.memory_bank_length < 0:
@@ -253,15 +261,40 @@ class MALMM(nn.Module):
             extra["present_embedding"] = self.present_embedding
         return extra
 
-    def _with_present(self, source: torch.Tensor, frame: torch.Tensor, mask: torch.Tensor | None = None):
-        """Cross-attention source [B, S, C] (and mask) with the newest frame [B, N, C] appended, marked,
-        when `config.present_frame`; unchanged otherwise."""
+    def _with_present(
+        self, source: torch.Tensor, frame: torch.Tensor, mask: torch.Tensor | None = None, projected: bool = False
+    ):
+        """Cross-attention source [B, S, C] (and mask) with the newest frame [B, N, C_vis] appended, marked,
+        when `config.present_frame`; unchanged otherwise. projected: the source holds keys/values
+        (`MemoryQFormer.project_visual`), and so does the marked frame appended."""
         if self.present_embedding is None:
             return source, mask
-        source = torch.cat([source, frame + self.present_embedding.to(frame.dtype)], dim=1)
+        marked = frame + self.present_embedding.to(frame.dtype)
+        if projected:
+            marked = self.qformer.project_visual(marked).to(source.dtype)
+        source = torch.cat([source, marked], dim=1)
         if mask is not None:
             mask = torch.cat([mask, torch.ones(frame.shape[:2], dtype=mask.dtype, device=mask.device)], dim=1)
         return source, mask
+
+    def _bank_source(self, bank: StreamingMemoryBank, newest: torch.Tensor | None):
+        """What cross-attention reads from a visual bank: (source [1, K, C], mask [1, K] or None).
+
+        The entries flattened (C = C_vis), or their keys/values when the bank keeps them (C =
+        `visual_kv_channels`); then the newest frame [1, N, C_vis], marked, with `config.present_frame`.
+        """
+        projected = bank.side is not None
+        entries, valid = bank.view()
+        if projected:
+            entries = bank.side_view()
+        mask = None if valid is None else valid.reshape(1, -1)
+        return self._with_present(entries.reshape(1, -1, entries.shape[-1]), newest, mask, projected)
+
+    def _visual_context(self, source: torch.Tensor, projected: bool, **kw) -> VisualContext:
+        """A VisualContext over source [U, K, C]: raw states, or keys/values when `projected`."""
+        if projected:
+            return VisualContext(projected=self.qformer.split_visual(source), **kw)
+        return VisualContext(states=source, **kw)
 
     def _freeze(self) -> None:
         if self.config.freeze_vision:
@@ -326,7 +359,10 @@ class MALMM(nn.Module):
         visual = None
         if M > 0:
             C = self.blip_config.vision_config.hidden_size
-            visual = StreamingMemoryBank(M, 1, self.vision_tokens, C, dtype=self.dtype, device=self.device)
+            side = self.qformer.visual_kv_channels if self.config.visual_kv_cache else 0
+            visual = StreamingMemoryBank(
+                M, 1, self.vision_tokens, C, dtype=self.dtype, device=self.device, side_channels=side
+            )
         default = self._question_state(default_question or self.config.default_question)
         return StreamState(stream_id=stream_id, memory_bank_length=M, visual_bank=visual, default=default)
 
@@ -420,40 +456,46 @@ class MALMM(nn.Module):
             raise ValueError("a state appears twice in one step")
         features = features.to(device=self.device, dtype=self.dtype)
         spans = [_span(t) for t in times]
-        visual: list[torch.Tensor] = []
+        visual: list[torch.Tensor] = []  # per state: [1, K, C_vis], or its keys/values [1, K, D] (projected)
+        projected: list[bool] = []
         for b, state in enumerate(states):
             self._check_state(state)
             row = self.frame_index(state.frames)
             x = features[b : b + 1] + self.frame_position.weight[row].to(features.dtype)  # [1, N, C]
             start, end = spans[b]
-            if state.visual_bank is not None:
-                state.visual_bank.append(x, start)
-                entries, _ = state.visual_bank.view()  # <= M past frames + this one, mask-free
-                visual.append(self._with_present(entries.reshape(1, -1, entries.shape[-1]), x)[0])
+            bank = state.visual_bank
+            if bank is not None:
+                kv = self.qformer.project_visual(x) if bank.side is not None else None  # this frame only
+                bank.append(x, start, side=kv)
+                visual.append(self._bank_source(bank, x)[0])  # <= M past frames + this one, mask-free
+                projected.append(kv is not None)
             else:
                 state.last_frame = x.clone()
                 visual.append(self._with_present(x, x)[0])
+                projected.append(False)
             state.frames += 1
             state.first_time = start if state.first_time is None else state.first_time
             state.last_time = end if state.last_time is None else max(state.last_time, end)
         # One Q-Former pass per (state, question); batch rows of equal shapes.
-        groups: dict[tuple[int, int, int], list[tuple[int, QuestionState]]] = defaultdict(list)
+        groups: dict[tuple[int, int, int, bool], list[tuple[int, QuestionState]]] = defaultdict(list)
         for b, state in enumerate(states):
             for q in state.questions():
                 held = q.banks[0].count if q.banks else 0
-                groups[(visual[b].shape[1], q.tokens, held)].append((b, q))
-        for rows in groups.values():
-            self._qformer_rows(rows, visual, [spans[b][0] for b, _ in rows])
+                groups[(visual[b].shape[1], q.tokens, held, projected[b])].append((b, q))
+        for (*_, is_projected), rows in groups.items():
+            self._qformer_rows(rows, visual, [spans[b][0] for b, _ in rows], is_projected)
 
     def _qformer_rows(
-        self, rows: list[tuple[int, QuestionState]], visual: list[torch.Tensor], times: list[float]
+        self, rows: list[tuple[int, QuestionState]], visual: list[torch.Tensor], times: list[float], projected: bool
     ) -> None:
         members = sorted({b for b, _ in rows})
         slot = {b: i for i, b in enumerate(members)}
-        context = VisualContext(
-            states=torch.cat([visual[b] for b in members], dim=0),
-            index=torch.tensor([slot[b] for b, _ in rows], device=self.device),
-        )
+        # One stream's source is read in place (the bank's own storage when there is no present frame),
+        # and rows that are the streams in order need no index (index_select would copy every key).
+        source = visual[members[0]] if len(members) == 1 else torch.cat([visual[b] for b in members], dim=0)
+        order = [slot[b] for b, _ in rows]
+        index = None if order == list(range(len(members))) else torch.tensor(order, device=self.device)
+        context = self._visual_context(source, projected, index=index)
         questions = [q for _, q in rows]
         ids = torch.cat([q.input_ids for q in questions], dim=0)
         queries = self.query_tokens.expand(len(rows), -1, -1)
@@ -528,13 +570,12 @@ class MALMM(nn.Module):
         """One Q-Former pass for B instructions ids [B, L] over the state's memory -> [B, Q, C_q]."""
         B = ids.shape[0]
         if state.visual_bank is not None:
-            entries, valid = state.visual_bank.view()
-            newest = state.visual_bank.ordered()[0][:, -1] if self.present_embedding is not None else None
-            states, mask = self._with_present(
-                entries.reshape(1, -1, entries.shape[-1]), newest, None if valid is None else valid.reshape(1, -1)
-            )
-            # Every row reads the one stream: its keys and values are projected once.
-            context = VisualContext(states=states, mask=mask, index=torch.zeros(B, dtype=torch.long, device=self.device))
+            visual = state.visual_bank
+            newest = visual.ordered()[0][:, -1] if self.present_embedding is not None else None
+            source, mask = self._bank_source(visual, newest)
+            # Every row reads the one stream: its keys and values are projected (or read) once.
+            index = torch.zeros(B, dtype=torch.long, device=self.device)
+            context = self._visual_context(source, visual.side is not None, mask=mask, index=index)
             memories = []
             for bank in state.default.banks:
                 past = None
@@ -708,7 +749,19 @@ class MALMM(nn.Module):
             else:
                 state.standing[self._question_of(info["text"])] = q
         if state.visual_bank is not None:
-            state.visual_bank.load_state_dict(_bank_state(meta, tensors, "visual"))
+            visual = state.visual_bank
+            bank_state = _bank_state(meta, tensors, "visual")
+            data = bank_state.get("data")
+            if visual.side is not None and data is not None:
+                # Snapshots hold the raw entries only: keys/values are projected again, with this
+                # model's weights (merged entries project to their merged keys/values up to rounding).
+                if tuple(data.shape) != tuple(visual.data.shape):
+                    raise ValueError(
+                        f"snapshot's visual bank entries have shape {tuple(data.shape)}, this model's "
+                        f"{tuple(visual.data.shape)}"
+                    )
+                bank_state["side"] = self.qformer.project_visual(data.to(self.device, self.dtype))
+            visual.load_state_dict(bank_state)
         if "last_frame" in tensors:
             state.last_frame = tensors["last_frame"].to(self.device, self.dtype)
         state.frames = int(meta["frames"])

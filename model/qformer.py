@@ -4,7 +4,10 @@ The modules here own no per-stream tensors. Each call gets the memories it reads
 
 - a `VisualContext`: the visual memory bank plus the current frame, flattened to [B, K, C_vis], which
   every cross-attention layer attends to (keys/values computed once per context and layer, so several
-  questions stepping over the same frame share them);
+  questions stepping over the same frame share them); or the keys/values already projected
+  (`MemoryQFormer.project_visual`), which the streaming visual bank keeps per entry and merges with
+  the entries' weights (a Linear layer commutes with a convex combination), so a step projects its
+  new frame only;
 - one `LayerMemory` per Q-Former layer: the query memory bank of that layer's self-attention. It stores
   the layer's input hidden states of this step (queries and instruction tokens, [B, Q+L, C]) and hands
   back the keys/values source: the bank's entries plus the current hidden states.
@@ -60,22 +63,32 @@ def _cat_masks(parts: list[tuple[int, torch.Tensor | None]], batch: int, device)
 class VisualContext:
     """What the cross-attention layers attend to: the visual bank and the current frame, flattened.
 
-    states: [U, K, C_vis] for U distinct streams (K = entries x tokens per frame); mask: [U, K] bool or
-    None; index: [B] long picking a stream per Q-Former batch row (None: row b uses stream b). Keys and
-    values are computed once per layer and reused by every pass over this context.
+    states: [U, K, C_vis] for U distinct streams (K = entries x tokens per frame), or None when
+    `projected` is given: per cross-attention layer, its keys and values [U, K, C_q] already projected
+    (`MemoryQFormer.split_visual`); mask: [U, K] bool or None; index: [B] long picking a stream per
+    Q-Former batch row (None: row b uses stream b). Keys and values are computed once per layer and
+    reused by every pass over this context.
     """
 
-    states: torch.Tensor
+    states: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     index: torch.Tensor | None = None
+    projected: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     _kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.states is None) == (self.projected is None):
+            raise ValueError("a VisualContext takes either states or projected keys/values")
 
     def key_value(self, layer: int, key: nn.Linear, value: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected keys and values [B, K, C_q] for a cross-attention layer (cached unless training)."""
         if layer in self._kv:
             return self._kv[layer]
-        states = self.states.to(key.weight.dtype)
-        k, v = key(states), value(states)
+        if self.projected is not None:
+            k, v = (t.to(key.weight.dtype) for t in self.projected[layer])
+        else:
+            states = self.states.to(key.weight.dtype)
+            k, v = key(states), value(states)
         if self.index is not None:
             k, v = k.index_select(0, self.index), v.index_select(0, self.index)
         if not torch.is_grad_enabled():
@@ -213,6 +226,39 @@ class MemoryQFormer(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
+
+    @property
+    def cross_attention_layers(self) -> list[int]:
+        """Indices of the layers with cross-attention to the visual context."""
+        return [i for i, layer in enumerate(self.encoder.layer) if layer.has_cross_attention]
+
+    @property
+    def visual_kv_channels(self) -> int:
+        """Channels per visual token of `project_visual`: keys and values of every cross-attention layer."""
+        return 2 * self.hidden_size * len(self.cross_attention_layers)
+
+    def project_visual(self, states: torch.Tensor) -> torch.Tensor:
+        """Cross-attention keys and values of visual tokens: states [..., C_vis] -> [..., visual_kv_channels].
+
+        Layer by layer (in `cross_attention_layers` order), keys then values, C_q channels each; affine
+        in the states, so it commutes with the memory bank's count-weighted merge.
+        """
+        parts = []
+        for i in self.cross_attention_layers:
+            a = self.encoder.layer[i].crossattention.attention
+            x = states.to(a.key.weight.dtype)
+            parts += [a.key(x), a.value(x)]
+        return torch.cat(parts, dim=-1)
+
+    def split_visual(self, projected: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """projected [U, K, visual_kv_channels] -> {layer: (keys, values) [U, K, C_q]} (views, no copy)."""
+        C = self.hidden_size
+        if projected.shape[-1] != self.visual_kv_channels:
+            raise ValueError(f"projected visual tokens need {self.visual_kv_channels} channels, got {projected.shape[-1]}")
+        return {
+            layer: (projected[..., 2 * j * C : (2 * j + 1) * C], projected[..., (2 * j + 1) * C : (2 * j + 2) * C])
+            for j, layer in enumerate(self.cross_attention_layers)
+        }
 
     def forward(
         self,

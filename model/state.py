@@ -5,7 +5,10 @@ question, a `QuestionState` with one query memory bank per Q-Former layer. One m
 of states; the model's methods take the state they work on (`MALMM.step`, `MALMM.answer`, ...).
 
 Snapshots (`StreamState.snapshot` / `MALMM.restore`) are plain data: tensors in a flat dict and
-JSON-able metadata, so they can be written with safetensors and read back without unpickling.
+JSON-able metadata, so they can be written with safetensors and read back without unpickling. They
+hold the visual bank's entries but not the cross-attention keys/values it may keep beside them
+(`StreamConfig.visual_kv_cache`): restore projects those again, so a snapshot is as large with the
+cache as without, and one saved either way restores into a model either way.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 
 from mixmalmm.kernels import StreamingMemoryBank
+from mixmalmm.kernels.bank import SIDE_KEY
 
 SNAPSHOT_VERSION = 1
 
@@ -109,6 +113,8 @@ class StreamState:
         def put_bank(prefix: str, bank: StreamingMemoryBank) -> None:
             info = {}
             for k, v in bank.state_dict().items():
+                if k == SIDE_KEY:
+                    continue  # the visual bank's keys/values: `MALMM.restore` projects the entries again
                 if isinstance(v, torch.Tensor):
                     tensors[f"{prefix}.{k}"] = v
                 else:

@@ -127,3 +127,76 @@ def test_bad_arguments_are_named():
         bank.append(torch.zeros(1, 3, 3))
     with pytest.raises(ValueError, match="unknown kernel backend"):
         StreamingMemoryBank(2, 1, 2, 3, backend="cuda")
+
+
+def _affine(C, D, seed):
+    """A random Linear map C -> D (weight [C, D], bias [D]): what the Q-Former's keys/values are."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(C, D, generator=g) / C**0.5, torch.randn(D, generator=g)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("capacity", [1, 3, 10])
+def test_side_channels_merge_with_their_entries_weights(capacity, dtype):
+    """Side channels f(x) of an affine f, merged along with the entries, stay f(merged entries)."""
+    B, N, C, D = 2, 5, 12, 7
+    weight, bias = _affine(C, D, capacity)
+    bank = StreamingMemoryBank(capacity, B, N, C, dtype=dtype, backend="torch", side_channels=D)
+    plain = StreamingMemoryBank(capacity, B, N, C, dtype=dtype, backend="torch")
+    assert bank.side_channels == D and plain.side_channels == 0
+    assert bank.nbytes() == plain.nbytes() + B * (capacity + 1) * N * D * bank.data.element_size()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    for i, x in enumerate(_frames(6 * capacity + 5, B, N, C, dtype, seed=capacity)):
+        bank.append(x, time=i, side=(x.float() @ weight + bias).to(dtype))
+        plain.append(x, time=i)
+        # The side channels change nothing about the entries and their merges.
+        for a, b in zip(bank.ordered(), plain.ordered(), strict=True):
+            assert torch.equal(a, b)
+        data, _ = bank.ordered()
+        torch.testing.assert_close(bank.ordered_side().float(), data.float() @ weight + bias, rtol=tol, atol=tol)
+        # side_view lines up with view slot by slot.
+        entries, _ = bank.view()
+        torch.testing.assert_close(bank.side_view().float(), entries.float() @ weight + bias, rtol=tol, atol=tol)
+        if i % 3 == 2:
+            assert bank.compress() == plain.compress()
+    assert bank.frames == 6 * capacity + 5
+
+
+def test_side_channels_are_checked_and_kept_in_snapshots():
+    B, N, C, D, M = 1, 4, 6, 3, 3
+    bank = StreamingMemoryBank(M, B, N, C, backend="torch", side_channels=D)
+    x = torch.randn(B, N, C)
+    with pytest.raises(ValueError, match="3 side channels per token: pass side"):
+        bank.append(x)
+    with pytest.raises(ValueError, match=r"side must be \[B, N, D\] = \(1, 4, 3\)"):
+        bank.append(x, side=torch.zeros(B, N, D + 1))
+    with pytest.raises(ValueError, match="0 side channels per token: pass no side"):
+        StreamingMemoryBank(M, B, N, C).append(x, side=torch.zeros(B, N, D))
+    with pytest.raises(ValueError, match="side_channels must be >= 0"):
+        StreamingMemoryBank(M, B, N, C, side_channels=-1)
+    with pytest.raises(ValueError, match="no side channels"):
+        StreamingMemoryBank(M, B, N, C).side_view()
+    frames = list(_frames(20, B, N, C, torch.float32, seed=8))
+    sides = [torch.randn(B, N, D, generator=torch.Generator().manual_seed(i)) for i in range(20)]
+    for x, s in zip(frames[:9], sides[:9], strict=True):
+        bank.append(x, side=s)
+    state = bank.state_dict()
+    assert tuple(state["side"].shape) == (B, M + 1, N, D)
+    resumed = StreamingMemoryBank(M, B, N, C, backend="torch", side_channels=D)
+    resumed.load_state_dict(state)
+    for x, s in zip(frames[9:], sides[9:], strict=True):
+        bank.append(x, side=s)
+        resumed.append(x, side=s)
+    assert torch.equal(bank.ordered_side(), resumed.ordered_side())
+    # A snapshot without side channels does not load into a bank that keeps them, and the bank keeps
+    # what it held.
+    held = resumed.ordered_side().clone(), resumed.ordered()[0].clone()
+    with pytest.raises(ValueError, match=r"lacks \['side'\]"):
+        resumed.load_state_dict({k: v for k, v in state.items() if k != "side"})
+    with pytest.raises(ValueError, match="'side' has shape"):
+        resumed.load_state_dict({**state, "side": torch.zeros(B, M + 1, N, D + 1)})
+    with pytest.raises(ValueError, match="more than 4 slots"):
+        resumed.load_state_dict({**state, "count": M + 2})
+    assert torch.equal(resumed.ordered_side(), held[0]) and torch.equal(resumed.ordered()[0], held[1])
+    # A bank without side channels ignores them.
+    StreamingMemoryBank(M, B, N, C).load_state_dict(state)

@@ -57,6 +57,25 @@ def test_fused_update_matches_malmm_and_torch_bank(capacity, B, N, C, dtype):
     assert fast.time_span() == slow.time_span() == (1e6, 1e6 + (3 * capacity + 5) / 30)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("capacity", "B", "N", "C", "D"), [(1, 1, 3, 8, 5), (3, 2, 5, 40, 300)])
+def test_fused_update_merges_side_channels_as_the_torch_bank(capacity, B, N, C, D, dtype):
+    fast = StreamingMemoryBank(capacity, B, N, C, dtype=dtype, device=DEVICE, backend="triton", side_channels=D)
+    slow = StreamingMemoryBank(capacity, B, N, C, dtype=dtype, device=DEVICE, backend="torch", side_channels=D)
+    g = torch.Generator().manual_seed(capacity)
+    for i in range(3 * capacity + 4):
+        x = torch.randn(B, N, C, generator=g).to(dtype).to(DEVICE)
+        side = torch.randn(B, N, D, generator=g).to(dtype).to(DEVICE)
+        fast.append(x, time=float(i), side=side)
+        slow.append(x, time=float(i), side=side)
+        if i % 3 == 2:  # the unfused merge too
+            assert fast.compress() == slow.compress()
+        for key in (*_STATE_KEYS, "side"):
+            torch.testing.assert_close(getattr(fast, key), getattr(slow, key), rtol=1e-6, atol=1e-6)
+    # The side channels hold merges (the last merge's weights), not only copies of appended rows.
+    assert int(fast.sizes.max()) > 1
+
+
 def test_dispatch(monkeypatch):
     assert use_triton("cpu", "torch") is False
     assert use_triton("cpu", "auto") is False  # no CUDA tensor: torch

@@ -262,11 +262,14 @@ def test_memory_bank_length_from_the_command_line_keeps_the_folders_other_settin
     folder = str(tmp_path / "m")
     capfd.readouterr()
     bars_before = hf_logging.is_progress_bar_enabled()
-    for extra, expected in (([], 4), (["--memory-bank-length", "3"], 3)):
+    for extra, expected, cache in (([], 4, True), (["--memory-bank-length", "3"], 3, True),
+                                   (["--no-visual-kv-cache"], 4, False)):
         args = build_parser().parse_args(["replay", "x.mp4", "--device", "cpu", "--model", folder, *extra])
         model, _ = load_model(args)
         assert (model.config.memory_bank_length, model.config.present_frame) == (expected, True)
         assert model.present_embedding is not None
+        assert model.config.visual_kv_cache is cache
+        assert (model.create_state().visual_bank.side is not None) is cache
     # The weights load without transformers' "Loading weights" bar, which is left as it was for others.
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled() == bars_before

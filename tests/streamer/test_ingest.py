@@ -77,8 +77,8 @@ def test_a_model_folder_with_bad_ingest_settings_is_refused_in_one_line(tmp_path
     config = json.loads((folder / "malmm_config.json").read_text())
     config["ingest"] = {"sample_fps": 0}
     (folder / "malmm_config.json").write_text(json.dumps(config))
-    args = argparse.Namespace(model=str(folder), malmm_checkpoint=None, memory_bank_length=None, device="cpu",
-                              dtype=None)
+    args = argparse.Namespace(model=str(folder), malmm_checkpoint=None, memory_bank_length=None,
+                              visual_kv_cache=None, device="cpu", dtype=None)
     with pytest.raises(UserError, match=r"ingest settings.*sample_fps"):
         load_model(args)
     with pytest.raises(ValueError, match="ingest settings"):
