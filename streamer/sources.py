@@ -291,7 +291,8 @@ class Source:
 
     def close(self) -> None:
         """Stop reading and release the decoder or connection (waits up to a read timeout)."""
-        self._stop.set()
+        with self._lock:  # against _start_thread: it starts no thread once this is set
+            self._stop.set()
         if self._queue is not None:
             self._queue.close()
         with self._lock:
@@ -403,6 +404,9 @@ class Source:
 
         thread = threading.Thread(target=work, name=f"source {self.uri}", daemon=True)
         with self._lock:  # close() from another thread sees no thread, or a started one (never joins early)
+            if self._stop.is_set():  # closed before the first read: nothing to decode (read() sees the end)
+                queue.close()
+                return
             self._thread = thread
             thread.start()
 
@@ -543,7 +547,11 @@ class FileSource(_PyAVDecoding, Source):
             raise ValueError(f"end ({end} s) is before start ({start} s) for '{path}'")
         self._start, self._end = start, end
         self._init_conversion(size, interpolation)
-        if not Path(path).is_file():
+        try:
+            is_file = Path(path).is_file()
+        except OSError as exc:  # a name too long for the file system, ...
+            raise SourceError(f"cannot open '{path:.200}': {exc.strerror}", path) from exc
+        if not is_file:
             raise SourceError(f"no such file: '{path}'", path)
         try:
             self._container = _av_open(path, None, None)
@@ -916,18 +924,23 @@ class SyntheticSource(Source):
 # ------------------------------------------------------------------------------------------------
 
 
-def _query_options(query: str) -> dict[str, Any]:
-    """`a=1&b=x` -> {"a": 1, "b": "x"} (ints and floats converted)."""
+#: The options a `synthetic:` URI's query may set, with their types.
+SYNTHETIC_OPTIONS = {"width": int, "height": int, "fps": float, "num_frames": int, "scene_length": int}
+
+
+def _synthetic_options(uri: str, query: str) -> dict[str, Any]:
+    """`width=64&fps=5` -> {"width": 64, "fps": 5.0}; SourceError for an unknown name or a bad number."""
     out: dict[str, Any] = {}
     for key, value in parse_qsl(query, keep_blank_values=True):
-        for convert in (int, float):
-            try:
-                out[key] = convert(value)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key] = value
+        kind = SYNTHETIC_OPTIONS.get(key)
+        if kind is None:
+            raise SourceError(f"unknown option {key!r:.40} in '{uri:.200}': synthetic: takes "
+                              + ", ".join(SYNTHETIC_OPTIONS), uri)
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            raise SourceError(f"{key}={value!r:.40} in '{uri:.200}' is not {'an integer' if kind is int else 'a number'}",
+                              uri) from None
     return out
 
 
@@ -961,7 +974,7 @@ def open_source(uri: str | Path, **options: Any) -> Source:
             raise SourceError(f"bad camera in '{text}': use webcam:N with N a device number", text)
         return OpenCVSource(int(device), uri=text, **options)
     if scheme == "synthetic":
-        return SyntheticSource(uri=text, **{**_query_options(parts.query), **options})
+        return SyntheticSource(uri=text, **{**_synthetic_options(text, parts.query), **options})
     raise SourceError(
         f"unknown scheme '{scheme}' in '{text}': use a file path, file://, "
         + ", ".join(f"{s}://" for s in NETWORK_SCHEMES)
