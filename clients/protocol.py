@@ -94,7 +94,7 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_QUESTION = "unknown_question"  # no standing question with that id on that stream
     ALREADY_EXISTS = "already_exists"  # a stream or standing question with that id exists
     BUSY = "busy"  # too many requests in flight; retry later
-    UNAVAILABLE = "unavailable"  # the engine cannot do it now (shutting down, model not loaded)
+    UNAVAILABLE = "unavailable"  # cannot do it now: shutting down, no Shot yet, a limit reached, an I/O error
     INTERNAL = "internal"  # a bug in the engine; the message says what
 
 
@@ -289,7 +289,8 @@ class AskResult(msgspec.Struct, kw_only=True):
     standing: true when answered from a standing question's own memory (then ``question_id`` names it).
     span_start_s / span_end_s: the stretch of the stream (stream time, seconds) that the memory covered
       when the answer was made; ``null`` before the first Shot.
-    latency_s: seconds from the request's arrival at the engine to the answer.
+    latency_s: seconds from the request's arrival at the server's socket to the answer (waiting for a
+      worker included).
     """
 
     stream: str
