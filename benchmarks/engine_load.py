@@ -3,7 +3,7 @@
 1. Shots per second folded into one stream's memory (a synthetic file replayed as fast as possible,
    every frame a Shot) against the number of standing questions on it: each question has its own
    query banks, so every step runs one more Q-Former pass. The engine's default limit
-   (`--max-questions`) comes from this table.
+   (`--max-standing`) comes from this table.
 2. Resident memory over add/remove cycles while another stream ingests: a removed stream must leave
    nothing behind (no growth beyond the allocator's noise).
 
@@ -39,7 +39,7 @@ def rss_mib() -> float:
 
 def shots_per_second(model: MALMM, questions: int, seconds: float) -> float:
     """Steady-state Shots/s on one stream that holds `questions` standing questions."""
-    engine = Engine(model, EngineConfig(max_questions=max(questions, 1))).start()
+    engine = Engine(model, EngineConfig(max_standing=max(questions, 1))).start()
     try:
         engine.add_stream(P.AddStream(id=0, stream="s", uri="synthetic:?width=64&height=48&fps=25",
                                       pace="fast", actionshot=EVERY_FRAME))

@@ -60,7 +60,7 @@ class EngineConfig:
     snapshots live (None: no persistence). snapshot_period_s: seconds between periodic snapshots.
     max_new_tokens / num_beams: generation defaults for questions that give none. default_actionshot:
     the server's own ActionShot settings (only the fields given), over the model's (`ingest`).
-    max_streams: most streams the engine runs at once; max_questions: most standing questions one
+    max_streams: most streams the engine runs at once; max_standing: most standing questions one
     stream holds (each adds a Q-Former pass to every step of its stream: README, Performance).
     Requests beyond either are refused with `unavailable`; streams restored on start are not refused.
     """
@@ -72,14 +72,14 @@ class EngineConfig:
     max_new_tokens: int = 30
     num_beams: int = 1
     max_streams: int = 32
-    max_questions: int = 8
+    max_standing: int = 8
     default_actionshot: P.ActionShotSettings = field(default_factory=P.ActionShotSettings)
     network_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.max_streams < 1 or self.max_questions < 0:
-            raise ValueError(f"max_streams must be >= 1 and max_questions >= 0, got {self.max_streams} "
-                             f"and {self.max_questions}")
+        if self.max_streams < 1 or self.max_standing < 0:
+            raise ValueError(f"max_streams must be >= 1 and max_standing >= 0, got {self.max_streams} "
+                             f"and {self.max_standing}")
 
 
 @dataclass
@@ -386,11 +386,11 @@ class Engine:
                     P.ErrorCode.ALREADY_EXISTS,
                     f"stream {request.stream!r} already has a standing question {request.question_id!r}",
                 )
-            if len(stream.standing) >= self.config.max_questions:
+            if len(stream.standing) >= self.config.max_standing:
                 raise P.RequestError(
                     P.ErrorCode.UNAVAILABLE,
                     f"stream {request.stream!r} has {len(stream.standing)} standing questions, its limit "
-                    "(serve --max-questions; each slows every step of the stream); remove one first",
+                    "(serve --max-standing; each slows every step of the stream); remove one first",
                 )
             self.model.register_question(stream.state, request.text)
             stream.standing[request.question_id] = Standing(

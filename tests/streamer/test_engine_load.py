@@ -252,7 +252,7 @@ def test_latency_counts_from_the_requests_arrival_not_from_a_worker_picking_it_u
 
 
 def test_stream_and_standing_question_limits_are_clear_errors(model):
-    config = EngineConfig(max_streams=2, max_questions=2)
+    config = EngineConfig(max_streams=2, max_standing=2)
     with serving(model, config) as (engine, server, client):
         for sid in ("a", "b"):
             client.add_stream(sid, "synthetic:?width=32&height=32&num_frames=5", pace="fast")
@@ -263,7 +263,7 @@ def test_stream_and_standing_question_limits_are_clear_errors(model):
         client.add_question("a", "q2", "where?")
         with pytest.raises(EngineError) as err:
             client.add_question("a", "q3", "who?")
-        assert err.value.code == P.ErrorCode.UNAVAILABLE and "--max-questions" in err.value.message
+        assert err.value.code == P.ErrorCode.UNAVAILABLE and "--max-standing" in err.value.message
         client.remove_question("a", "q1")
         client.add_question("a", "q3", "who?")  # room again
         client.remove_stream("b")
