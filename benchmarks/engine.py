@@ -3,25 +3,33 @@
 1. The model alone: vision encoder + one step per Shot on pre-made Shots (the engine's ceiling).
 2. The engine: a synthetic stream replayed as fast as possible, every frame a Shot; the ratio to (1)
    is the engine's overhead (decode, preprocessing, queues, locks).
-3. Question latency p50/p99 on an idle engine and while two streams ingest at full speed.
-4. Resident memory at the start and during a long replay (default 100,000 frames, ActionShot on):
+3. Question latency p50/p99 on an idle engine and while two streams ingest at full speed (the ratio of
+   the two p99s shows the priority questions get over ingest steps).
+4. Many clients at once: 1, 5 and 20 clients over real ZeroMQ sockets (a `Server` on loopback), each
+   asking one question after another of an idle stream: latency p50/p99 as the clients see it, and
+   questions answered per second (waiting questions share one batched `generate`).
+5. Resident memory at the start and during a long replay (default 100,000 frames, ActionShot on):
    it must stay flat.
 
     python benchmarks/engine.py                  # full run (the long replay takes a few minutes)
     python benchmarks/engine.py --quick          # 10,000 frames, fewer questions
+    python benchmarks/engine.py --questions-only # sections 3 and 4
 """
 
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 
 import torch
 
+from mixmalmm.clients import Client
 from mixmalmm.clients import protocol as P
 from mixmalmm.model import MALMM
 from mixmalmm.streamer.engine import Engine, EngineConfig
 from mixmalmm.streamer.preprocess import preprocess
+from mixmalmm.streamer.server import Server
 from mixmalmm.streamer.sources import open_source
 
 EVERY_FRAME = P.ActionShotSettings(enabled=False, sample_fps=None)  # every decoded frame is a Shot
@@ -86,6 +94,37 @@ def latencies(engine: Engine, sid: str, count: int) -> list[float]:
     return out
 
 
+def many_clients(engine: Engine, sid: str, clients: int, per_client: int) -> tuple[list[float], float]:
+    """Client-side latencies of `clients` clients asking `per_client` questions each over ZeroMQ at once,
+    and the questions answered per second."""
+    server = Server(engine, request_endpoint="tcp://127.0.0.1:*", event_endpoint=None).start()
+    out: list[float] = []
+    ready = threading.Barrier(clients + 1)
+
+    def asker(i: int) -> None:
+        with Client(server.request_address, timeout_s=120.0, retries=0) as client:
+            ready.wait()
+            for k in range(per_client):
+                t0 = time.perf_counter()
+                client.ask(sid, f"what happened {i} {k}?", max_new_tokens=10)
+                out.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=asker, args=(i,)) for i in range(clients)]
+    try:
+        for t in threads:
+            t.start()
+        ready.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        server.stop()
+    if len(out) != clients * per_client:
+        raise RuntimeError(f"{clients * per_client - len(out)} questions were not answered")
+    return out, len(out) / wall
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
@@ -95,25 +134,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--long-frames", type=int, default=None, help="frames in the long replay (default 100000)")
+    ap.add_argument("--questions-only", action="store_true", help="only the question latency sections")
+    ap.add_argument("--questions", type=int, default=None, help="questions per latency row (default 50)")
     args = ap.parse_args()
     shots = 300 if args.quick else 1000
-    questions = 20 if args.quick else 50
+    questions = args.questions or (20 if args.quick else 50)
     long_frames = args.long_frames or (10_000 if args.quick else 100_000)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = MALMM.tiny().eval()
     rows: list[tuple[str, str]] = []
 
-    base = model_rate(model, shots)
-    e2e = engine_rate(model, shots)
-    rows += [("model alone, Shots/s (encode + step)", f"{base:.0f}"),
-             ("engine end to end, Shots/s (decode + preprocess + queue + step)", f"{e2e:.0f}"),
-             ("engine / model", f"{e2e / base:.2f}")]
+    if not args.questions_only:
+        base = model_rate(model, shots)
+        e2e = engine_rate(model, shots)
+        rows += [("model alone, Shots/s (encode + step)", f"{base:.0f}"),
+                 ("engine end to end, Shots/s (decode + preprocess + queue + step)", f"{e2e:.0f}"),
+                 ("engine / model", f"{e2e / base:.2f}")]
 
     engine = Engine(model, EngineConfig()).start()
     try:
         add(engine, "idle", synthetic(50), EVERY_FRAME)
         wait(lambda: engine._get("idle").state.frames == 50, 60)
         idle = latencies(engine, "idle", questions)
+        crowd = {n: many_clients(engine, "idle", n, max(questions // n, 5)) for n in (1, 5, 20)}
         add(engine, "load1", synthetic(10**9), EVERY_FRAME)
         add(engine, "load2", synthetic(10**9), EVERY_FRAME)
         wait(lambda: engine._get("load2").state.frames > 10, 60)
@@ -125,8 +168,17 @@ def main() -> None:
               f"{1e3 * pct(idle, 0.5):.1f} / {1e3 * pct(idle, 0.99):.1f}"),
              ("question latency, two streams ingesting at full speed, p50 / p99 ms",
               f"{1e3 * pct(busy, 0.5):.1f} / {1e3 * pct(busy, 0.99):.1f}"),
+             ("busy p99 / idle p99", f"{pct(busy, 0.99) / pct(idle, 0.99):.2f}"),
              ("Shots stepped on one loaded stream meanwhile", str(stepped))]
+    for n, (lat, per_s) in crowd.items():
+        rows.append((f"{n} client{'s' if n > 1 else ''} over ZeroMQ asking at once, idle, p50 / p99 ms; questions/s",
+                     f"{1e3 * pct(lat, 0.5):.1f} / {1e3 * pct(lat, 0.99):.1f}; {per_s:.0f}"))
+    one = pct(crowd[1][0], 0.5)
+    rows.append(("20-client p50 / 1-client p50", f"{pct(crowd[20][0], 0.5) / one:.2f}"))
 
+    if args.questions_only:
+        print_table(rows)
+        return
     engine = Engine(model, EngineConfig()).start()
     try:
         add(engine, "long", synthetic(long_frames), LONG)  # ActionShot on: a composite per scene
@@ -148,7 +200,10 @@ def main() -> None:
     rows += [(f"resident memory at {name}, MiB", f"{mib:.0f}") for name, mib in samples]
     growth = samples[-1][1] - samples[1][1]
     rows.append(("growth from 25% to the end, MiB", f"{growth:+.0f}"))
+    print_table(rows)
 
+
+def print_table(rows: list[tuple[str, str]]) -> None:
     print(f"engine benchmark, tiny model, {torch.get_num_threads()} CPU threads")
     print("| measure | value |")
     print("|---|---|")

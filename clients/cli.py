@@ -66,6 +66,9 @@ DEFAULT_RETRIES = 2
 WAIT_POLL_S = 0.2
 #: Stream states a stream never leaves.
 END_STATES = ("finished", "failed", "stopped")
+#: Seconds ``streams add --wait`` gives an HTTP link to connect: its first connection says whether it is a
+#: file (replayed, it finishes) or a live stream.
+WAIT_CONNECT_S = 15.0
 
 #: Subcommands served by ``mixmalmm.streamer.cli`` (the full install), with their help lines.
 SERVER_COMMANDS = {
@@ -366,6 +369,8 @@ def _wait_finished(args: argparse.Namespace, added: p.StreamInfo) -> int:
     """``streams add --wait``: poll the stream's status until it is finished (every Shot of the file in
     memory, not just decoded: it is ``draining`` before) and print that status; a stream that fails or
     is stopped instead is a ``not_finished`` error."""
+    if added.mode == "live" and added.state == "connecting" and added.uri.lower().startswith(("http:", "https:")):
+        added = _request(args, lambda client: _connected(client, added.stream))
     if added.mode == "live":
         raise CommandError(f"stream {added.stream} was added, but it is live ({added.uri}): it never finishes, "
                            "so --wait is for files (replay mode) only")
@@ -388,6 +393,16 @@ def _wait_finished(args: argparse.Namespace, added: p.StreamInfo) -> int:
         _out(f"stream {status.stream} finished: {status.shots} Shots in memory, covering "
              f"{_fmt_span(status.span_start_s, status.span_end_s)}")
     return EXIT_OK
+
+
+def _connected(client: Client, stream: str) -> p.StreamInfo:
+    """The stream as ``list_streams`` shows it once it is no longer connecting (or `WAIT_CONNECT_S` later)."""
+    deadline = time.monotonic() + WAIT_CONNECT_S
+    while True:
+        info = next(s for s in client.list_streams().streams if s.stream == stream)
+        if info.state != "connecting" or time.monotonic() > deadline:
+            return info
+        time.sleep(WAIT_POLL_S)
 
 
 def _cmd_streams_remove(args: argparse.Namespace) -> int:

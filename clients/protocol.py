@@ -313,7 +313,8 @@ class StandingQuestion(msgspec.Struct, kw_only=True):
 
 
 class StreamInfo(msgspec.Struct, kw_only=True):
-    """One stream as the engine runs it; actionshot: the settings it runs with (every field set)."""
+    """One stream as the engine runs it; uri: its source, password and secret query values shown as
+    ``***``; actionshot: the settings it runs with (every field set)."""
 
     stream: str
     uri: str
@@ -331,7 +332,8 @@ class StreamStatus(msgspec.Struct, kw_only=True):
     because a live stream fell behind; reconnects: times the
     source reconnected. memory_entries / memory_capacity: visual memory bank entries held / bank length
     M. span_start_s / span_end_s: stream time (seconds) that memory covers. last_error: last source
-    error text. actionshot: the settings the stream runs with (every field set).
+    error text (a failed connection attempt's too). uri and last_error show credentials as ``***``.
+    actionshot: the settings the stream runs with (every field set).
     """
 
     stream: str

@@ -488,56 +488,98 @@ class MALMM(nn.Module):
         output; any other question (or adhoc=True) gets one extra Q-Former pass over the visual bank
         and the default question's query banks.
         """
+        return self.query_outputs(state, [question], adhoc=adhoc)[0]
+
+    @torch.inference_mode()
+    def query_outputs(
+        self, state: StreamState, questions: Sequence[str | None], *, adhoc: bool = False
+    ) -> list[tuple[torch.Tensor, Literal["standing", "adhoc"]]]:
+        """`query_output` for several questions about one state: ([1, Q, C_q], mode) per question.
+
+        Ad-hoc questions whose instructions have equal token counts share one Q-Former pass (rows of
+        one batch, no padding), as the step batches its rows.
+        """
         if state.frames == 0:
             raise ValueError(f"stream {state.stream_id!r} has seen no frame yet: nothing to answer about")
-        question = question if question is not None else self._default_question(state)
-        own = state.standing.get(question)
-        if own is None and self.prompt(question) == state.default.text:
-            own = state.default
-        if own is not None and own.steps > 0 and not adhoc:
-            return own.output, "standing"
-        return self._adhoc_output(state, question), "adhoc"
+        results: list = [None] * len(questions)
+        passes: dict[int, list[tuple[int, torch.Tensor]]] = defaultdict(list)  # instruction tokens -> rows
+        for i, question in enumerate(questions):
+            question = question if question is not None else self._default_question(state)
+            own = state.standing.get(question)
+            if own is None and self.prompt(question) == state.default.text:
+                own = state.default
+            if own is not None and own.steps > 0 and not adhoc:
+                results[i] = (own.output, "standing")
+            else:
+                ids = self._qformer_ids(self.prompt(question))
+                passes[ids.shape[1]].append((i, ids))
+        for rows in passes.values():
+            hidden = self._adhoc_outputs(state, torch.cat([ids for _, ids in rows], dim=0))
+            for r, (i, _) in enumerate(rows):
+                results[i] = (hidden[r : r + 1], "adhoc")
+        return results
 
     def _default_question(self, state: StreamState) -> str:
         # Recover the question from its prompt (the template wraps it).
         head, _, tail = self.config.prompt_template.partition("{}")
         return state.default.text[len(head) : len(state.default.text) - len(tail)]
 
-    def _adhoc_output(self, state: StreamState, question: str) -> torch.Tensor:
-        ids = self._qformer_ids(self.prompt(question))
+    def _adhoc_outputs(self, state: StreamState, ids: torch.Tensor) -> torch.Tensor:
+        """One Q-Former pass for B instructions ids [B, L] over the state's memory -> [B, Q, C_q]."""
+        B = ids.shape[0]
         if state.visual_bank is not None:
             entries, valid = state.visual_bank.view()
             newest = state.visual_bank.ordered()[0][:, -1] if self.present_embedding is not None else None
             states, mask = self._with_present(
                 entries.reshape(1, -1, entries.shape[-1]), newest, None if valid is None else valid.reshape(1, -1)
             )
-            context = VisualContext(states=states, mask=mask)
+            # Every row reads the one stream: its keys and values are projected once.
+            context = VisualContext(states=states, mask=mask, index=torch.zeros(B, dtype=torch.long, device=self.device))
             memories = []
             for bank in state.default.banks:
                 past = None
                 if bank.count > 1:
                     ordered, _ = bank.ordered()
-                    past = ordered[:, :-1]  # drop the newest step: the ad-hoc pass stands in for it
+                    past = ordered[:, :-1].expand(B, -1, -1, -1)  # drop the newest step: this pass stands in for it
                 memories.append(ReadOnlyMemory(past))
         else:
-            context = VisualContext(states=self._with_present(state.last_frame, state.last_frame)[0])
+            frame = self._with_present(state.last_frame, state.last_frame)[0]
+            context = VisualContext(states=frame, index=torch.zeros(B, dtype=torch.long, device=self.device))
             memories = None
-        hidden = self.qformer(self.query_tokens, ids, None, context, memories)
+        hidden = self.qformer(self.query_tokens.expand(B, -1, -1), ids, None, context, memories)
         return hidden[:, : self.num_queries]
 
     @torch.inference_mode()
-    def llm_inputs(self, query_output: torch.Tensor, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """LLM input: projected query outputs then the prompt's token embeddings.
+    def llm_inputs(
+        self, query_output: torch.Tensor, prompt: str | Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLM input: projected query outputs then the prompt's token embeddings, left-padded.
 
-        query_output: [B, Q, C_q]. Returns (inputs_embeds [B, Q+P, D], attention_mask [B, Q+P]).
+        query_output: [B, Q, C_q]; prompt: one for every row, or B prompts (row b reads prompt b).
+        Returns (inputs_embeds [B, L, D], attention_mask [B, L]), L = Q + the longest prompt's tokens.
+        A shorter prompt's row starts with padding (mask 0): its last position is the last prompt
+        token, where generation continues, and positions counted from the mask equal its own.
         """
-        proj = self.language_projection(query_output.to(self.language_projection.weight.dtype))
-        ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
-        ids = ids.expand(proj.shape[0], -1)
-        embed = self.language_model.get_input_embeddings()
-        text = embed(ids)
-        embeds = torch.cat([proj.to(text.dtype), text], dim=1)
-        return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        B = query_output.shape[0]
+        prompts = [prompt] * B if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != B:
+            raise ValueError(f"need one prompt per query output row: {B} rows, {len(prompts)} prompts")
+        proj = self.language_projection(query_output.to(self.language_projection.weight.dtype))  # [B, Q, D]
+        tok = self.tokenizer
+        rows = [tok(p).input_ids for p in prompts]
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = torch.full((B, width), pad, dtype=torch.long)
+        mask = torch.ones((B, proj.shape[1] + width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, width - len(r) :] = torch.tensor(r)
+            mask[b, : width - len(r)] = 0
+        text = self.language_model.get_input_embeddings()(ids.to(self.device))  # [B, width, D]
+        proj = proj.to(text.dtype)
+        embeds = torch.stack([
+            torch.cat([text[b, : width - len(r)], proj[b], text[b, width - len(r) :]]) for b, r in enumerate(rows)
+        ])
+        return embeds, mask.to(self.device)
 
     @torch.inference_mode()
     def answer(
@@ -573,18 +615,44 @@ class MALMM(nn.Module):
         length_penalty: float = 1.0,
     ) -> tuple[list[int], str]:
         """(token ids, text) answering `question` from query outputs [1, Q, C_q] (see `query_output`)."""
-        tokens = self.generate_tokens(
-            query_output, self.prompt(question), max_new_tokens=max_new_tokens, num_beams=num_beams,
+        return self.generate_answers(
+            query_output, [question], max_new_tokens=max_new_tokens, num_beams=num_beams,
             length_penalty=length_penalty,
+        )[0]
+
+    def generate_answers(
+        self, query_outputs: torch.Tensor | Sequence[torch.Tensor], questions: Sequence[str], *,
+        max_new_tokens: int, num_beams: int = 1, length_penalty: float = 1.0,
+    ) -> list[tuple[list[int], str]]:
+        """(token ids, text) for each question, all generated together by one LLM `generate`.
+
+        query_outputs: [B, Q, C_q], or B tensors [1, Q, C_q] (question b reads row b). The answers
+        are those `generate_answer` gives one at a time (see `generate_tokens`).
+        """
+        if not isinstance(query_outputs, torch.Tensor):
+            query_outputs = torch.cat(list(query_outputs), dim=0)
+        tokens = self.generate_tokens(
+            query_outputs, [self.prompt(q) for q in questions], max_new_tokens=max_new_tokens,
+            num_beams=num_beams, length_penalty=length_penalty,
         )
-        return tokens, self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        return [(t, self.tokenizer.decode(t, skip_special_tokens=True).strip()) for t in tokens]
 
     @torch.inference_mode()
     def generate_tokens(
-        self, query_output: torch.Tensor, prompt: str, *, max_new_tokens: int, num_beams: int = 1,
-        length_penalty: float = 1.0,
-    ) -> list[int]:
-        """Generated token ids (new tokens only) for query outputs [1, Q, C_q] and a prompt."""
+        self, query_output: torch.Tensor, prompt: str | Sequence[str], *, max_new_tokens: int,
+        num_beams: int = 1, length_penalty: float = 1.0,
+    ) -> list[int] | list[list[int]]:
+        """Generated token ids (new tokens only) for query outputs [B, Q, C_q] and a prompt.
+
+        One prompt (str): B must be 1 and one list of ids comes back. B prompts: the rows are
+        left-padded to one batch (`llm_inputs`) and one list per row comes back, each cut after its
+        first end-of-sequence token (a row that ends early is padded while the others go on). Greedy
+        search gives each row the tokens it gets alone; beam search ranks each row's beams apart from
+        the other rows, by scores that padding can change only by rounding.
+        """
+        single = isinstance(prompt, str)
+        if single and query_output.shape[0] != 1:
+            raise ValueError(f"one prompt answers one query output row, got {query_output.shape[0]} rows")
         embeds, mask = self.llm_inputs(query_output, prompt)
         tok = self.tokenizer
         out = self.language_model.generate(
@@ -597,10 +665,14 @@ class MALMM(nn.Module):
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
             eos_token_id=tok.eos_token_id,
         )
-        tokens = out[0].tolist()
-        if self.is_encoder_decoder and tokens and tokens[0] == self.language_model.config.decoder_start_token_id:
-            tokens = tokens[1:]  # the decoder's start token is not part of the answer
-        return tokens
+        rows = []
+        for tokens in out.tolist():
+            if self.is_encoder_decoder and tokens and tokens[0] == self.language_model.config.decoder_start_token_id:
+                tokens = tokens[1:]  # the decoder's start token is not part of the answer
+            if tok.eos_token_id in tokens:  # what follows is padding
+                tokens = tokens[: tokens.index(tok.eos_token_id) + 1]
+            rows.append(tokens)
+        return rows[0] if single else rows
 
     # ------------------------------------------------------------ snapshots
 

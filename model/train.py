@@ -281,9 +281,8 @@ def evaluate(
             pixels = torch.stack([frames_to_pixels(f, model.image_size, mean, std) for f, _, _, _ in group])
             rows = [(c, q, a, k) for c, (_, qs, ans, ks) in enumerate(group) for q, a, k in zip(qs, ans, ks, strict=True)]
             outputs = model.clip_query_output(pixels, [q for _, q, _, _ in rows], adhoc=adhoc, clips=[c for c, *_ in rows])
-            for row, (_, q, a, name) in enumerate(rows):
-                tokens = model.generate_tokens(outputs[row : row + 1], model.prompt(q), max_new_tokens=max_new_tokens)
-                text = model.tokenizer.decode(tokens, skip_special_tokens=True)
+            answers = model.generate_answers(outputs, [q for _, q, _, _ in rows], max_new_tokens=max_new_tokens)
+            for (_, _, a, name), (_, text) in zip(rows, answers, strict=True):  # one generate for the group
                 ok = normalise_answer(text) == normalise_answer(a)
                 correct += ok
                 asked += 1

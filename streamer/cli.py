@@ -27,6 +27,7 @@ from .options import (
     add_model_arguments,
     load_model,
 )
+from .redact import redact_uri
 
 log = logging.getLogger("mixmalmm")
 
@@ -64,6 +65,8 @@ def add_serve_parser(commands) -> None:
     g.add_argument("--state-dir", metavar="DIR", help="snapshot streams here and restore them on start")
     g.add_argument("--snapshot-period", type=float, default=30.0, metavar="S", help="seconds between snapshots")
     g.add_argument("--max-batch", type=int, default=8, help="streams per vision-encoder batch")
+    g.add_argument("--max-questions", type=int, default=32, metavar="N",
+                   help="waiting questions answered by one batched generation")
     g.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest request accepted, bytes")
     g.add_argument("--max-question-chars", type=int, default=1000, help="longest question accepted, characters")
     g.add_argument("--max-streams", type=int, default=32, metavar="N", help="most streams at once (default 32)")
@@ -81,6 +84,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.snapshot_period <= 0:
         raise UserError(f"--snapshot-period must be > 0 seconds, got {args.snapshot_period}")
+    if args.max_questions < 1:
+        raise UserError(f"--max-questions must be >= 1, got {args.max_questions}")
     if args.max_message_bytes < 1024 or args.max_question_chars < 1:
         raise UserError("--max-message-bytes must be >= 1024 and --max-question-chars >= 1")
     if args.max_streams < 1 or args.max_standing < 0:
@@ -106,7 +111,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from exc
     settings = actionshot_settings(args)
     model, name = load_model(args)
-    config = EngineConfig(max_batch=args.max_batch, state_dir=args.state_dir,
+    config = EngineConfig(max_batch=args.max_batch, max_questions=args.max_questions, state_dir=args.state_dir,
                           snapshot_period_s=args.snapshot_period, default_actionshot=settings,
                           max_streams=args.max_streams, max_standing=args.max_standing)
     stopping = threading.Event()
@@ -116,7 +121,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         limits = P.Limits(max_message_bytes=args.max_message_bytes, max_question_chars=args.max_question_chars)
         server = Server(engine, request_endpoint=args.bind, event_endpoint=args.events, curve=curve,
-                        insecure=args.insecure, limits=limits)
+                        insecure=args.insecure, limits=limits, ask_workers=args.max_questions)
     except (ServerError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     server_box.append(server)
@@ -132,7 +137,7 @@ def run_serve(args: argparse.Namespace) -> int:
             try:
                 engine.add_stream(P.AddStream(id=0, stream=sid, uri=uri, mode=args.mode, pace=args.pace))
             except P.RequestError as exc:
-                log.error("source %s not added: %s", text, exc.message)
+                log.error("source %s not added: %s", redact_uri(text), exc.message)
         log.info("serving %d stream(s) on %s (events on %s), model %s on %s", len(engine.streams()), server.request_address,
                  server.event_address, name, model.device)
         for sig in (signal.SIGINT, signal.SIGTERM):

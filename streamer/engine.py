@@ -7,8 +7,14 @@ model thread takes at most one Shot per stream per round (round robin), preproce
 vision encoder on all of them as one batch, then steps every stream's state.
 
 Questions never wait for the ingest backlog: each stream's state has a lock held only while one Shot
-is folded in, so an answer waits at most one step. The Q-Former output is taken under that lock (a
-consistent view of the memory), and the LLM generates outside it while ingestion goes on.
+is folded in. Questions go before ingest steps: an asking thread queues its question and waits; before
+each step the model thread takes every question waiting (at most `max_questions`), takes each one's
+Q-Former output under its stream's lock (a consistent view of the memory; a stream's ad-hoc questions
+of equal token counts share one Q-Former pass), then answers them with one LLM `generate` per
+generation setting (max_new_tokens, num_beams), their inputs left-padded to one batch. A question waits
+for the step under way and a batch already generating (and, beyond max_questions, the batches ahead
+of it); ingestion pauses while questions are answered, with one step between two batches so that it
+never stops. Each answer is the one the question gets alone.
 
 A file's stream is "draining" from the end of its decoding until the model thread has stepped its
 last Shot (the stream's queue counts Shots put and Shots done, so a Shot taken out of the queue and
@@ -26,6 +32,7 @@ and keeps the state in memory.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -43,6 +50,7 @@ from mixmalmm.model import MALMM, StateSnapshot, StreamState
 from .ingest import PROTOCOL_1_INGEST, model_settings, parse_settings
 from .pipeline import StreamPipeline, rate
 from .preprocess import preprocess
+from .redact import redact_uri
 from .shotqueue import ShotQueue
 from .sources import SourceError
 
@@ -58,8 +66,9 @@ class EngineConfig:
     max_batch: most streams whose Shots share one vision-encoder batch. queue_shots: Shots a stream
     may have waiting for the model (live streams drop the oldest beyond it). state_dir: where stream
     snapshots live (None: no persistence). snapshot_period_s: seconds between periodic snapshots.
-    max_new_tokens / num_beams: generation defaults for questions that give none. default_actionshot:
-    the server's own ActionShot settings (only the fields given), over the model's (`ingest`).
+    max_new_tokens / num_beams: generation defaults for questions that give none. max_questions: most
+    waiting questions answered by one batched `generate`. default_actionshot: the server's own
+    ActionShot settings (only the fields given), over the model's (`ingest`).
     max_streams: most streams the engine runs at once; max_standing: most standing questions one
     stream holds (each adds a Q-Former pass to every step of its stream: README, Performance).
     Requests beyond either are refused with `unavailable`; streams restored on start are not refused.
@@ -71,6 +80,7 @@ class EngineConfig:
     snapshot_period_s: float = 30.0
     max_new_tokens: int = 30
     num_beams: int = 1
+    max_questions: int = 32
     max_streams: int = 32
     max_standing: int = 8
     default_actionshot: P.ActionShotSettings = field(default_factory=P.ActionShotSettings)
@@ -80,6 +90,21 @@ class EngineConfig:
         if self.max_streams < 1 or self.max_standing < 0:
             raise ValueError(f"max_streams must be >= 1 and max_standing >= 0, got {self.max_streams} "
                              f"and {self.max_standing}")
+
+
+@dataclass
+class Question:
+    """A question waiting for the model thread; it fills in the rest and sets the answer's text."""
+
+    stream: Stream
+    text: str
+    max_new_tokens: int
+    num_beams: int
+    answer: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    output: object = None  # the Q-Former output [1, Q, C_q], taken under the stream's lock
+    standing: bool = False
+    question_id: str | None = None
+    span: tuple[float, float] | None = None
 
 
 @dataclass
@@ -96,7 +121,8 @@ class Stream:
     def __init__(self, sid: str, request: P.AddStream, state: StreamState, queue: ShotQueue,
                  actionshot: P.ActionShotSettings):
         self.id = sid
-        self.request = request
+        self.request = request  # its URI as given, credentials included: the source and snapshots need them
+        self.uri = redact_uri(request.uri)  # as shown in logs, replies and events
         self.actionshot = actionshot  # the settings it runs with, every field set
         self.state = state
         self.queue = queue
@@ -133,11 +159,15 @@ class Engine:
     def __init__(self, model: MALMM, config: EngineConfig | None = None, publish=None, model_name: str = ""):
         self.model = model
         self.config = config or EngineConfig()
+        if self.config.max_questions < 1:
+            raise ValueError(f"max_questions must be at least 1, got {self.config.max_questions}")
         self._publish = publish or (lambda event: None)
         self.model_name = model_name or type(model).__name__
         self._streams: dict[str, Stream] = {}
         self._streams_lock = threading.Lock()
-        self._work = threading.Condition()
+        self._work = threading.Condition()  # guards _questions; notified on new Shots and questions
+        self._questions: collections.deque[Question] = collections.deque()
+        self._model_running = False  # questions are accepted (under _work): from start to the model thread's end
         self._stop = threading.Event()
         self._started = time.time()
         self._latencies: collections.deque[float] = collections.deque(maxlen=2048)
@@ -156,6 +186,8 @@ class Engine:
     def start(self, restore: bool = True) -> Engine:
         if restore and self.config.state_dir:
             self._restore_all()
+        with self._work:
+            self._model_running = True  # questions are taken from now on; the model thread answers them
         for target, name in ((self._model_loop, "model"), (self._scheduler_loop, "scheduler")):
             t = threading.Thread(target=target, name=f"mixmalmm-{name}", daemon=True)
             t.start()
@@ -246,7 +278,7 @@ class Engine:
         self._publish(P.StreamStateEvent(stream=sid, state=stream.state_name, previous=None))
         if stream.pipeline is not None:
             stream.pipeline.start()
-            log.info("stream %s added: %s (%s)", sid, request.uri, "live" if stream.pipeline.live else "replay")
+            log.info("stream %s added: %s (%s)", sid, stream.uri, "live" if stream.pipeline.live else "replay")
         return stream
 
     def _check_room(self, sid: str, restoring: bool) -> None:
@@ -293,7 +325,8 @@ class Engine:
             return
         if message and new in ("failed", "reconnecting"):
             stream.last_error = message
-        log.info("stream %s: %s -> %s%s", stream.id, old, new, f" ({message})" if message else "")
+        if new != old:  # a repeated report (another failed connection attempt) is logged by the pipeline
+            log.info("stream %s: %s -> %s%s", stream.id, old, new, f" ({message})" if message else "")
         self._publish(P.StreamStateEvent(stream=stream.id, state=new, previous=old, message=message))
 
     def _notify(self) -> None:
@@ -303,8 +336,19 @@ class Engine:
     # ------------------------------------------------------------------ model loop
 
     def _model_loop(self) -> None:
+        try:
+            self._model_rounds()
+        finally:
+            with self._work:  # nobody will answer what is still waiting
+                self._model_running = False
+                waiting, self._questions = list(self._questions), collections.deque()
+            for q in waiting:
+                q.answer.set_exception(P.RequestError(P.ErrorCode.UNAVAILABLE, "the engine is shutting down"))
+
+    def _model_rounds(self) -> None:
         start = 0  # round robin: with more streams than max_batch, none waits behind the others
         while not self._stop.is_set():
+            self._answer_waiting()  # questions first: one ingest step at most between a question and its batch
             batch = []
             streams = self.streams()
             start = start % len(streams) if streams else 0
@@ -319,7 +363,8 @@ class Engine:
             start += visited
             if not batch:
                 with self._work:
-                    self._work.wait(timeout=0.1)
+                    if not self._questions:
+                        self._work.wait(timeout=0.1)
                 continue
             error = None
             try:
@@ -334,6 +379,54 @@ class Engine:
                     stream.queue.task_done(error)
                 except Exception:  # (a state callback that raised): the one model thread must go on
                     log.exception("stream %s: marking a Shot done failed", stream.id)
+
+    def _answer_waiting(self) -> None:
+        """Answer the questions waiting (at most max_questions): their Q-Former outputs stream by stream,
+        then one `generate` per generation setting."""
+        with self._work:
+            taken = [self._questions.popleft() for _ in range(min(len(self._questions), self.config.max_questions))]
+        by_stream: dict[str, list[Question]] = collections.defaultdict(list)
+        for q in taken:
+            by_stream[q.stream.id].append(q)
+        ready: list[Question] = []
+        for questions in by_stream.values():
+            try:
+                self._query(questions[0].stream, questions)
+            except Exception as exc:  # reported to each asker; the model thread goes on
+                if not isinstance(exc, P.RequestError):
+                    log.exception("the Q-Former pass for %d questions on stream %s failed", len(questions),
+                                  questions[0].stream.id)
+                for q in questions:
+                    q.answer.set_exception(exc)
+                continue
+            ready += questions
+        groups: dict[tuple[int, int], list[Question]] = collections.defaultdict(list)
+        for q in ready:  # dicts keep order: the group of the oldest question goes first
+            groups[(q.max_new_tokens, q.num_beams)].append(q)
+        for (max_new_tokens, num_beams), group in groups.items():
+            try:
+                answers = self.model.generate_answers(
+                    [q.output for q in group], [q.text for q in group],
+                    max_new_tokens=max_new_tokens, num_beams=num_beams,
+                )
+            except Exception as exc:
+                log.exception("generating %d answers failed", len(group))
+                for q in group:
+                    q.answer.set_exception(exc)
+                continue
+            for q, (_, text) in zip(group, answers, strict=True):
+                q.answer.set_result(text)
+
+    def _query(self, stream: Stream, questions: list[Question]) -> None:
+        """Fill in the Q-Former output, mode, standing question id and time span of one stream's questions."""
+        with stream.lock:  # a consistent view of the memory
+            if stream.state.frames == 0:
+                raise P.RequestError(P.ErrorCode.UNAVAILABLE, f"stream {stream.id!r} has seen no frame yet")
+            outputs = self.model.query_outputs(stream.state, [q.text for q in questions])
+            span = stream.state.time_span()
+            for q, (output, mode) in zip(questions, outputs, strict=True):
+                q.output, q.standing, q.span = output, mode == "standing", span
+                q.question_id = next((s.question_id for s in stream.standing.values() if s.text == q.text), None)
 
     def _step(self, batch) -> None:
         proc = self._image_processor
@@ -357,24 +450,23 @@ class Engine:
 
     def ask(self, sid: str, question: str, max_new_tokens: int | None = None, num_beams: int | None = None,
             arrived: float | None = None) -> P.AskResult:
+        """Answer a question about a stream's memory (waits for the model thread, see the module's doc)."""
         arrived = arrived or time.perf_counter()  # time.perf_counter() at arrival (the server's socket)
-        stream = self._get(sid)
-        with stream.lock:  # a consistent view: at most one step is waited for
-            if stream.state.frames == 0:
-                raise P.RequestError(P.ErrorCode.UNAVAILABLE, f"stream {sid!r} has seen no frame yet")
-            output, mode = self.model.query_output(stream.state, question)
-            span = stream.state.time_span()
-            qid = next((q.question_id for q in stream.standing.values() if q.text == question), None)
-        _, text = self.model.generate_answer(
-            output, question, max_new_tokens=max_new_tokens or self.config.max_new_tokens,
-            num_beams=num_beams or self.config.num_beams,
-        )
+        waiting = Question(self._get(sid), question, max_new_tokens or self.config.max_new_tokens,
+                           num_beams or self.config.num_beams)
+        with self._work:
+            if not self._model_running:
+                raise P.RequestError(P.ErrorCode.UNAVAILABLE, "the engine is not running (starting or shutting down)")
+            self._questions.append(waiting)
+            self._work.notify()
+        text = waiting.answer.result()
         latency = time.perf_counter() - arrived
         with self._stats_lock:  # several server workers answer at once
             self._latencies.append(latency)
             self._answered += 1
+        span = waiting.span
         return P.AskResult(
-            stream=sid, question=question, answer=text, standing=mode == "standing", question_id=qid,
+            stream=sid, question=question, answer=text, standing=waiting.standing, question_id=waiting.question_id,
             span_start_s=span[0] if span else None, span_end_s=span[1] if span else None, latency_s=latency,
         )
 
@@ -453,7 +545,7 @@ class Engine:
             state_name = stream.state_name
         pipe = stream.pipeline
         return P.StreamStatus(
-            stream=stream.id, uri=stream.request.uri, state=state_name,
+            stream=stream.id, uri=stream.uri, state=state_name,
             fps_in=pipe.fps_in(now) if pipe else 0.0, fps_out=stream.fps_out(now),
             frames=pipe.frames if pipe else 0, shots=folded,
             drops=stream.queue.dropped + (pipe.source_drops if pipe else 0),
@@ -481,7 +573,7 @@ class Engine:
 
     def stream_info(self, stream: Stream) -> P.StreamInfo:
         return P.StreamInfo(
-            stream=stream.id, uri=stream.request.uri, state=stream.state_name,
+            stream=stream.id, uri=stream.uri, state=stream.state_name,
             mode="live" if stream.live else "replay",
             questions=[P.StandingQuestion(stream=stream.id, question_id=q.question_id, text=q.text,
                                           period_s=q.period_s) for q in stream.standing.values()],
@@ -517,7 +609,9 @@ class Engine:
         tmp = path.with_name(path.name + ".tmp")
         data = snap.to_bytes()
         try:
-            with open(tmp, "wb") as f:
+            # Owner only: the saved request keeps the source's URI with its credentials (to reconnect).
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                os.fchmod(f.fileno(), 0o600)  # also a leftover temporary file made with other permissions
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

@@ -10,6 +10,11 @@ queue's `when_drained`; "failed" instead when a model step failed for any of its
 "finished" means every Shot is folded into memory). Stopped before that, it ends as "stopped". Every
 state change is reported through `on_state(previous, new, message)`; a source that cannot be opened
 at all ends as "failed" with the error's message, and nothing else in the engine is disturbed.
+
+A live source that cannot connect (wrong password, 404, nothing listening, a server that never answers)
+turns "reconnecting" after its first failed attempt, and every later failed attempt is reported too, as
+`on_state("reconnecting", "reconnecting", error)`. The log gets the first failure and then at most one
+line per `FAILURE_LOG_PERIOD_S` per stream, counting the attempts that failed since.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from mixmalmm.clients import protocol as P
 
 from .ingest import make_accumulator
 from .shotqueue import ShotQueue
-from .sources import NETWORK_SCHEMES, FileSource, SourceState, open_source
+from .sources import NETWORK_SCHEMES, FileSource, NetworkSource, SourceState, open_source
 
 log = logging.getLogger("mixmalmm.pipeline")
 
@@ -37,13 +42,17 @@ POLL_S = 0.2
 RESUME_GAP_S = 1e-3
 #: States a pipeline never leaves.
 FINAL_STATES = ("finished", "failed", "stopped")
+#: Seconds between two log lines about one stream's failed connection attempts (the first one is logged
+#: at once, as a state change).
+FAILURE_LOG_PERIOD_S = 30.0
 
 
 class StreamPipeline:
     """Decodes one source on its own thread and queues its Shots for the model.
 
     mode: "live" drops the oldest queued Shot when the model falls behind; "replay" waits for room;
-    "auto" picks live for network and camera sources, replay for files. pace: for replay, "realtime"
+    "auto" picks live for network and camera sources, replay for files (an HTTP link to a file becomes
+    one at its first connection: `NetworkSource`'s `live`). pace: for replay, "realtime"
     follows the file's timestamps, "fast" decodes as fast as the model takes Shots. actionshot: the
     complete settings the stream runs with (`ingest.make_accumulator`).
     """
@@ -72,16 +81,21 @@ class StreamPipeline:
         if urlsplit(uri).scheme.lower() in NETWORK_SCHEMES:
             options.update(network_options or {})
         self.source = open_source(uri, **options)
-        if resume_after is not None and isinstance(self.source, FileSource):
-            # A replay restored from a snapshot goes on after the last frame its memory holds.
+        if resume_after is not None and isinstance(self.source, (FileSource, NetworkSource)):
+            # A replay restored from a snapshot goes on after the last frame its memory holds (a live
+            # network stream ignores `start`).
             self.source.close()
             self.source = open_source(uri, **options, start=resume_after + RESUME_GAP_S)
-        self.live = self.source.live if mode == "auto" else mode == "live"
+        self._auto = mode == "auto"
+        self.live = self.source.live if self._auto else mode == "live"
         self.queue.drop_oldest = self.live
         self.state = "connecting"
         self._state_lock = threading.RLock()  # decode thread, model thread (drained) and stop()
         self.frames = 0
         self.last_error: str | None = None
+        self._failures_seen = 0  # the source's connect_failures already reported
+        self._failures_unlogged = 0  # failed attempts reported since the last log line about them
+        self._failure_logged_at = -float("inf")  # time.monotonic() of that line
         self._in_times: collections.deque[float] = collections.deque(maxlen=512)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"mixmalmm-decode-{stream_id}", daemon=True)
@@ -152,9 +166,34 @@ class StreamPipeline:
     def _follow_source(self) -> None:
         """Mirror the source's state machine (it changes on the source's own thread)."""
         stats = self.source.stats
+        if stats.connect_failures > self._failures_seen:
+            self._connect_failed(stats.connect_failures - self._failures_seen, stats.last_error)
+            self._failures_seen = stats.connect_failures
         new = _STATES[stats.state]
-        if new != self.state and new not in ("finished", "stopped", "failed"):
+        # Never back to "connecting": the pipeline starts there, and a copy of the stats taken while the
+        # source counted a failure but had not yet turned "reconnecting" must not undo the report above.
+        if new != self.state and new not in ("connecting", "finished", "stopped", "failed"):
             self._set_state(new, stats.last_error if new == "reconnecting" else None)
+
+    def _connect_failed(self, attempts: int, message: str | None) -> None:
+        """Report `attempts` new failed connection attempts (the last one's error in `message`)."""
+        now = time.monotonic()
+        with self._state_lock:
+            if self.state in FINAL_STATES:
+                return
+            if self.state != "reconnecting":  # the first failure: a state change, logged by whoever listens
+                self._set_state("reconnecting", message)
+                self._failure_logged_at, self._failures_unlogged = now, attempts - 1
+                return
+            self.last_error = message
+            self._on_state("reconnecting", "reconnecting", message)
+            self._failures_unlogged += attempts
+            if now - self._failure_logged_at < FAILURE_LOG_PERIOD_S:
+                return
+            count, self._failures_unlogged, self._failure_logged_at = self._failures_unlogged, 0, now
+        total = self.source.stats.connect_failures
+        log.warning("stream %s: %d more connection attempt(s) failed (%d in all); the last: %s",
+                    self.stream_id, count, total, message)
 
     def _run(self) -> None:
         accumulator = make_accumulator(self.settings)
@@ -168,6 +207,8 @@ class StreamPipeline:
                 self._follow_source()
                 if frame is None:
                     break
+                if self._auto and self.live != self.source.live:  # an HTTP link turned out to be a file
+                    self.live = self.queue.drop_oldest = self.source.live
                 self.frames += 1
                 self._in_times.append(time.time())
                 shot = accumulator.push(frame)

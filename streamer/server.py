@@ -163,7 +163,9 @@ class Server:
       result from ``request_address`` / ``event_address``). ``event_endpoint=None``: no PUB socket.
     limits: request bounds (message size in bytes, question length in characters).
     curve / insecure: see ``check_bind_security``; with ``curve`` both sockets require CURVE.
-    ask_workers: threads for ``ask`` and ``save_snapshot``; control_workers: threads for the others.
+    ask_workers: threads for ``ask`` and ``save_snapshot``; control_workers: threads for the others. An
+      ``ask`` thread mostly waits while the engine answers the questions waiting together (one batched
+      generation), so there are as many as questions one batch takes (the engine's ``max_questions``).
     max_in_flight: requests accepted but not yet answered; beyond it a request gets ``busy`` at once.
     reply_hwm / event_hwm: send high-water marks (messages) of the ROUTER (per client) and PUB
       (per subscriber); beyond them replies are dropped (counted) and events are dropped by ZeroMQ.
@@ -185,7 +187,7 @@ class Server:
         limits: Limits = DEFAULT_LIMITS,
         curve: CurveKeys | None = None,
         insecure: bool = False,
-        ask_workers: int = 4,
+        ask_workers: int = 32,
         control_workers: int = 2,
         max_in_flight: int = 256,
         reply_hwm: int = 1000,

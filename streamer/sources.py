@@ -9,8 +9,10 @@ seconds, index, wall-clock arrival time) with a state machine and counters:
         source.stats  # a copy: state, frames, reconnects, decode errors, dropped frames, last error
 
 URIs: a file path or `file:` URI (any container/codec PyAV decodes); `rtsp://`, `rtsps://`,
-`rtmp://`, `rtmps://`, `http://`, `https://` (HLS too) through PyAV; `webcam:N` or `/dev/videoN`
-through OpenCV; `synthetic:` (options in the query, e.g. `synthetic:?width=320&height=240&fps=10`).
+`rtmp://`, `rtmps://`, `http://`, `https://` (HLS, MJPEG and snapshot URLs too) through PyAV, with
+per-source options after `#` (`rtsp://cam/stream#transport=udp`, `http://host/clip.mp4#live=0`: the
+fragment never reaches the server); `webcam:N` or `/dev/videoN` through OpenCV; `synthetic:` (options
+in the query, e.g. `synthetic:?width=320&height=240&fps=10`).
 
 Live sources (network, webcam) read in a decode thread into a bounded queue that drops the oldest
 frame when the consumer falls behind (counted in `dropped`); a lost connection, an end of stream or a
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import threading
 import time
 from collections.abc import Iterator
@@ -37,9 +40,27 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from mixmalmm.streamer.frames import Frame, FrameSampler
+from mixmalmm.streamer.redact import redact_text, redact_uri
 from mixmalmm.streamer.synthetic import synthetic_rgb
 
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https")
+#: RTSP transports (`transport=`): "auto" asks for TCP, then for UDP when the server refuses TCP.
+RTSP_TRANSPORTS = ("auto", "tcp", "udp")
+#: Options a network URI may carry after '#'.
+URI_OPTIONS = ("transport", "live", "poll_s", "open_timeout", "read_timeout")
+#: Options of `synthetic:?...`, SyntheticSource's, with their types.
+SYNTHETIC_OPTIONS = {"width": int, "height": int, "fps": float, "num_frames": int, "scene_length": int}
+# Demuxers without a clock of their own (FFmpeg counts frames at a fixed 25/s): live frames are
+# stamped with their arrival time instead.
+_NO_CLOCK_FORMATS = frozenset({"mpjpeg", "mjpeg", "image2", "image2pipe", "jpeg_pipe", "png_pipe", "webp_pipe",
+                               "bmp_pipe"})
+# Demuxers that read one picture per request (a camera's snapshot URL): polled at `poll_s`.
+_SNAPSHOT_FORMATS = frozenset({"image2", "jpeg_pipe", "png_pipe", "webp_pipe", "bmp_pipe"})
+# A reconnected live HLS session starts a few segments back: frames of a new session at most this many
+# seconds older than the newest frame seen (source time) are repeats and skipped.
+_HLS_REPEAT_WINDOW_S = 300.0
+# Frame arrivals a live source without a clock measures its rate over.
+_RATE_WINDOW = 32
 # Frame interval assumed when a source reports no frame rate, seconds.
 _DEFAULT_FPS = 25.0
 # A file whose demuxer fails this many times in a row without yielding a packet is given up.
@@ -55,7 +76,8 @@ _INTERPOLATIONS_CV2 = {
 
 
 class SourceError(RuntimeError):
-    """A source cannot be opened or read; the message names the source. `uri` is the source."""
+    """A source cannot be opened or read; the message names the source. `uri` is the source, as shown
+    (credentials redacted)."""
 
     def __init__(self, message: str, uri: str):
         super().__init__(message)
@@ -89,7 +111,9 @@ class SourceStats:
         decode_errors: packets the decoder or demuxer rejected (skipped, not fatal).
         disconnects: live sessions lost (error, read timeout, or end of stream).
         reconnects: successful reconnections after a disconnect.
-        last_error: the most recent error or disconnect reason, or None.
+        connect_failures: connection attempts that failed (each is retried after a backoff, until
+            `max_attempts` in a row have failed).
+        last_error: the most recent error or disconnect reason, or None (credentials redacted).
     """
 
     state: SourceState = SourceState.CONNECTING
@@ -98,6 +122,7 @@ class SourceStats:
     decode_errors: int = 0
     disconnects: int = 0
     reconnects: int = 0
+    connect_failures: int = 0
     last_error: str | None = None
 
 
@@ -105,8 +130,9 @@ class FrameQueue:
     """A bounded FIFO between a decode thread and its consumer.
 
     With `drop_oldest` a full queue discards its oldest item to make room (live sources never back
-    up); otherwise `put` blocks until there is room (file replay loses nothing). `close()` wakes
-    everyone: later puts are ignored, `get` drains what is left and then returns `FrameQueue.END`.
+    up); otherwise `put` blocks until there is room (file replay loses nothing); a source that turns out
+    to be a file may change it. `close()` wakes everyone: later puts are ignored, `get` drains what is
+    left and then returns `FrameQueue.END`.
     """
 
     END = object()
@@ -116,7 +142,7 @@ class FrameQueue:
             raise ValueError(f"queue size must be >= 1, got {maxsize}")
         self._items: collections.deque = collections.deque()
         self._maxsize = maxsize
-        self._drop_oldest = drop_oldest
+        self.drop_oldest = drop_oldest
         self._closed = False
         self._cond = threading.Condition()
 
@@ -125,7 +151,7 @@ class FrameQueue:
         with self._cond:
             dropped = 0
             while len(self._items) >= self._maxsize and not self._closed:
-                if self._drop_oldest:
+                if self.drop_oldest:
                     self._items.popleft()
                     dropped += 1
                 else:
@@ -166,7 +192,7 @@ class _Clock:
     """
 
     def __init__(self, keep_source_time: bool):
-        self._keep = keep_source_time
+        self.keep_source_time = keep_source_time
         self._offset: float | None = None
         self._last: float | None = None
         self._last_wall = 0.0
@@ -186,7 +212,7 @@ class _Clock:
             out = expected
         else:
             if self._offset is None:
-                target = raw if self._last is None and self._keep else expected
+                target = raw if self._last is None and self.keep_source_time else expected
                 self._offset = target - raw
             out = raw + self._offset
         if self._last is not None and out <= self._last:
@@ -201,6 +227,9 @@ class Source:
     Subclasses implement `_produce()` (yields `(raw_pts_seconds_or_None, payload)`, calling
     `self._clock.new_session()` at each new connection) and `_to_rgb(payload)` ([H, W, 3] uint8),
     which runs only for frames kept by the stride / target-rate selection.
+
+    `uri` is the source as shown in messages and stats, its credentials redacted (`redact.redact_uri`);
+    subclasses connect with `self._uri`, the URI as given.
 
     A source is read once, by iterating it or by `read(timeout)`; `close()` it (or use it as a
     context manager) to stop. With `queue_size > 0` the frames are produced by a daemon thread into a
@@ -220,7 +249,8 @@ class Source:
         queue_size: int = 0,
         drop_oldest: bool | None = None,
     ):
-        self.uri = uri
+        self.uri = redact_uri(uri)
+        self._uri = uri
         self._selector = FrameSampler(stride, target_fps)
         self._realtime = realtime
         self._queue_size = int(queue_size)
@@ -342,6 +372,10 @@ class Source:
     def _note_error(self, message: str) -> None:
         with self._lock:
             self._stats.last_error = message
+
+    def _describe(self, exc: BaseException) -> str:
+        """`exc`'s message as it may be shown: FFmpeg's messages echo the URL, credentials included."""
+        return redact_text(str(exc), self._uri)
 
     def _frame_interval(self) -> float:
         return 1.0 / (self._nominal_fps or _DEFAULT_FPS)
@@ -465,9 +499,15 @@ class _PyAVDecoding:
         self._reformatter = VideoReformatter()
 
     def _to_rgb(self, payload: Any) -> np.ndarray:
-        """An av.VideoFrame as [H, W, 3] uint8 RGB, scaled to `size` = (width, height) if set."""
+        """An av.VideoFrame as [H, W, 3] uint8 RGB, scaled to `size` = (width, height) if set, turned
+        upright by its display matrix (a phone's portrait video is stored sideways with a rotation)."""
         width, height = self._size if self._size is not None else (None, None)
+        quarter_turns = round(payload.rotation / 90) % 4  # counter-clockwise, as np.rot90 turns
+        if quarter_turns % 2:  # `size` is the upright picture's: scale the stored one to its transpose
+            width, height = height, width
         rgb = self._reformatter.reformat(payload, width, height, "rgb24", interpolation=self._interpolation)
+        if quarter_turns:
+            return np.ascontiguousarray(np.rot90(rgb.to_ndarray(), quarter_turns))
         return rgb.to_ndarray()
 
     def _decode(self, container: Any, stream: Any, *, demux_errors_fatal: bool):
@@ -488,10 +528,10 @@ class _PyAVDecoding:
                 if demux_errors_fatal:
                     raise
                 consecutive += 1
-                self._count("decode_errors", error=f"corrupt data in '{self.uri}': {exc}")
+                self._count("decode_errors", error=f"corrupt data in '{self.uri}': {self._describe(exc)}")
                 if consecutive >= _MAX_CONSECUTIVE_DEMUX_ERRORS:
                     raise SourceError(
-                        f"corrupt data in '{self.uri}': {consecutive} demuxer errors in a row ({exc})",
+                        f"corrupt data in '{self.uri}': {consecutive} demuxer errors in a row ({self._describe(exc)})",
                         self.uri,
                     ) from exc
                 packets = container.demux(stream)
@@ -500,9 +540,28 @@ class _PyAVDecoding:
             try:
                 frames = packet.decode()
             except av.FFmpegError as exc:
-                self._count("decode_errors", error=f"decode error in '{self.uri}': {exc}")
+                self._count("decode_errors", error=f"decode error in '{self.uri}': {self._describe(exc)}")
                 continue
             yield from frames
+
+
+def _mp4_without_index(path: str) -> bool:
+    """True for an ISO media file (MP4, MOV: an 'ftyp' box first) whose top-level boxes hold no 'moov',
+    the index a recorder writes when it closes the file."""
+    with open(path, "rb") as f:
+        size = Path(path).stat().st_size
+        offset, kinds = 0, []
+        while offset + 8 <= size:
+            f.seek(offset)
+            header = f.read(16)
+            length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if length == 1 and len(header) == 16:  # a 64-bit size follows
+                length = int.from_bytes(header[8:16], "big")
+            kinds.append(kind)
+            if length < 8:  # 0: the box runs to the end of the file (still being written); else broken
+                break
+            offset += length
+    return bool(kinds) and kinds[0] == b"ftyp" and b"moov" not in kinds
 
 
 class FileSource(_PyAVDecoding, Source):
@@ -548,14 +607,21 @@ class FileSource(_PyAVDecoding, Source):
         self._start, self._end = start, end
         self._init_conversion(size, interpolation)
         try:
-            is_file = Path(path).is_file()
+            is_dir, is_file = Path(path).is_dir(), Path(path).is_file()
         except OSError as exc:  # a name too long for the file system, ...
             raise SourceError(f"cannot open '{path:.200}': {exc.strerror}", path) from exc
+        if is_dir:
+            raise SourceError(f"'{path}' is a directory, not a video file", path)
         if not is_file:
             raise SourceError(f"no such file: '{path}'", path)
         try:
             self._container = _av_open(path, None, None)
         except av.FFmpegError as exc:
+            if _mp4_without_index(path):
+                raise SourceError(
+                    f"cannot read '{path}' as video: the MP4 has no index (no 'moov' box), so the file may still "
+                    "be recording (an MP4 is readable once its recorder closes it) or was cut short", path
+                ) from exc
             raise SourceError(
                 f"cannot read '{path}' as video (corrupt or unsupported data): {exc}", path
             ) from exc
@@ -565,11 +631,15 @@ class FileSource(_PyAVDecoding, Source):
             self._container.close()
             raise
         self._nominal_fps = _stream_fps(self._stream)
+        self._duration = self._read_duration()
         self._set_state(SourceState.LIVE)
 
     @property
     def duration(self) -> float | None:
-        """Length of the video stream (or container), seconds, when the file says."""
+        """Length of the video stream (or container), seconds, when the file says (also once read)."""
+        return self._duration
+
+    def _read_duration(self) -> float | None:
         if self._stream.duration is not None and self._stream.time_base is not None:
             return float(self._stream.duration * self._stream.time_base)
         if self._container.duration is not None:
@@ -647,29 +717,43 @@ class _LiveSource(Source):
         """True: an end of stream ends the source (VOD); False: it is a disconnect (live)."""
         return False
 
+    def _poll_interval(self, session: Any) -> float | None:
+        """Seconds between requests when `session` delivers one picture per request (a snapshot URL,
+        whose end of stream is no disconnect); None for a stream."""
+        return None
+
     def _produce(self):
         failures = 0  # consecutive connection attempts that failed
         connected_before = False
+        polled = False  # the last session was one picture of a polled snapshot URL
         while not self._stop.is_set():
-            self._set_state(SourceState.RECONNECTING if connected_before else SourceState.CONNECTING)
+            if not polled:
+                self._set_state(SourceState.RECONNECTING if connected_before or failures else SourceState.CONNECTING)
+            started = time.monotonic()
             try:
                 session = self._connect()
             except SourceError:
                 raise
             except Exception as exc:
                 failures += 1
-                self._note_error(f"cannot connect to '{self.uri}': {exc}")
+                reason = self._describe(exc)
+                self._count("connect_failures", error=f"cannot connect to '{self.uri}': {reason}")
+                if polled:  # a snapshot URL that stopped answering is lost like a stream
+                    polled = False
+                    self._count("disconnects")
+                self._set_state(SourceState.RECONNECTING)  # a failed first attempt too: it is retried
                 if self._max_attempts is not None and failures >= self._max_attempts:
                     raise SourceError(
-                        f"cannot connect to '{self.uri}' after {failures} attempt(s): {exc}", self.uri
+                        f"cannot connect to '{self.uri}' after {failures} attempt(s): {reason}", self.uri
                     ) from exc
                 self._stop.wait(min(self._backoff[1], self._backoff[0] * 2 ** (failures - 1)))
                 continue
-            if connected_before:
+            if connected_before and not polled:
                 self._count("reconnects")
             connected_before = True
             failures = 0
-            self._clock.new_session()
+            if self.live:  # a file read again after an error goes on in its own time
+                self._clock.new_session()
             self._set_state(SourceState.LIVE)
             try:
                 yield from self._session_frames(session)
@@ -677,37 +761,56 @@ class _LiveSource(Source):
             except SourceError:
                 raise
             except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+                reason = f"{type(exc).__name__}: {self._describe(exc)}"
             finally:
                 self._disconnect(session)
             if self._stop.is_set():
                 return
             if reason == "end of stream" and self._ends_at_end_of_stream():
                 return
+            interval = self._poll_interval(session) if reason == "end of stream" else None
+            polled = interval is not None
+            if polled:  # the next picture, one interval after this one was asked for
+                self._stop.wait(max(0.0, started + interval - time.monotonic()))
+                continue
             self._count("disconnects", error=f"'{self.uri}' disconnected ({reason})")
             self._set_state(SourceState.RECONNECTING)
             self._stop.wait(self._backoff[0])
 
 
 class NetworkSource(_PyAVDecoding, _LiveSource):
-    """A network stream through PyAV: RTSP(S), RTMP(S), HTTP(S) (HLS too).
+    """A network stream through PyAV: RTSP(S), RTMP(S), HTTP(S) (HLS, MJPEG, snapshot URLs too).
 
     Args:
-        url: the stream.
+        url: the stream; an options fragment (`#transport=udp`) is left out of what is opened.
         open_timeout: seconds to wait for the connection and the stream's headers.
         read_timeout: seconds without data before the connection counts as lost (a frozen server
             must not hang the reader).
         max_attempts: consecutive failed connection attempts before the source fails (None:
             unlimited, the default).
         backoff: (initial, maximum) seconds between attempts; doubles after each failure.
-        live: True (default) treats an end of stream as a disconnect and reconnects; False (a
-            video on demand over HTTP) ends there.
+        live: True treats an end of stream as a disconnect and reconnects; False (a video on demand)
+            ends there, paced like a file with `realtime`. None (the default): RTSP and RTMP are live;
+            an HTTP resource is a file when its container reports a duration (an MP4, a finished HLS
+            playlist), decided at the first connection; a live HLS playlist, MJPEG or a snapshot URL is
+            live.
+        transport: for rtsp://, "tcp" or "udp" (RTP over it), or "auto" (default): TCP, then UDP when
+            the server refuses TCP (many cameras offer UDP only); the one that worked is asked first
+            on every reconnection.
+        poll_s: a URL that answers one picture per request (a camera's snapshot.jpg) is fetched
+            again every `poll_s` seconds, without counting a disconnect each time.
+        start: for a file, the time of its timeline to begin at, seconds (a resumed replay). A file
+            whose connection is lost goes on after its last frame yielded, never repeating one.
         stride, target_fps, size, interpolation, threads: as for `FileSource`.
         queue_size: frames buffered between the decode thread and the consumer; when full the
             oldest is dropped (counted in `dropped`).
-        av_options: extra FFmpeg options for `av.open` (override the defaults, e.g. RTSP over TCP).
-        realtime: with `live=False`, pace frames at the stream's own rate as for files; a live
-            stream has its own pace and ignores it.
+        av_options: extra FFmpeg options for `av.open` (override the defaults).
+        realtime: with a file (`live` False or detected), pace frames at its own rate as for files;
+            a live stream has its own pace and ignores it.
+
+    Frames of a live stream whose container has no clock (MJPEG over HTTP, snapshots: FFmpeg counts
+    them at 25/s) carry their arrival time, and `fps` is the rate they arrive at. A reconnected live
+    HLS playlist starts a few segments back: frames already yielded are not yielded again.
     """
 
     def __init__(
@@ -718,7 +821,10 @@ class NetworkSource(_PyAVDecoding, _LiveSource):
         read_timeout: float = 5.0,
         max_attempts: int | None = None,
         backoff: tuple[float, float] = (0.5, 10.0),
-        live: bool = True,
+        live: bool | None = None,
+        transport: str = "auto",
+        poll_s: float = 1.0,
+        start: float | None = None,
         realtime: bool = False,
         stride: int = 1,
         target_fps: float | None = None,
@@ -728,7 +834,9 @@ class NetworkSource(_PyAVDecoding, _LiveSource):
         queue_size: int = 8,
         av_options: dict[str, str] | None = None,
     ):
-        self.live = live
+        scheme = urlsplit(url).scheme.lower()
+        self._detect_live = live is None and scheme in ("http", "https")
+        self.live = True if live is None else bool(live)
         super().__init__(
             url,
             max_attempts=max_attempts,
@@ -736,41 +844,127 @@ class NetworkSource(_PyAVDecoding, _LiveSource):
             stride=stride,
             target_fps=target_fps,
             queue_size=queue_size,
-            drop_oldest=live,
+            drop_oldest=self.live,
             realtime=realtime,
         )
         if not (open_timeout > 0 and read_timeout > 0):
             raise ValueError(f"timeouts must be > 0 seconds, got open={open_timeout} read={read_timeout}")
+        if transport not in RTSP_TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r} for '{self.uri}': one of {', '.join(RTSP_TRANSPORTS)}")
+        if transport != "auto" and not scheme.startswith("rtsp"):
+            raise ValueError(f"transport={transport} applies to rtsp:// sources only, not '{self.uri}'")
+        if not poll_s > 0:
+            raise ValueError(f"poll_s must be > 0 seconds, got {poll_s}")
+        self._url = url.partition("#")[0]
         self._timeout = (float(open_timeout), float(read_timeout))
+        self._poll_s = float(poll_s)
         self._init_conversion(size, interpolation)
         self._threads = threads
-        scheme = urlsplit(url).scheme.lower()
         micros = str(int(read_timeout * 1e6))
-        options = (
-            {"rtsp_transport": "tcp", "timeout": micros}
-            if scheme.startswith("rtsp")
-            else {"rw_timeout": micros}
-        )
-        options.update(av_options or {})
-        self._av_options = options
+        self._av_options = {"timeout": micros} if scheme.startswith("rtsp") else {"rw_timeout": micros}
+        self._av_options.update(av_options or {})
+        # RTSP transports to ask for, in order (rtsps:// runs over TLS, so over TCP only).
+        self._transports = ["tcp", "udp"] if transport == "auto" and scheme == "rtsp" else [
+            "tcp" if transport == "auto" else transport]
+        if not scheme.startswith("rtsp") or "rtsp_transport" in self._av_options:
+            self._transports = [None]
+        self._arrivals: collections.deque[float] = collections.deque(maxlen=_RATE_WINDOW)
+        self._newest_hls: float | None = None  # source time of the newest HLS frame yielded
+        # A file's frames before this time (seconds of its timeline) are skipped: `start`, then just after
+        # the last frame yielded.
+        self._file_from = None if start is None else start - 1e-6
+
+    @property
+    def transport(self) -> str | None:
+        """The RTSP transport asked for first ("tcp" or "udp": after a fallback, the one that worked);
+        None for other schemes."""
+        return self._transports[0]
 
     def _ends_at_end_of_stream(self) -> bool:
         return not self.live
 
+    def _poll_interval(self, session) -> float | None:
+        return self._poll_s if session[0].format.name in _SNAPSHOT_FORMATS else None
+
+    def _open(self):
+        """The container, asking for each RTSP transport in turn while the server refuses it."""
+        for k, transport in enumerate(self._transports):
+            options = dict(self._av_options)
+            if transport is not None:
+                options["rtsp_transport"] = transport
+            try:
+                container = _av_open(self._url, options, self._timeout)
+            except av.FFmpegError as exc:
+                if exc.errno != errno.EPROTONOSUPPORT or transport is None:
+                    raise
+                if k == len(self._transports) - 1:
+                    other = "udp" if transport == "tcp" else "tcp"
+                    raise ConnectionError(f"the server refuses RTSP over {transport.upper()} ({exc}); "
+                                          f"add #transport={other} or #transport=auto to the URI") from exc
+                continue  # "461 Unsupported Transport": ask for the next one
+            if k:  # remembered: reconnections ask for what worked first
+                self._transports.insert(0, self._transports.pop(k))
+            return container
+        raise AssertionError("no transport to try")  # _transports is never empty
+
     def _connect(self):
-        container = _av_open(self.uri, self._av_options, self._timeout)
+        started = time.monotonic()
+        try:
+            container = self._open()
+        except (av.error.InvalidDataError, av.error.TimeoutError, av.error.ExitError) as exc:
+            waited = time.monotonic() - started
+            if waited >= 0.9 * self._timeout[1]:  # what FFmpeg says of a silent server does not say that
+                raise TimeoutError(f"no answer within {waited:.1f} s ({exc})") from exc
+            raise
         try:
             stream = _video_stream(container, self.uri, self._threads)
         except SourceError:
             container.close()
             raise
-        self._nominal_fps = _stream_fps(stream)
+        fmt = container.format.name
+        if self._detect_live:  # decided once, at the first connection
+            self._detect_live = False
+            if fmt not in _SNAPSHOT_FORMATS and container.duration is not None:
+                self._become_file()
+        self._nominal_fps = None if self.live and fmt in _NO_CLOCK_FORMATS else _stream_fps(stream)
         return container, stream
+
+    def _become_file(self) -> None:
+        """An HTTP resource with a duration: a file (blocking queue, its own timestamps, ends)."""
+        self.live = False
+        self._drop_oldest = False
+        self._clock.keep_source_time = True
+        if self._queue is not None:
+            self._queue.drop_oldest = False
 
     def _session_frames(self, session):
         container, stream = session
+        fmt = container.format.name
+        if self.live and fmt in _NO_CLOCK_FORMATS:
+            for frame in self._decode(container, stream, demux_errors_fatal=True):
+                now = time.monotonic()
+                self._arrivals.append(now)
+                if len(self._arrivals) > 1 and self._arrivals[-1] > self._arrivals[0]:
+                    self._nominal_fps = (len(self._arrivals) - 1) / (self._arrivals[-1] - self._arrivals[0])
+                yield now, frame
+            return
+        if not self.live and self._file_from:
+            with contextlib.suppress(av.FFmpegError):  # a link that cannot seek is read from its start
+                container.seek(int(self._file_from / stream.time_base), stream=stream, backward=True)
+        repeats = self.live and fmt == "hls" and self._newest_hls is not None
         for frame in self._decode(container, stream, demux_errors_fatal=True):
-            yield frame.time, frame
+            t = frame.time
+            if not self.live and t is not None:  # a file: where it resumes after a lost connection
+                if self._file_from is not None and t < self._file_from:
+                    continue
+                self._file_from = t + 1e-6
+            if repeats:  # the first frames of a reconnected live playlist: skip what was yielded already
+                if t is not None and self._newest_hls - _HLS_REPEAT_WINDOW_S < t <= self._newest_hls:
+                    continue
+                repeats = False
+            if fmt == "hls" and t is not None:
+                self._newest_hls = t
+            yield t, frame
 
     def _disconnect(self, session) -> None:
         session[0].close()
@@ -924,8 +1118,19 @@ class SyntheticSource(Source):
 # ------------------------------------------------------------------------------------------------
 
 
-#: The options a `synthetic:` URI's query may set, with their types.
-SYNTHETIC_OPTIONS = {"width": int, "height": int, "fps": float, "num_frames": int, "scene_length": int}
+def _query_options(query: str) -> dict[str, Any]:
+    """`a=1&b=x` -> {"a": 1, "b": "x"} (ints and floats converted)."""
+    out: dict[str, Any] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        for convert in (int, float):
+            try:
+                out[key] = convert(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
 
 
 def _synthetic_options(uri: str, query: str) -> dict[str, Any]:
@@ -944,16 +1149,36 @@ def _synthetic_options(uri: str, query: str) -> dict[str, Any]:
     return out
 
 
+def _uri_options(fragment: str, uri: str) -> dict[str, Any]:
+    """A network URI's options after '#' (`transport=udp&live=0`), checked; they override `open_source`'s.
+    `uri` is the URI as errors show it (redacted)."""
+    options = _query_options(fragment)
+    unknown = sorted(set(options) - set(URI_OPTIONS))
+    if unknown:
+        raise SourceError(f"unknown option {unknown[0]!r} in '{uri}': the options after '#' are "
+                          + ", ".join(URI_OPTIONS), uri)
+    if "live" in options:
+        value = str(options["live"]).lower()
+        words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "auto": None}
+        if value not in words:
+            raise SourceError(f"bad live={options['live']} in '{uri}': use live=1 (a stream), live=0 (a file) "
+                              "or live=auto", uri)
+        options["live"] = words[value]
+    return options
+
+
 def open_source(uri: str | Path, **options: Any) -> Source:
     """Open any source by URI; `options` go to the source class (see each class for its options).
 
     - a path or `file:///path`             -> FileSource
-    - `rtsp(s)://`, `rtmp(s)://`, `http(s)://` -> NetworkSource
+    - `rtsp(s)://`, `rtmp(s)://`, `http(s)://` -> NetworkSource; options after '#' override
+      `options`: `transport=auto|tcp|udp`, `live=auto|1|0`, `poll_s=S`, `open_timeout=S`,
+      `read_timeout=S` (e.g. `rtsp://cam/stream#transport=udp`)
     - `webcam:N`, `/dev/videoN`           -> OpenCVSource (camera N)
     - `synthetic:?width=W&height=H&fps=F&num_frames=N&scene_length=S` -> SyntheticSource
 
-    Raises SourceError naming the source for an unknown scheme, a missing file, data that is not a
-    video, no video stream, or a camera that is not present.
+    Raises SourceError naming the source for an unknown scheme or URI option, a missing file, data that
+    is not a video, no video stream, or a camera that is not present.
     """
     if isinstance(uri, Path):
         return FileSource(uri, **options)
@@ -967,7 +1192,7 @@ def open_source(uri: str | Path, **options: Any) -> Source:
     if scheme == "file":
         return FileSource(unquote(parts.path), **options)
     if scheme in NETWORK_SCHEMES:
-        return NetworkSource(text, **options)
+        return NetworkSource(text, **{**options, **_uri_options(parts.fragment, redact_uri(text))})
     if scheme == "webcam":
         device = parts.path or "0"
         if not device.isdigit():
@@ -975,9 +1200,10 @@ def open_source(uri: str | Path, **options: Any) -> Source:
         return OpenCVSource(int(device), uri=text, **options)
     if scheme == "synthetic":
         return SyntheticSource(uri=text, **{**_synthetic_options(text, parts.query), **options})
+    shown = redact_uri(text)
     raise SourceError(
-        f"unknown scheme '{scheme}' in '{text}': use a file path, file://, "
+        f"unknown scheme '{scheme}' in '{shown}': use a file path, file://, "
         + ", ".join(f"{s}://" for s in NETWORK_SCHEMES)
         + ", webcam:N, /dev/videoN or synthetic:",
-        text,
+        shown,
     )

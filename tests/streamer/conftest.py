@@ -9,6 +9,7 @@ rtsp_server.py), bound to 127.0.0.1 on a free port; tests can kill, restart, fre
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import select
@@ -160,20 +161,27 @@ def free_port() -> int:
 
 
 class RtspServer:
-    """Debian's GStreamer RTSP server serving one file at rtsp://127.0.0.1:PORT/stream."""
+    """Debian's GStreamer RTSP server serving one file at rtsp://127.0.0.1:PORT/stream; with `auth`
+    ("USER:PASSWORD") only to clients that log in with it (`url_with(auth)`); RTP over UDP only with
+    `udp_only`, refusing TCP as some cameras do."""
 
-    def __init__(self, path: Path, port: int):
-        self.path, self.port = path, port
+    def __init__(self, path: Path, port: int, auth: str | None = None, udp_only: bool = False):
+        self.path, self.port, self.auth, self.udp_only = path, port, auth, udp_only
         self.url = f"rtsp://127.0.0.1:{port}/stream"
         self.process: subprocess.Popen | None = None
+
+    def url_with(self, credentials: str) -> str:
+        """The stream's URL logging in as "USER:PASSWORD"."""
+        return f"rtsp://{credentials}@127.0.0.1:{self.port}/stream"
 
     def start(self, timeout: float = 15.0) -> None:
         assert self.process is None, "already running"
         self.process = subprocess.Popen(
-            [SYSTEM_PYTHON, str(SERVER_SCRIPT), str(self.path), str(self.port)],
+            [SYSTEM_PYTHON, str(SERVER_SCRIPT), str(self.path), str(self.port), *(["udp"] if self.udp_only else [])],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
+            env={**os.environ, "RTSP_SERVER_AUTH": self.auth or ""},
         )
         ready, _, _ = select.select([self.process.stdout], [], [], timeout)
         line = self.process.stdout.readline() if ready else ""
@@ -197,13 +205,13 @@ class RtspServer:
         self.process.send_signal(signal.SIGCONT)
 
 
-def _server(path: Path):
+def _server(path: Path, auth: str | None = None, udp_only: bool = False):
     if not _gst_rtsp_available():
         message = "needs Debian's GStreamer RTSP server for /usr/bin/python3 (bash scripts/setup.sh --test)"
         if os.environ.get("CI"):  # CI installs it: a skip there would hide a broken set-up
             pytest.fail(message)
         pytest.skip(message)
-    server = RtspServer(path, free_port())
+    server = RtspServer(path, free_port(), auth, udp_only)
     server.start()
     try:
         yield server
@@ -218,7 +226,67 @@ def rtsp_server(media):
 
 
 @pytest.fixture
+def rtsp_udp_server(media):
+    """A running RTSP server serving 30 s of video over UDP only."""
+    yield from _server(media.rtsp, udp_only=True)
+
+
+@pytest.fixture
 def rtsp_short_server(media):
     """A running RTSP server serving 1.5 s of video: each session ends with an end of stream."""
     yield from _server(media.rtsp_short)
 
+
+
+#: The login `auth_rtsp_server` accepts.
+RTSP_LOGIN = "viewer:Corr3ct-h0rse"
+
+
+@pytest.fixture
+def auth_rtsp_server(media):
+    """A running RTSP server serving 30 s of video to clients that log in as `RTSP_LOGIN` only."""
+    yield from _server(media.rtsp, RTSP_LOGIN)
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP server on 127.0.0.1 that accepts connections and never sends a byte; yields its port."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []  # kept open: the client waits for an answer that never comes
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # the listener closed
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread (close alone does not)
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+@pytest.fixture
+def not_found_server():
+    """A real HTTP server on 127.0.0.1 that answers every GET with 404 Not Found; yields its URL."""
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

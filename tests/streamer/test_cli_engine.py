@@ -192,6 +192,17 @@ def test_streams_add_wait_returns_once_every_shot_is_in_memory(model, media):
         assert json.loads(result.stdout) == {"error": {"code": "not_finished", "message": message}}
 
 
+def test_streams_add_wait_on_an_http_link_to_a_file(model, http_server):
+    # Added, an HTTP link is "live" until its first connection says it is a file; --wait waits for that
+    # (before: refused as a live stream that never finishes).
+    uri = f"{http_server}/h264.mp4"
+    with serving(model, None) as server:
+        status = one_json(mixmalmm(server, "streams", "add", "w", uri, "--pace", "fast", "--wait", "--json"))
+        assert (status["state"], status["frames"], status["drops"]) == ("finished", NUM_FRAMES, 0)
+        [info] = one_json(mixmalmm(server, "streams", "list", "--json"))["streams"]
+        assert info["mode"] == "replay"
+
+
 def test_watch_standing_answers_while_a_file_plays(model, media):
     with serving(model, None) as server:
         watcher = subprocess.Popen([*CLI, "watch", "g", "--events", server.event_address, "--count", "4",

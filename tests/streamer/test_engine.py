@@ -92,6 +92,18 @@ def test_questions_while_a_file_and_an_rtsp_stream_flow(running, media, rtsp_ser
     assert status.engine.questions_answered >= 6 and status.engine.question_latency_p99_s is not None
 
 
+def test_http_mp4_link_is_replayed_as_a_file(running, http_server):
+    # An MP4 link over HTTP is a file: replayed (nothing dropped), it ends and is finished with every frame
+    # in memory once (before: a live stream that looped the file forever).
+    engine, _, client = running
+    info = client.add_stream("web", f"{http_server}/h264.mp4", pace="fast", actionshot=EVERY_FRAME)
+    assert info.uri == f"{http_server}/h264.mp4"
+    web = wait_for(lambda: (s := stream_status(client, "web")).state == "finished" and s, 60, "the link to finish")
+    assert client.list_streams().streams[0].mode == "replay"
+    assert web.frames == NUM_FRAMES and web.shots == NUM_FRAMES and web.drops == 0
+    assert web.reconnects == 0 and web.span_end_s == pytest.approx((NUM_FRAMES - 1) / FPS)
+
+
 def test_rtsp_server_killed_and_restarted_memory_kept(running, rtsp_server):
     engine, _, client = running
     client.add_stream("cam", rtsp_server.url, actionshot=EVERY_FRAME)
@@ -235,6 +247,26 @@ def test_restart_restores_memory_and_standing_questions(model, media, tmp_path):
         got = second.ask("f", "what moved?", max_new_tokens=6)
         assert (got.answer, got.standing, got.span_start_s, got.span_end_s) == (
             want.answer, want.standing, want.span_start_s, want.span_end_s)
+    finally:
+        second.shutdown(save=False)
+
+
+def test_http_file_restored_from_a_snapshot_resumes_after_its_memory(model, http_server, tmp_path):
+    config = EngineConfig(state_dir=str(tmp_path / "state"), snapshot_period_s=3600, network_options=FAST_NETWORK)
+    request = msgspec.convert({"id": 1, "stream": "w", "uri": f"{http_server}/h264.mp4", "pace": "realtime",
+                               "actionshot": {"enabled": False, "sample_fps": None}}, P.AddStream)
+    first = Engine(model, config).start()
+    first.add_stream(request)
+    wait_for(lambda: first._get("w").state.frames >= 20, 60, "20 frames in memory")
+    first.shutdown(save=True)  # halfway through the 6 s link
+    second = Engine(model, config).start()
+    try:
+        stream = second._get("w")
+        assert 20 <= stream.state.frames < NUM_FRAMES and stream.pipeline is not None
+        wait_for(lambda: second.stream_status(stream).state == "finished", 60, "the restored link to finish")
+        status = second.stream_status(stream)
+        # Read on from where the memory ended (before: from the start again, 20+ frames twice).
+        assert stream.state.frames == NUM_FRAMES and status.span_end_s == pytest.approx((NUM_FRAMES - 1) / FPS)
     finally:
         second.shutdown(save=False)
 

@@ -170,8 +170,8 @@ def test_a_removed_stream_never_comes_back_despite_periodic_snapshots(model, tmp
             time.sleep(0.03 + 0.01 * (i % 5))  # let some snapshots of it start, at varied moments
             engine.remove_stream(f"gone{i}")
         time.sleep(0.3)  # snapshots that were running finish; none of a removed stream may follow
-        left = sorted(p.name for p in state_dir.iterdir())
-        assert left == [f"bg{SNAPSHOT_SUFFIX}"], left
+        left = sorted(p.name for p in state_dir.iterdir())  # bg's own may be mid-write (a .tmp beside it)
+        assert f"bg{SNAPSHOT_SUFFIX}" in left and not [n for n in left if n.startswith("gone")], left
     finally:
         engine.shutdown(save=True)
     again = Engine(model, config).start()

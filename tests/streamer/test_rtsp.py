@@ -1,4 +1,5 @@
-"""Live RTSP against a real GStreamer RTSP server on 127.0.0.1: frames, kill/restart, freeze, end of stream."""
+"""Live RTSP against a real GStreamer RTSP server on 127.0.0.1: frames, kill/restart, freeze, end of stream,
+a server that offers UDP only."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from mixmalmm.streamer.sources import NetworkSource, SourceState, open_source
+from mixmalmm.streamer.sources import NetworkSource, SourceError, SourceState, open_source
 
 from .conftest import HEIGHT, WIDTH, source_frames
 
@@ -113,3 +114,31 @@ def test_end_of_stream_is_a_disconnect(rtsp_short_server):
         assert_strictly_increasing(frames)
     finally:
         source.close()
+
+
+def test_udp_only_server(rtsp_udp_server):
+    # A camera that offers RTP over UDP only refuses TCP ("461 Unsupported Transport"): the default
+    # transport (auto) asks for TCP, then for UDP, and keeps asking for UDP first after a reconnect.
+    source = open_source(rtsp_udp_server.url, **OPTIONS)
+    try:
+        before = take(source, 10)
+        assert source.transport == "udp" and source.state == SourceState.LIVE
+        assert np.abs(before[5].rgb.astype(int) - source_frames(6)[5]).mean() < 8.0
+        rtsp_udp_server.kill()  # UDP has no end of stream: the silence is a read timeout
+        wait_for(lambda: source.stats.disconnects >= 1, 10, "disconnect noticed", source)
+        rtsp_udp_server.start()
+        after = take(source, 10)
+        assert source.stats.reconnects >= 1 and source.transport == "udp"
+        assert_strictly_increasing(before + after)
+    finally:
+        source.close()
+
+    # Asked for in the URI (the fragment is not sent to the server): UDP at once, or TCP only, which fails
+    # with an error that says what to do.
+    with open_source(rtsp_udp_server.url + "#transport=udp", **OPTIONS) as source:
+        take(source, 3)
+        assert source.transport == "udp"
+    source = open_source(rtsp_udp_server.url + "#transport=tcp", **{**OPTIONS, "max_attempts": 1})
+    with pytest.raises(SourceError, match=r"refuses RTSP over TCP .*add #transport=udp or #transport=auto"):
+        source.read(timeout=20)
+    source.close()

@@ -152,6 +152,7 @@ def test_serve_user_errors_are_one_line(tmp_path):
         (["--bind", "tcp://0.0.0.0:5999"], "CURVE"),
         (["--curve-clients", str(tmp_path)], "--curve-secret"),
         (["--threshold", "300"], "ActionShot"),
+        (["--max-questions", "0"], "--max-questions"),
     ]
     for args, needle in cases:
         run = subprocess.run([sys.executable, "-m", "mixmalmm.clients.cli", "serve", *args],

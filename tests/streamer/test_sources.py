@@ -6,6 +6,8 @@ import threading
 import time
 from pathlib import Path
 
+import av
+import cv2
 import numpy as np
 import pytest
 
@@ -21,7 +23,7 @@ from mixmalmm.streamer.sources import (
 )
 from mixmalmm.streamer.synthetic import synthetic_rgb
 
-from .conftest import FPS, HEIGHT, NUM_FRAMES, SCENE, WIDTH, source_frames
+from .conftest import FPS, HEIGHT, NUM_FRAMES, SCENE, WIDTH, X264, source_frames
 
 
 def channel_means(images) -> np.ndarray:
@@ -47,6 +49,50 @@ def test_file_frames_match_what_was_encoded(media, kind):
     np.testing.assert_allclose(channel_means(f.rgb for f in frames), channel_means(originals), atol=3.0)
     stats = source.stats
     assert (stats.state, stats.frames, stats.decode_errors, stats.dropped) == (SourceState.ENDED, NUM_FRAMES, 0, 0)
+
+
+@pytest.mark.parametrize("kind", ["h264", "mpeg4"])  # Matroska: the container's duration, not the stream's
+def test_file_duration_known_after_reading_it(media, kind):
+    source = open_source(getattr(media, kind))
+    assert source.duration == pytest.approx(NUM_FRAMES / FPS, abs=0.11)
+    assert len(list(source)) == NUM_FRAMES and source.state == SourceState.ENDED
+    assert source.duration == pytest.approx(NUM_FRAMES / FPS, abs=0.11)  # before: "Container is not open"
+
+
+@pytest.mark.parametrize("degrees", [-90, 90, 180])
+def test_rotated_phone_video_is_decoded_upright(tmp_path, degrees):
+    # A phone stores a portrait video as landscape frames and a display matrix that turns them upright
+    # (PyAV writes it with set_display_rotation: counter-clockwise degrees, as frame.rotation reads it).
+    path = tmp_path / f"phone{degrees}.mp4"
+    stored = source_frames(10)
+    for rgb in stored:
+        rgb[:20, :30] = (255, 0, 0)  # a red mark in the stored picture's top-left corner
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt, stream.options = WIDTH, HEIGHT, "yuv420p", dict(X264)
+        stream.set_display_rotation(degrees)
+        for rgb in stored:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    frames = list(open_source(path))
+    upright = [np.rot90(rgb, degrees // 90) for rgb in stored]
+    assert len(frames) == 10 and frames[0].rgb.shape == upright[0].shape
+    assert frames[0].rgb.shape == ((HEIGHT, WIDTH, 3) if degrees == 180 else (WIDTH, HEIGHT, 3))
+    assert frames[0].rgb.flags.c_contiguous
+    for ours, truth in zip(frames, upright, strict=True):
+        assert np.abs(ours.rgb.astype(int) - truth).mean() < 6.0
+    # Where the mark is now: a -90 (clockwise) turn takes the top-left corner to the top-right.
+    corner = {-90: (slice(0, 30), slice(-20, None)), 90: (slice(-30, None), slice(0, 20)),
+              180: (slice(-20, None), slice(-30, None))}[degrees]
+    assert frames[0].rgb[corner].mean(axis=(0, 1))[0] > 200 and frames[0].rgb[corner].mean(axis=(0, 1))[1] < 60
+    # `size` is the upright picture's (width, height).
+    size = (60, 40) if degrees == 180 else (40, 60)
+    scaled = list(open_source(path, size=size))
+    assert scaled[0].rgb.shape == (size[1], size[0], 3)
+    expected = cv2.resize(np.ascontiguousarray(upright[3]), size, interpolation=cv2.INTER_AREA)
+    assert np.abs(scaled[3].rgb.astype(int) - expected).mean() < 12.0
 
 
 def test_file_stride_target_rate_and_time_range(media):
@@ -111,8 +157,10 @@ def test_corrupt_file_counts_decode_errors_and_recovers(media):
 
 
 def test_truncated_files(media):
-    # MP4 keeps its index at the end: the cut file cannot be read, and the error says which file.
-    with pytest.raises(SourceError, match=r"cannot read '.*truncated\.mp4' as video") as info:
+    # MP4 keeps its index at the end: the cut file (or one still being recorded) cannot be read, and the
+    # error says which file and why (before: "corrupt or unsupported data").
+    with pytest.raises(SourceError, match=r"cannot read '.*truncated\.mp4' as video: the MP4 has no index "
+                                          r"\(no 'moov' box\), so the file may still be recording") as info:
         open_source(media.truncated_mp4)
     assert info.value.uri == str(media.truncated_mp4)
     # Matroska streams: what is there decodes, then the source ends normally.
@@ -127,6 +175,16 @@ def test_bad_input_gets_a_clear_error(media, tmp_path):
     missing = tmp_path / "nope.mp4"
     with pytest.raises(SourceError, match=r"no such file: '.*nope\.mp4'"):
         open_source(missing)
+    with pytest.raises(SourceError, match=rf"'{tmp_path}' is a directory, not a video file"):
+        open_source(tmp_path)
+    for uri, message in (("rtsp://127.0.0.1:9/s#transport=quic", "unknown transport 'quic'"),
+                         ("http://127.0.0.1:9/a.mp4#transport=udp", "transport=udp applies to rtsp:// sources only"),
+                         ("rtsp://127.0.0.1:9/s#speed=2", "unknown option 'speed' in 'rtsp://127.0.0.1:9/s#speed=2'"),
+                         ("http://127.0.0.1:9/a.mp4#live=maybe", "bad live=maybe"),
+                         ("synthetic:?width=32&colour=red", "unknown option 'colour' in 'synthetic:.*': synthetic: "
+                                                            "takes width, height, fps, num_frames, scene_length")):
+        with pytest.raises((SourceError, ValueError), match=message):
+            open_source(uri)
     with pytest.raises(SourceError, match=r"no video stream in '.*audio\.mp4' \(streams: audio\)"):
         open_source(media.audio_only)
     with pytest.raises(SourceError, match=r"cannot read '.*notes\.json' as video"):
@@ -272,8 +330,9 @@ def test_http_and_hls(http_server):
     np.testing.assert_allclose(np.diff([f.pts for f in frames]), 0.1, atol=1e-6)
     assert np.abs(frames[30].rgb.astype(int) - source_frames()[30]).mean() < 6.0
 
-    # As a live stream, the end of the file is a disconnect: the source reconnects and goes on.
-    with open_source(f"{http_server}/h264.mp4", backoff=(0.05, 0.1), queue_size=100) as live:
+    # Told it is a live stream (`#live=1`, never sent to the server), the end of the file is a disconnect:
+    # the source reconnects and goes on.
+    with open_source(f"{http_server}/h264.mp4#live=1", backoff=(0.05, 0.1), queue_size=100) as live:
         frames = [live.read(timeout=20) for _ in range(NUM_FRAMES + 10)]
         stats = live.stats
     assert stats.disconnects >= 1 and stats.reconnects >= 1 and "end of stream" in stats.last_error
