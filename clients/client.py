@@ -150,6 +150,11 @@ def _new_id() -> str:
     return f"{_id_prefix}-{next(_ids)}"
 
 
+def _new_routing_id() -> bytes:
+    """16 random bytes, never starting with a zero byte (ZeroMQ reserves those identities)."""
+    return b"m" + os.urandom(15)
+
+
 class _Requests:
     """The protocol's requests as methods. ``_call`` sends a request and returns its typed result
     (``Client``) or an awaitable of it (``AsyncClient``). ``timeout_s`` overrides the client's
@@ -231,9 +236,12 @@ def _check_settings(timeout_s: float, retries: int) -> None:
         raise ValueError(f"retries must be 0 or more, got {retries!r}")
 
 
-def _open_dealer(context: zmq.Context, endpoint: str, curve: ClientCurve | None) -> zmq.Socket:
+def _open_dealer(context: zmq.Context, endpoint: str, curve: ClientCurve | None, routing_id: bytes) -> zmq.Socket:
+    """A DEALER connected to ``endpoint``. ``routing_id`` is kept across reconnects: the server
+    recognises a retry (same body) only from the same identity."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, routing_id)
     if curve is not None:
         curve.apply(sock)
     try:
@@ -313,7 +321,8 @@ class Client(_Requests):
         self._curve = curve
         self._context = context or zmq.Context.instance()
         self._lock = threading.Lock()
-        self._sock: zmq.Socket | None = _open_dealer(self._context, endpoint, curve)
+        self._routing_id = _new_routing_id()
+        self._sock: zmq.Socket | None = _open_dealer(self._context, endpoint, curve, self._routing_id)
         self._closed = False
         self.reconnects = 0
 
@@ -346,7 +355,7 @@ class Client(_Requests):
     def _reconnect(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
-        self._sock = _open_dealer(self._context, self.endpoint, self._curve)
+        self._sock = _open_dealer(self._context, self.endpoint, self._curve, self._routing_id)
         self.reconnects += 1
 
     def close(self) -> None:
@@ -388,7 +397,8 @@ class AsyncClient(_Requests):
         self._curve = curve
         self._context = context or zmq.asyncio.Context.instance()
         self._lock = asyncio.Lock()
-        self._sock: zmq.asyncio.Socket | None = _open_dealer(self._context, endpoint, curve)
+        self._routing_id = _new_routing_id()
+        self._sock: zmq.asyncio.Socket | None = _open_dealer(self._context, endpoint, curve, self._routing_id)
         self._closed = False
         self.reconnects = 0
 
@@ -422,7 +432,7 @@ class AsyncClient(_Requests):
     def _reconnect(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
-        self._sock = _open_dealer(self._context, self.endpoint, self._curve)
+        self._sock = _open_dealer(self._context, self.endpoint, self._curve, self._routing_id)
         self.reconnects += 1
 
     def close(self) -> None:

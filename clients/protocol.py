@@ -11,7 +11,7 @@ Transport (shared/DESIGN.md §6):
 
 Bodies are UTF-8 JSON objects. Requests and events are tagged unions on the field ``type``. Every
 request carries a client-chosen ``id`` (a string of at most ``MAX_ID_CHARS`` characters, or an
-integer); every reply carries that id (``null`` when the request was too broken to read one), ``ok``,
+integer of magnitude at most ``MAX_INT_ID``); every reply carries that id (``null`` when the request was too broken to read one), ``ok``,
 and either ``result`` (ok) or ``error`` = ``{"code", "message"}`` (not ok). Requests reject unknown
 fields (a misspelt option is an error, not silently ignored); replies and events are read leniently
 so that an older client keeps working against a newer server.
@@ -45,6 +45,9 @@ MAX_MESSAGE_BYTES = 1 << 20
 MAX_QUESTION_CHARS = 1000
 #: Longest request id, in characters (when the id is a string).
 MAX_ID_CHARS = 128
+#: Largest magnitude of an integer request id: every integer up to it is exact as a double (JSON
+#: numbers in JavaScript, C ``strtod``), so any client can match the echoed id.
+MAX_INT_ID = 2**53
 #: Longest stream URI, in characters.
 MAX_URI_CHARS = 4096
 #: Stream ids and standing-question ids: 1-64 characters, letters, digits and ``_ . : -``, starting
@@ -52,7 +55,8 @@ MAX_URI_CHARS = 4096
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, description="stream or question id")]
-RequestId = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)] | int
+RequestId = (Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
+             | Annotated[int, msgspec.Meta(ge=-MAX_INT_ID, le=MAX_INT_ID)])
 Text = Annotated[str, msgspec.Meta(min_length=1)]
 
 
@@ -90,7 +94,7 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_QUESTION = "unknown_question"  # no standing question with that id on that stream
     ALREADY_EXISTS = "already_exists"  # a stream or standing question with that id exists
     BUSY = "busy"  # too many requests in flight; retry later
-    UNAVAILABLE = "unavailable"  # the engine cannot do it now (shutting down, model not loaded)
+    UNAVAILABLE = "unavailable"  # cannot do it now: shutting down, no Shot yet, a limit reached, an I/O error
     INTERNAL = "internal"  # a bug in the engine; the message says what
 
 
@@ -285,7 +289,8 @@ class AskResult(msgspec.Struct, kw_only=True):
     standing: true when answered from a standing question's own memory (then ``question_id`` names it).
     span_start_s / span_end_s: the stretch of the stream (stream time, seconds) that the memory covered
       when the answer was made; ``null`` before the first Shot.
-    latency_s: seconds from the request's arrival at the engine to the answer.
+    latency_s: seconds from the request's arrival at the server's socket to the answer (waiting for a
+      worker included).
     """
 
     stream: str
@@ -491,7 +496,7 @@ def encode(message: msgspec.Struct) -> bytes:
 def _usable_id(value: Any) -> RequestId | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, int) or (isinstance(value, str) and len(value) <= MAX_ID_CHARS):
+    if (isinstance(value, int) and abs(value) <= MAX_INT_ID) or (isinstance(value, str) and len(value) <= MAX_ID_CHARS):
         return value
     return None
 
@@ -541,12 +546,15 @@ def _classify_failure(data: Any, exc: Exception) -> RequestError:
 
 
 def check_limits(request: Request, limits: Limits = DEFAULT_LIMITS) -> None:
-    """Raise ``RequestError(too_large)`` when a question is longer than ``limits.max_question_chars``."""
+    """Raise ``RequestError(too_large)`` when a question is longer than ``limits.max_question_chars``
+    characters (Unicode code points), ``RequestError(bad_request)`` when it is only white space."""
     text = None
     if isinstance(request, Ask):
         text = request.question
     elif isinstance(request, AddQuestion):
         text = request.text
+    if text is not None and not text.strip():
+        raise RequestError(ErrorCode.BAD_REQUEST, f"the question {text!r:.40} is blank: ask something", request.id)
     if text is not None and len(text) > limits.max_question_chars:
         raise RequestError(
             ErrorCode.TOO_LARGE,

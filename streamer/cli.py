@@ -69,6 +69,9 @@ def add_serve_parser(commands) -> None:
                    help="waiting questions answered by one batched generation")
     g.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest request accepted, bytes")
     g.add_argument("--max-question-chars", type=int, default=1000, help="longest question accepted, characters")
+    g.add_argument("--max-streams", type=int, default=32, metavar="N", help="most streams at once (default 32)")
+    g.add_argument("--max-standing", type=int, default=8, metavar="N",
+                   help="most standing questions per stream; each slows its stream's steps (default 8)")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=run_serve)
 
@@ -85,11 +88,14 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UserError(f"--max-questions must be >= 1, got {args.max_questions}")
     if args.max_message_bytes < 1024 or args.max_question_chars < 1:
         raise UserError("--max-message-bytes must be >= 1024 and --max-question-chars >= 1")
+    if args.max_streams < 1 or args.max_standing < 0:
+        raise UserError(f"--max-streams must be >= 1 and --max-standing >= 0, got {args.max_streams} "
+                        f"and {args.max_standing}")
     curve = None
     if args.curve_secret:
         try:
             curve = CurveKeys.from_files(args.curve_secret, args.curve_clients)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ServerError) as exc:  # ServerError: a public .key file, no secret
             raise UserError(f"CURVE keys: {exc}") from exc
     elif args.curve_clients:
         raise UserError("--curve-clients needs --curve-secret, the server's key pair")
@@ -106,7 +112,8 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = actionshot_settings(args)
     model, name = load_model(args)
     config = EngineConfig(max_batch=args.max_batch, max_questions=args.max_questions, state_dir=args.state_dir,
-                          snapshot_period_s=args.snapshot_period, default_actionshot=settings)
+                          snapshot_period_s=args.snapshot_period, default_actionshot=settings,
+                          max_streams=args.max_streams, max_standing=args.max_standing)
     stopping = threading.Event()
     server_box: list = []
     engine = Engine(model, config, publish=lambda event: server_box and server_box[0].publish(event),

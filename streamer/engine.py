@@ -38,6 +38,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,9 @@ class EngineConfig:
     max_new_tokens / num_beams: generation defaults for questions that give none. max_questions: most
     waiting questions answered by one batched `generate`. default_actionshot: the server's own
     ActionShot settings (only the fields given), over the model's (`ingest`).
+    max_streams: most streams the engine runs at once; max_standing: most standing questions one
+    stream holds (each adds a Q-Former pass to every step of its stream: README, Performance).
+    Requests beyond either are refused with `unavailable`; streams restored on start are not refused.
     """
 
     max_batch: int = 8
@@ -77,8 +81,15 @@ class EngineConfig:
     max_new_tokens: int = 30
     num_beams: int = 1
     max_questions: int = 32
+    max_streams: int = 32
+    max_standing: int = 8
     default_actionshot: P.ActionShotSettings = field(default_factory=P.ActionShotSettings)
     network_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_streams < 1 or self.max_standing < 0:
+            raise ValueError(f"max_streams must be >= 1 and max_standing >= 0, got {self.max_streams} "
+                             f"and {self.max_standing}")
 
 
 @dataclass
@@ -121,6 +132,9 @@ class Stream:
         self.out_times: collections.deque[float] = collections.deque(maxlen=256)
         self.last_error: str | None = None
         self.idle_state = "stopped"  # the state shown while the stream has no pipeline
+        # Snapshot writes and removal take it in turn: once `removed` is set no snapshot is written.
+        self.persist_lock = threading.Lock()
+        self.removed = False
 
     @property
     def state_name(self) -> str:
@@ -224,33 +238,42 @@ class Engine:
         """
         sid = request.stream
         with self._streams_lock:
-            if sid in self._streams:
-                raise P.RequestError(P.ErrorCode.ALREADY_EXISTS, f"stream {sid!r} already exists")
+            self._check_room(sid, restoring=keep_on_error)
         queue = ShotQueue(self.config.queue_shots, drop_oldest=True, on_put=self._notify)
         actionshot = (request.actionshot or P.ActionShotSettings()).over(self.default_actionshot)
         stream = Stream(sid, request, state or self.model.create_state(sid), queue, actionshot)
         if not ingest:
             stream.idle_state = "finished"
         else:
+            # The pipeline reaches its stream through a weak reference: a strong one would make a cycle
+            # (stream -> pipeline -> callback -> stream) that keeps a removed stream's memory, queued
+            # Shots and decoder until the cyclic garbage collector happens to run.
+            ref = weakref.ref(stream)
             try:
                 stream.pipeline = StreamPipeline(
                     sid, request.uri, mode=request.mode, pace=request.pace,
                     actionshot=actionshot,
                     queue=queue, network_options=self.config.network_options,
-                    on_state=lambda old, new, msg: self._on_state(stream, old, new, msg),
+                    on_state=lambda old, new, msg: self._on_state(ref(), old, new, msg),
                     resume_after=resume_after,
                 )
-            except (SourceError, ValueError) as exc:
+            except Exception as exc:
                 if not keep_on_error:
-                    raise P.RequestError(P.ErrorCode.BAD_REQUEST, str(exc)) from exc
-                stream.last_error = str(exc)
+                    if isinstance(exc, (SourceError, ValueError)):
+                        raise P.RequestError(P.ErrorCode.BAD_REQUEST, str(exc)) from exc
+                    raise
+                # Restoring: whatever reopening the source raised, the memory is kept and can be asked.
+                stream.last_error = f"cannot reopen the source: {exc}"
                 stream.idle_state = "failed"
-                log.error("stream %s kept without its source: %s", sid, exc)
+                log.error("stream %s kept without its source: %s", sid, exc,
+                          exc_info=not isinstance(exc, (SourceError, ValueError)))
         with self._streams_lock:
-            if sid in self._streams:  # added by another request meanwhile
+            try:
+                self._check_room(sid, restoring=keep_on_error)  # another request may have added one meanwhile
+            except P.RequestError:
                 if stream.pipeline is not None:
                     stream.pipeline.stop()
-                raise P.RequestError(P.ErrorCode.ALREADY_EXISTS, f"stream {sid!r} already exists")
+                raise
             self._streams[sid] = stream
         self._publish(P.StreamStateEvent(stream=sid, state=stream.state_name, previous=None))
         if stream.pipeline is not None:
@@ -258,17 +281,32 @@ class Engine:
             log.info("stream %s added: %s (%s)", sid, stream.uri, "live" if stream.pipeline.live else "replay")
         return stream
 
+    def _check_room(self, sid: str, restoring: bool) -> None:
+        """Refuse a stream id in use, or a new stream beyond `max_streams`. Call with `_streams_lock`."""
+        if sid in self._streams:
+            raise P.RequestError(P.ErrorCode.ALREADY_EXISTS, f"stream {sid!r} already exists")
+        if not restoring and len(self._streams) >= self.config.max_streams:
+            raise P.RequestError(
+                P.ErrorCode.UNAVAILABLE,
+                f"the engine runs {len(self._streams)} streams, its limit (serve --max-streams); "
+                "remove one first",
+            )
+
     def remove_stream(self, sid: str) -> Stream:
+        """Stop a stream and forget it, its snapshot file included; always completes once begun."""
         stream = self._get(sid)
-        if stream.pipeline is not None:
-            stream.pipeline.stop()
-            stream.pipeline.join(timeout=10.0)
-        with self._streams_lock:
-            self._streams.pop(sid, None)
-        if self.config.state_dir:
-            path = self._snapshot_path(sid)
-            if path.exists():
-                path.unlink()
+        try:
+            if stream.pipeline is not None:
+                stream.pipeline.stop()
+                stream.pipeline.join(timeout=10.0)
+        finally:  # whatever stopping raised, the stream is gone and no snapshot brings it back
+            with self._streams_lock:
+                if self._streams.get(sid) is stream:
+                    del self._streams[sid]
+            with stream.persist_lock:  # waits for a snapshot being written; none is written after
+                stream.removed = True
+                if self.config.state_dir:
+                    self._snapshot_path(sid).unlink(missing_ok=True)
         return stream
 
     def _get(self, sid: str) -> Stream:
@@ -282,7 +320,9 @@ class Engine:
         with self._streams_lock:
             return list(self._streams.values())
 
-    def _on_state(self, stream: Stream, old: str | None, new: str, message: str | None) -> None:
+    def _on_state(self, stream: Stream | None, old: str | None, new: str, message: str | None) -> None:
+        if stream is None:  # removed and released: nobody asks for it any more
+            return
         if message and new in ("failed", "reconnecting"):
             stream.last_error = message
         if new != old:  # a repeated report (another failed connection attempt) is logged by the pipeline
@@ -411,7 +451,7 @@ class Engine:
     def ask(self, sid: str, question: str, max_new_tokens: int | None = None, num_beams: int | None = None,
             arrived: float | None = None) -> P.AskResult:
         """Answer a question about a stream's memory (waits for the model thread, see the module's doc)."""
-        arrived = arrived or time.perf_counter()
+        arrived = arrived or time.perf_counter()  # time.perf_counter() at arrival (the server's socket)
         waiting = Question(self._get(sid), question, max_new_tokens or self.config.max_new_tokens,
                            num_beams or self.config.num_beams)
         with self._work:
@@ -437,6 +477,12 @@ class Engine:
                 raise P.RequestError(
                     P.ErrorCode.ALREADY_EXISTS,
                     f"stream {request.stream!r} already has a standing question {request.question_id!r}",
+                )
+            if len(stream.standing) >= self.config.max_standing:
+                raise P.RequestError(
+                    P.ErrorCode.UNAVAILABLE,
+                    f"stream {request.stream!r} has {len(stream.standing)} standing questions, its limit "
+                    "(serve --max-standing; each slows every step of the stream); remove one first",
                 )
             self.model.register_question(stream.state, request.text)
             stream.standing[request.question_id] = Standing(
@@ -540,7 +586,16 @@ class Engine:
         return Path(self.config.state_dir) / f"{sid}{SNAPSHOT_SUFFIX}"
 
     def _save(self, stream: Stream) -> P.SavedSnapshot | None:
-        """Write one stream's state atomically; on failure log it, remember it, return None."""
+        """Write one stream's state atomically; on failure log it, remember it, return None.
+
+        A removed stream is not written (None): its file must not outlive it.
+        """
+        with stream.persist_lock:
+            if stream.removed:
+                return None
+            return self._write_snapshot(stream)
+
+    def _write_snapshot(self, stream: Stream) -> P.SavedSnapshot | None:
         with stream.lock:
             snap = stream.state.snapshot()
             snap.meta["engine"] = {
@@ -574,10 +629,14 @@ class Engine:
         if not self.config.state_dir:
             raise P.RequestError(P.ErrorCode.BAD_REQUEST, "the engine runs without a state directory")
         streams = [self._get(sid)] if sid else self.streams()
-        saved = [s for s in (self._save(stream) for stream in streams) if s is not None]
-        if len(saved) < len(streams):
-            raise P.RequestError(P.ErrorCode.INTERNAL, self.persist_error or "snapshot failed")
-        return P.SaveSnapshotResult(saved=saved)
+        written = [(stream, self._save(stream)) for stream in streams]
+        if any(snap is None and not stream.removed for stream, snap in written):
+            # A full disk or an unwritable directory: an I/O error the client cannot fix by changing
+            # the request; the memory is untouched and the previous snapshot file, if any, is intact.
+            raise P.RequestError(P.ErrorCode.UNAVAILABLE, f"I/O error: {self.persist_error or 'snapshot failed'}")
+        if sid and written[0][1] is None:
+            raise P.RequestError(P.ErrorCode.UNKNOWN_STREAM, f"no stream {sid!r} (it was removed)")
+        return P.SaveSnapshotResult(saved=[snap for _, snap in written if snap is not None])
 
     def _restore_all(self) -> None:
         for path in sorted(Path(self.config.state_dir).glob(f"*{SNAPSHOT_SUFFIX}")):
@@ -599,19 +658,26 @@ class Engine:
             replay = not info.get("live", False)
             # Only a replay saved "finished" had every Shot in memory; one saved draining (a crash),
             # stopped (a shutdown while draining) or failed resumes after its last Shot.
-            stream = self.add_stream(
-                request, state=state, keep_on_error=True,
-                ingest=not (replay and info.get("state") == "finished"),
-                resume_after=state.last_time if replay else None,
-            )
-            for qid, text, period in info["standing"]:
-                stream.standing[qid] = Standing(qid, text, period, next_due=time.monotonic() + (period or 0.0))
+            try:
+                stream = self.add_stream(
+                    request, state=state, keep_on_error=True,
+                    ingest=not (replay and info.get("state") == "finished"),
+                    resume_after=state.last_time if replay else None,
+                )
+                for qid, text, period in info["standing"]:
+                    stream.standing[qid] = Standing(qid, text, period, next_due=time.monotonic() + (period or 0.0))
+            except Exception as exc:  # each snapshot on its own: the others are restored all the same
+                log.exception("could not restore '%s'", path)
+                self.persist_error = f"could not restore '{path}': {exc}"
+                continue
             log.info("stream %s restored from '%s' (%d frames)", stream.id, path, state.frames)
 
     # ------------------------------------------------------------------ protocol
 
-    def handle(self, request: P.AnyRequest) -> msgspec.Struct:
-        arrived = time.perf_counter()
+    def handle(self, request: P.AnyRequest, arrived: float | None = None) -> msgspec.Struct:
+        """Serve one request; arrived: `time.perf_counter()` when it reached the server's socket
+        (`latency_s` and the status percentiles count from there), now when not given."""
+        arrived = arrived or time.perf_counter()
         match request:
             case P.Ask():
                 return self.ask(request.stream, request.question, request.max_new_tokens, request.num_beams,

@@ -103,12 +103,17 @@ class StreamPipeline:
     # ------------------------------------------------------------------ control
 
     def start(self) -> None:
-        self._thread.start()
+        """Start decoding, unless `stop()` came first (a stream removed as it was being added)."""
+        with self._state_lock:
+            if not self._stop.is_set():
+                self._thread.start()
 
     def stop(self) -> None:
         with self._state_lock:
             self._stop.set()
-            if self.state == "draining":  # the decode thread is done: nobody else will say "stopped"
+            # Draining: the decode thread is done; never started: there is none. Either way nobody
+            # else will say "stopped".
+            if self.state == "draining" or self._thread.ident is None:
                 self._set_state("stopped")
         self.source.close()
         self.queue.close()

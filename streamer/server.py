@@ -72,13 +72,14 @@ class Handler(Protocol):
     """What the engine implements for the server.
 
     ``handle`` is called from worker threads (several at once: it must be thread-safe) with a validated
-    request of any type but ``Ping``. It returns the result struct that ``protocol.RESULT_TYPES`` names
+    request of any type but ``Ping`` and ``arrived``, ``time.perf_counter()`` when the request came off
+    the socket (before it waited for a worker: latencies count from there). It returns the result struct that ``protocol.RESULT_TYPES`` names
     for the request's type (``AskResult`` for ``Ask`` ...), or raises ``protocol.RequestError`` with an
     ``ErrorCode`` for a request it cannot serve (unknown stream ...). Any other exception becomes an
     ``internal`` error reply and is logged with its traceback; the server goes on.
     """
 
-    def handle(self, request: AnyRequest) -> msgspec.Struct: ...
+    def handle(self, request: AnyRequest, arrived: float) -> msgspec.Struct: ...
 
 
 class ServerError(RuntimeError):
@@ -169,10 +170,12 @@ class Server:
     reply_hwm / event_hwm: send high-water marks (messages) of the ROUTER (per client) and PUB
       (per subscriber); beyond them replies are dropped (counted) and events are dropped by ZeroMQ.
     linger_s: seconds ``stop`` lets queued outgoing messages flush before the sockets close.
-    replay_s: a request identical to an earlier one (same id, same body: a client's retry) is not
-      handled twice. While the first is being handled the retry waits for its reply; for ``replay_s``
-      seconds after (at most 1024 replies kept) it gets the same reply again. Clients must therefore
-      choose ids that are unique per request (the Python clients do).
+    replay_s: a request identical to an earlier one from the same client (same ROUTER identity, same
+      body: a client's retry) is not handled twice. While the first is being handled the retry waits
+      for its reply; for ``replay_s`` seconds after (at most 1024 replies kept) it gets the same reply
+      again. A client that reconnects keeps its identity only if it sets ``ZMQ_ROUTING_ID`` (the Python
+      clients do; ``ROUTER_HANDOVER`` lets the new connection take the identity over at once); one
+      that does not is another client, whose retries are handled anew.
     """
 
     def __init__(
@@ -346,6 +349,7 @@ class Server:
             try:
                 router = self._socket(zmq.ROUTER)
                 router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+                router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnected client keeps its routing id
                 router.setsockopt(zmq.MAXMSGSIZE, self._limits.max_message_bytes)
                 router.setsockopt(zmq.SNDHWM, self._reply_hwm)
                 router.setsockopt(zmq.RCVHWM, self._reply_hwm)
@@ -443,6 +447,7 @@ class Server:
         self._stats["events_published"] += 1
 
     def _on_request(self, router: zmq.Socket, frames: list[bytes]) -> None:
+        arrived = time.perf_counter()
         self._stats["requests"] += 1
         identity, rest = frames[0], frames[1:]
         if len(rest) == 1:
@@ -465,7 +470,8 @@ class Server:
             now = time.time()
             self._send_reply(router, envelope, ok_reply(request.id, PingResult(time_s=now, uptime_s=now - self._started_at)))
             return
-        key = hashlib.blake2b(body, digest_size=16).digest()
+        # Per client: another client's request with the same id and body is not its retry.
+        key = hashlib.blake2b(body, digest_size=16, key=identity[:64]).digest()
         if key in self._pending:  # a retry of a request still being handled: answer it when done
             self._stats["retries_joined"] += 1
             self._pending[key].append(envelope)
@@ -484,7 +490,7 @@ class Server:
         pool = self._slow_pool if isinstance(request, SLOW_REQUESTS) else self._control_pool
         assert pool is not None
         try:
-            pool.submit(self._work, key, request)
+            pool.submit(self._work, key, request, arrived)
         except RuntimeError:  # the pool was shut down: we are stopping
             self._reply_error(router, envelope, request.id, ErrorCode.UNAVAILABLE, "the server is shutting down")
             return
@@ -507,11 +513,11 @@ class Server:
     # Worker threads
     # ------------------------------------------------------------------------------------------------
 
-    def _work(self, key: bytes, request: AnyRequest) -> None:
+    def _work(self, key: bytes, request: AnyRequest, arrived: float) -> None:
         kind = type(request).__struct_config__.tag
         failed = True
         try:
-            result = self._handler.handle(request)
+            result = self._handler.handle(request, arrived)
             expected = RESULT_TYPES[type(request)]
             if not isinstance(result, expected):
                 log.error("the handler returned %s for %r, expected %s", type(result).__name__, kind, expected.__name__)

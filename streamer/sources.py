@@ -48,8 +48,8 @@ NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https")
 RTSP_TRANSPORTS = ("auto", "tcp", "udp")
 #: Options a network URI may carry after '#'.
 URI_OPTIONS = ("transport", "live", "poll_s", "open_timeout", "read_timeout")
-#: Options of `synthetic:?...`, SyntheticSource's.
-SYNTHETIC_OPTIONS = ("width", "height", "fps", "num_frames", "scene_length")
+#: Options of `synthetic:?...`, SyntheticSource's, with their types.
+SYNTHETIC_OPTIONS = {"width": int, "height": int, "fps": float, "num_frames": int, "scene_length": int}
 # Demuxers without a clock of their own (FFmpeg counts frames at a fixed 25/s): live frames are
 # stamped with their arrival time instead.
 _NO_CLOCK_FORMATS = frozenset({"mpjpeg", "mjpeg", "image2", "image2pipe", "jpeg_pipe", "png_pipe", "webp_pipe",
@@ -321,7 +321,8 @@ class Source:
 
     def close(self) -> None:
         """Stop reading and release the decoder or connection (waits up to a read timeout)."""
-        self._stop.set()
+        with self._lock:  # against _start_thread: it starts no thread once this is set
+            self._stop.set()
         if self._queue is not None:
             self._queue.close()
         with self._lock:
@@ -437,6 +438,9 @@ class Source:
 
         thread = threading.Thread(target=work, name=f"source {self.uri}", daemon=True)
         with self._lock:  # close() from another thread sees no thread, or a started one (never joins early)
+            if self._stop.is_set():  # closed before the first read: nothing to decode (read() sees the end)
+                queue.close()
+                return
             self._thread = thread
             thread.start()
 
@@ -602,9 +606,13 @@ class FileSource(_PyAVDecoding, Source):
             raise ValueError(f"end ({end} s) is before start ({start} s) for '{path}'")
         self._start, self._end = start, end
         self._init_conversion(size, interpolation)
-        if Path(path).is_dir():
+        try:
+            is_dir, is_file = Path(path).is_dir(), Path(path).is_file()
+        except OSError as exc:  # a name too long for the file system, ...
+            raise SourceError(f"cannot open '{path:.200}': {exc.strerror}", path) from exc
+        if is_dir:
             raise SourceError(f"'{path}' is a directory, not a video file", path)
-        if not Path(path).is_file():
+        if not is_file:
             raise SourceError(f"no such file: '{path}'", path)
         try:
             self._container = _av_open(path, None, None)
@@ -1125,6 +1133,22 @@ def _query_options(query: str) -> dict[str, Any]:
     return out
 
 
+def _synthetic_options(uri: str, query: str) -> dict[str, Any]:
+    """`width=64&fps=5` -> {"width": 64, "fps": 5.0}; SourceError for an unknown name or a bad number."""
+    out: dict[str, Any] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        kind = SYNTHETIC_OPTIONS.get(key)
+        if kind is None:
+            raise SourceError(f"unknown option {key!r:.40} in '{uri:.200}': synthetic: takes "
+                              + ", ".join(SYNTHETIC_OPTIONS), uri)
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            raise SourceError(f"{key}={value!r:.40} in '{uri:.200}' is not {'an integer' if kind is int else 'a number'}",
+                              uri) from None
+    return out
+
+
 def _uri_options(fragment: str, uri: str) -> dict[str, Any]:
     """A network URI's options after '#' (`transport=udp&live=0`), checked; they override `open_source`'s.
     `uri` is the URI as errors show it (redacted)."""
@@ -1175,12 +1199,7 @@ def open_source(uri: str | Path, **options: Any) -> Source:
             raise SourceError(f"bad camera in '{text}': use webcam:N with N a device number", text)
         return OpenCVSource(int(device), uri=text, **options)
     if scheme == "synthetic":
-        query = _query_options(parts.query)
-        unknown = sorted(set(query) - set(SYNTHETIC_OPTIONS))
-        if unknown:
-            raise SourceError(f"unknown option {unknown[0]!r} in '{text}': synthetic: takes "
-                              + ", ".join(SYNTHETIC_OPTIONS), text)
-        return SyntheticSource(uri=text, **{**query, **options})
+        return SyntheticSource(uri=text, **{**_synthetic_options(text, parts.query), **options})
     shown = redact_uri(text)
     raise SourceError(
         f"unknown scheme '{scheme}' in '{shown}': use a file path, file://, "

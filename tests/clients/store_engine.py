@@ -21,7 +21,7 @@ class StoreEngine:
         """The answer this handler gives to ``question``."""
         return f"seen: {question[::-1]}"
 
-    def handle(self, request):
+    def handle(self, request, arrived):
         with self.lock:
             self.requests.append(request)
             return self._handle(request)

@@ -35,6 +35,7 @@ class Peer:
         self.context = zmq.Context()
         self.sock = self.context.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # as the engine server: a reconnected client keeps its id
         self.sock.bind(ANY_PORT)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.respond = respond

@@ -117,7 +117,7 @@ def test_the_certificate_example_loads(tmp_path):
 class OneStream:
     """A real handler with one stream, enough for the doc's client."""
 
-    def handle(self, request):
+    def handle(self, request, arrived):
         assert isinstance(request, p.Status)
         return p.StatusResult(engine=p.EngineStatus(), streams=[
             p.StreamStatus(stream="cam1", uri="rtsp://127.0.0.1:8554/cam", state="live", memory_entries=7)])

@@ -217,7 +217,7 @@ def test_snapshot_failure_is_reported_and_nothing_is_lost(running, media, tmp_pa
     state_dir.write_text("not a directory")  # every write into it now fails with an OSError
     with pytest.raises(EngineError) as err:
         client.save_snapshot("f")
-    assert err.value.code == P.ErrorCode.INTERNAL and "could not save stream 'f'" in err.value.message
+    assert err.value.code == P.ErrorCode.UNAVAILABLE and "I/O error: could not save stream 'f'" in err.value.message
     status = client.status()
     assert "could not save" in status.engine.persist_error
     assert status.streams[0].shots == NUM_FRAMES  # the memory is untouched

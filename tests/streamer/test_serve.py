@@ -143,7 +143,10 @@ def test_sigterm_saves_and_curve_keeps_strangers_out(media, tmp_path):
 
 def test_serve_user_errors_are_one_line(tmp_path):
     (tmp_path / "a_file").write_text("not a directory")
+    public_key, _ = create_keypair(str(tmp_path / "keys"), "server")
     cases = [
+        (["--curve-secret", public_key], "holds no secret key"),  # the public half of the pair
+        (["--max-streams", "0"], "--max-streams"),
         (["--state-dir", str(tmp_path / "a_file")], "--state-dir"),
         (["--model", str(tmp_path / "nowhere")], "nowhere"),
         (["--bind", "tcp://0.0.0.0:5999"], "CURVE"),

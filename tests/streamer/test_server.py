@@ -36,7 +36,7 @@ class EchoEngine:
         self.seen: list[p.Request] = []
         self.lock = threading.Lock()
 
-    def handle(self, request):
+    def handle(self, request, arrived):
         with self.lock:
             self.seen.append(request)
         if isinstance(request, p.Ask):
@@ -91,9 +91,11 @@ def zctx():
     context.destroy(linger=0)
 
 
-def _dealer(context, address):
+def _dealer(context, address, routing_id: bytes | None = None):
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if routing_id is not None:
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
     sock.connect(address)
     return sock
 
@@ -358,15 +360,21 @@ def test_retries_of_a_slow_request_are_handled_once(serve, zctx):
     stats = server.stats()
     assert stats["retries_joined"] >= 1
     assert stats["retries_joined"] + stats["retries_replayed"] == client.reconnects
-    # The same request again after it was answered: the same reply, without asking the engine again.
+    # The same request again from the same client (its routing id) after it was answered: the same
+    # reply, without asking the engine again.
     body = p.encode(asks[0])
-    reply = _reply(_dealer(zctx, server.request_address), body)
+    reply = _reply(_dealer(zctx, server.request_address, client._routing_id), body)
     assert reply["result"]["answer"] == "ecno ylno" and reply["id"] == asks[0].id
     assert len([r for r in engine.seen if isinstance(r, p.Ask)]) == 1
     assert server.stats()["retries_replayed"] == stats["retries_replayed"] + 1
     # A new id is a new request.
-    other = _reply(_dealer(zctx, server.request_address), body.replace(asks[0].id.encode(), b"fresh-id"))
+    other = _reply(_dealer(zctx, server.request_address, client._routing_id),
+                   body.replace(asks[0].id.encode(), b"fresh-id"))
     assert other["id"] == "fresh-id" and len([r for r in engine.seen if isinstance(r, p.Ask)]) == 2
+    # Another client that happens to send the same body (a naive counter id) is not a retry: it gets
+    # its own answer, never the first client's stale reply.
+    again = _reply(_dealer(zctx, server.request_address, b"another-client"), body)
+    assert again["id"] == asks[0].id and len([r for r in engine.seen if isinstance(r, p.Ask)]) == 3
 
 
 def test_a_vanished_client_never_blocks_the_server(serve, zctx):
