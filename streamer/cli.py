@@ -137,7 +137,7 @@ def run_serve(args: argparse.Namespace) -> int:
             try:
                 engine.add_stream(P.AddStream(id=0, stream=sid, uri=uri, mode=args.mode, pace=args.pace))
             except P.RequestError as exc:
-                log.error("source %s not added: %s", redact_uri(text), exc.message)
+                log.error("source %s (%s) not added: %s", sid, redact_uri(uri), exc.message)
         log.info("serving %d stream(s) on %s (events on %s), model %s on %s", len(engine.streams()), server.request_address,
                  server.event_address, name, model.device)
         for sig in (signal.SIGINT, signal.SIGTERM):

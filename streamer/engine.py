@@ -135,6 +135,7 @@ class Stream:
         # Snapshot writes and removal take it in turn: once `removed` is set no snapshot is written.
         self.persist_lock = threading.Lock()
         self.removed = False
+        self.refused = False  # add_stream refused it after its pipeline was made: it publishes nothing
 
     @property
     def state_name(self) -> str:
@@ -267,14 +268,18 @@ class Engine:
                 stream.idle_state = "failed"
                 log.error("stream %s kept without its source: %s", sid, exc,
                           exc_info=not isinstance(exc, (SourceError, ValueError)))
+        refusal: P.RequestError | None = None
         with self._streams_lock:
             try:
                 self._check_room(sid, restoring=keep_on_error)  # another request may have added one meanwhile
-            except P.RequestError:
-                if stream.pipeline is not None:
-                    stream.pipeline.stop()
-                raise
-            self._streams[sid] = stream
+                self._streams[sid] = stream
+            except P.RequestError as exc:
+                refusal = exc
+        if refusal is not None:  # its pipeline never ran: stopped outside the lock, and silently (refused)
+            stream.refused = True
+            if stream.pipeline is not None:
+                stream.pipeline.stop()
+            raise refusal
         self._publish(P.StreamStateEvent(stream=sid, state=stream.state_name, previous=None))
         if stream.pipeline is not None:
             stream.pipeline.start()
@@ -321,7 +326,7 @@ class Engine:
             return list(self._streams.values())
 
     def _on_state(self, stream: Stream | None, old: str | None, new: str, message: str | None) -> None:
-        if stream is None:  # removed and released: nobody asks for it any more
+        if stream is None or stream.refused:  # released, or never added: nobody asks for it
             return
         if message and new in ("failed", "reconnecting"):
             stream.last_error = message

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -46,10 +47,35 @@ from mixmalmm.streamer.synthetic import synthetic_rgb
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https")
 #: RTSP transports (`transport=`): "auto" asks for TCP, then for UDP when the server refuses TCP.
 RTSP_TRANSPORTS = ("auto", "tcp", "udp")
-#: Options a network URI may carry after '#'.
-URI_OPTIONS = ("transport", "live", "poll_s", "open_timeout", "read_timeout")
-#: Options of `synthetic:?...`, SyntheticSource's, with their types.
-SYNTHETIC_OPTIONS = {"width": int, "height": int, "fps": float, "num_frames": int, "scene_length": int}
+
+
+def _seconds(value: str) -> float:
+    seconds = float(value)
+    if not (math.isfinite(seconds) and 0.001 <= seconds <= 86400):
+        raise ValueError(value)
+    return seconds
+
+
+_LIVE_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "auto": None}
+
+
+def _live(value: str) -> bool | None:
+    return _LIVE_WORDS[value.lower()]  # KeyError: not one of the words
+
+
+#: Options a network URI may carry after '#': name -> (conversion, what a value must be).
+URI_OPTIONS = {
+    "transport": (str, "auto, tcp or udp"),
+    "live": (_live, "1 (a stream), 0 (a file) or auto"),
+    "poll_s": (_seconds, "a number of seconds from 0.001 to 86400"),
+    "open_timeout": (_seconds, "a number of seconds from 0.001 to 86400"),
+    "read_timeout": (_seconds, "a number of seconds from 0.001 to 86400"),
+}
+#: Options of `synthetic:?...`, SyntheticSource's: name -> (conversion, what a value must be).
+SYNTHETIC_OPTIONS = {
+    "width": (int, "an integer"), "height": (int, "an integer"), "fps": (float, "a number"),
+    "num_frames": (int, "an integer"), "scene_length": (int, "an integer"),
+}
 # Demuxers without a clock of their own (FFmpeg counts frames at a fixed 25/s): live frames are
 # stamped with their arrival time instead.
 _NO_CLOCK_FORMATS = frozenset({"mpjpeg", "mjpeg", "image2", "image2pipe", "jpeg_pipe", "png_pipe", "webp_pipe",
@@ -1118,53 +1144,19 @@ class SyntheticSource(Source):
 # ------------------------------------------------------------------------------------------------
 
 
-def _query_options(query: str) -> dict[str, Any]:
-    """`a=1&b=x` -> {"a": 1, "b": "x"} (ints and floats converted)."""
+def _parse_options(query: str, kinds: dict[str, tuple[Any, str]], uri: str, where: str) -> dict[str, Any]:
+    """`a=1&b=x` -> {"a": 1, "b": "x"}, each value converted by its option's kind; SourceError naming an
+    unknown option or a bad value. `uri` is the URI as errors show it (redacted); `where` names the place."""
     out: dict[str, Any] = {}
     for key, value in parse_qsl(query, keep_blank_values=True):
-        for convert in (int, float):
-            try:
-                out[key] = convert(value)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key] = value
-    return out
-
-
-def _synthetic_options(uri: str, query: str) -> dict[str, Any]:
-    """`width=64&fps=5` -> {"width": 64, "fps": 5.0}; SourceError for an unknown name or a bad number."""
-    out: dict[str, Any] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        kind = SYNTHETIC_OPTIONS.get(key)
-        if kind is None:
-            raise SourceError(f"unknown option {key!r:.40} in '{uri:.200}': synthetic: takes "
-                              + ", ".join(SYNTHETIC_OPTIONS), uri)
+        if key not in kinds:
+            raise SourceError(f"unknown option {key!r:.40} in '{uri:.200}': {where} takes " + ", ".join(kinds), uri)
+        convert, wanted = kinds[key]
         try:
-            out[key] = kind(value)
-        except ValueError:
-            raise SourceError(f"{key}={value!r:.40} in '{uri:.200}' is not {'an integer' if kind is int else 'a number'}",
-                              uri) from None
+            out[key] = convert(value)
+        except (ValueError, KeyError, OverflowError):
+            raise SourceError(f"bad {key}={value!r:.40} in '{uri:.200}': it must be {wanted}", uri) from None
     return out
-
-
-def _uri_options(fragment: str, uri: str) -> dict[str, Any]:
-    """A network URI's options after '#' (`transport=udp&live=0`), checked; they override `open_source`'s.
-    `uri` is the URI as errors show it (redacted)."""
-    options = _query_options(fragment)
-    unknown = sorted(set(options) - set(URI_OPTIONS))
-    if unknown:
-        raise SourceError(f"unknown option {unknown[0]!r} in '{uri}': the options after '#' are "
-                          + ", ".join(URI_OPTIONS), uri)
-    if "live" in options:
-        value = str(options["live"]).lower()
-        words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "auto": None}
-        if value not in words:
-            raise SourceError(f"bad live={options['live']} in '{uri}': use live=1 (a stream), live=0 (a file) "
-                              "or live=auto", uri)
-        options["live"] = words[value]
-    return options
 
 
 def open_source(uri: str | Path, **options: Any) -> Source:
@@ -1192,14 +1184,15 @@ def open_source(uri: str | Path, **options: Any) -> Source:
     if scheme == "file":
         return FileSource(unquote(parts.path), **options)
     if scheme in NETWORK_SCHEMES:
-        return NetworkSource(text, **{**options, **_uri_options(parts.fragment, redact_uri(text))})
+        uri_options = _parse_options(parts.fragment, URI_OPTIONS, redact_uri(text), "a network URI (after '#')")
+        return NetworkSource(text, **{**options, **uri_options})
     if scheme == "webcam":
         device = parts.path or "0"
         if not device.isdigit():
             raise SourceError(f"bad camera in '{text}': use webcam:N with N a device number", text)
         return OpenCVSource(int(device), uri=text, **options)
     if scheme == "synthetic":
-        return SyntheticSource(uri=text, **{**_synthetic_options(text, parts.query), **options})
+        return SyntheticSource(uri=text, **{**_parse_options(parts.query, SYNTHETIC_OPTIONS, text, "synthetic:"), **options})
     shown = redact_uri(text)
     raise SourceError(
         f"unknown scheme '{scheme}' in '{shown}': use a file path, file://, "

@@ -92,6 +92,39 @@ def test_remove_right_after_add_always_completes_while_another_stream_ingests(mo
         engine.shutdown(save=False)
 
 
+def test_adds_racing_for_one_id_leave_one_stream_and_no_false_event(model, media):
+    """Eight adds of one id at once: one wins, the others are already_exists. Before, a loser whose
+    pipeline had been made when the second check refused it published "stopped" for the winner's id."""
+    events: list[P.AnyEvent] = []
+    engine = Engine(model, EngineConfig(), publish=events.append).start()
+    try:
+        for round_ in range(5):
+            sid = f"cam{round_}"
+            go = threading.Barrier(8)
+            outcomes: list[str] = []
+
+            def add(sid=sid, go=go, outcomes=outcomes):
+                go.wait()
+                try:
+                    engine.add_stream(P.AddStream(id=0, stream=sid, uri=BACKGROUND, actionshot=EVERY_FRAME))
+                    outcomes.append("added")
+                except P.RequestError as exc:
+                    outcomes.append(exc.code.value)
+
+            threads = [threading.Thread(target=add) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert sorted(outcomes) == ["added"] + ["already_exists"] * 7, outcomes
+            wait_for(lambda sid=sid: engine._get(sid).state_name == "live", 10, "the winner live")
+            mine = [e.state for e in events if isinstance(e, P.StreamStateEvent) and e.stream == sid]
+            assert "stopped" not in mine and mine.count("connecting") == 1, mine
+            assert engine._get(sid).state_name == "live"
+    finally:
+        engine.shutdown(save=False)
+
+
 # ---------------------------------------------------------------------------------------------------
 # 2. bad input is bad_request; a full disk is an I/O error
 

@@ -180,7 +180,14 @@ def test_bad_input_gets_a_clear_error(media, tmp_path):
     for uri, message in (("rtsp://127.0.0.1:9/s#transport=quic", "unknown transport 'quic'"),
                          ("http://127.0.0.1:9/a.mp4#transport=udp", "transport=udp applies to rtsp:// sources only"),
                          ("rtsp://127.0.0.1:9/s#speed=2", "unknown option 'speed' in 'rtsp://127.0.0.1:9/s#speed=2'"),
-                         ("http://127.0.0.1:9/a.mp4#live=maybe", "bad live=maybe"),
+                         ("http://127.0.0.1:9/a.mp4#live=maybe", "bad live='maybe'.*: it must be 1 .*, 0 .* or auto"),
+                         # Numbers that are not times: a TypeError, an OverflowError or FFmpeg's timeout off
+                         # ("0" microseconds) before.
+                         ("rtsp://127.0.0.1:9/s#open_timeout=abc", "bad open_timeout='abc'"),
+                         ("rtsp://127.0.0.1:9/s#poll_s=", "bad poll_s=''"),
+                         ("rtsp://127.0.0.1:9/s#read_timeout=inf", "bad read_timeout='inf'.*seconds from 0.001"),
+                         ("rtsp://127.0.0.1:9/s#read_timeout=1e-7", "bad read_timeout='1e-7'"),
+                         ("rtsp://me:hunter2@127.0.0.1:9/s#read_timeout=x", r"'rtsp://me:\*\*\*@127"),
                          ("synthetic:?width=32&colour=red", "unknown option 'colour' in 'synthetic:.*': synthetic: "
                                                             "takes width, height, fps, num_frames, scene_length")):
         with pytest.raises((SourceError, ValueError), match=message):
