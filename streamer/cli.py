@@ -82,15 +82,15 @@ def run_serve(args: argparse.Namespace) -> int:
     from .engine import Engine, EngineConfig
     from .server import CurveKeys, Server, ServerError, check_bind_security
 
-    if args.snapshot_period <= 0:
-        raise UserError(f"--snapshot-period must be > 0 seconds, got {args.snapshot_period}")
-    if args.max_questions < 1:
-        raise UserError(f"--max-questions must be >= 1, got {args.max_questions}")
+    settings = actionshot_settings(args)
+    try:  # checked before the model loads: cheap mistakes first
+        config = EngineConfig(max_batch=args.max_batch, max_questions=args.max_questions, state_dir=args.state_dir,
+                              snapshot_period_s=args.snapshot_period, default_actionshot=settings,
+                              max_streams=args.max_streams, max_standing=args.max_standing)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
     if args.max_message_bytes < 1024 or args.max_question_chars < 1:
         raise UserError("--max-message-bytes must be >= 1024 and --max-question-chars >= 1")
-    if args.max_streams < 1 or args.max_standing < 0:
-        raise UserError(f"--max-streams must be >= 1 and --max-standing >= 0, got {args.max_streams} "
-                        f"and {args.max_standing}")
     curve = None
     if args.curve_secret:
         try:
@@ -109,11 +109,7 @@ def run_serve(args: argparse.Namespace) -> int:
             check_bind_security(endpoint, curve, args.insecure)
     except ServerError as exc:
         raise UserError(str(exc)) from exc
-    settings = actionshot_settings(args)
     model, name = load_model(args)
-    config = EngineConfig(max_batch=args.max_batch, max_questions=args.max_questions, state_dir=args.state_dir,
-                          snapshot_period_s=args.snapshot_period, default_actionshot=settings,
-                          max_streams=args.max_streams, max_standing=args.max_standing)
     stopping = threading.Event()
     server_box: list = []
     engine = Engine(model, config, publish=lambda event: server_box and server_box[0].publish(event),

@@ -87,9 +87,16 @@ class EngineConfig:
     network_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.max_streams < 1 or self.max_standing < 0:
-            raise ValueError(f"max_streams must be >= 1 and max_standing >= 0, got {self.max_streams} "
-                             f"and {self.max_standing}")
+        # (field, serve's option, least value): one place checks them all.
+        for name, option, least in (("max_batch", "--max-batch", 1), ("queue_shots", None, 1),
+                                    ("max_questions", "--max-questions", 1), ("max_streams", "--max-streams", 1),
+                                    ("max_standing", "--max-standing", 0), ("max_new_tokens", None, 1),
+                                    ("num_beams", None, 1)):
+            value = getattr(self, name)
+            if not value >= least:
+                raise ValueError(f"{name}{f' (serve {option})' if option else ''} must be >= {least}, got {value}")
+        if not self.snapshot_period_s > 0:
+            raise ValueError(f"snapshot_period_s (serve --snapshot-period) must be > 0, got {self.snapshot_period_s}")
 
 
 @dataclass
@@ -160,8 +167,6 @@ class Engine:
     def __init__(self, model: MALMM, config: EngineConfig | None = None, publish=None, model_name: str = ""):
         self.model = model
         self.config = config or EngineConfig()
-        if self.config.max_questions < 1:
-            raise ValueError(f"max_questions must be at least 1, got {self.config.max_questions}")
         self._publish = publish or (lambda event: None)
         self.model_name = model_name or type(model).__name__
         self._streams: dict[str, Stream] = {}
@@ -387,20 +392,30 @@ class Engine:
 
     def _answer_waiting(self) -> None:
         """Answer the questions waiting (at most max_questions): their Q-Former outputs stream by stream,
-        then one `generate` per generation setting."""
+        then one `generate` per generation setting. Whatever fails, every question taken is answered."""
         with self._work:
             taken = [self._questions.popleft() for _ in range(min(len(self._questions), self.config.max_questions))]
-        by_stream: dict[str, list[Question]] = collections.defaultdict(list)
+        try:
+            self._answer(taken)
+        except Exception as exc:  # a bug: reported to each asker still waiting; the model thread goes on
+            log.exception("answering %d questions failed", len(taken))
+            for q in taken:
+                if not q.answer.done():
+                    q.answer.set_exception(exc)
+
+    def _answer(self, taken: list[Question]) -> None:
+        by_stream: dict[Stream, list[Question]] = collections.defaultdict(list)  # the object: an id re-added is another
         for q in taken:
-            by_stream[q.stream.id].append(q)
+            by_stream[q.stream].append(q)
         ready: list[Question] = []
-        for questions in by_stream.values():
+        for stream, questions in by_stream.items():
             try:
-                self._query(questions[0].stream, questions)
+                if stream.removed:
+                    raise P.RequestError(P.ErrorCode.UNKNOWN_STREAM, f"stream {stream.id!r} was removed")
+                self._query(stream, questions)
             except Exception as exc:  # reported to each asker; the model thread goes on
                 if not isinstance(exc, P.RequestError):
-                    log.exception("the Q-Former pass for %d questions on stream %s failed", len(questions),
-                                  questions[0].stream.id)
+                    log.exception("the Q-Former pass for %d questions on stream %s failed", len(questions), stream.id)
                 for q in questions:
                     q.answer.set_exception(exc)
                 continue
@@ -408,19 +423,28 @@ class Engine:
         groups: dict[tuple[int, int], list[Question]] = collections.defaultdict(list)
         for q in ready:  # dicts keep order: the group of the oldest question goes first
             groups[(q.max_new_tokens, q.num_beams)].append(q)
-        for (max_new_tokens, num_beams), group in groups.items():
-            try:
-                answers = self.model.generate_answers(
-                    [q.output for q in group], [q.text for q in group],
-                    max_new_tokens=max_new_tokens, num_beams=num_beams,
-                )
-            except Exception as exc:
-                log.exception("generating %d answers failed", len(group))
+        for group in groups.values():
+            self._generate(group)
+
+    def _generate(self, group: list[Question]) -> None:
+        """One batched `generate` for questions of one setting; when it fails (a batch too large for the
+        device's memory, say), each question is generated alone, so one costly request fails alone."""
+        try:
+            answers = self.model.generate_answers(
+                [q.output for q in group], [q.text for q in group],
+                max_new_tokens=group[0].max_new_tokens, num_beams=group[0].num_beams,
+            )
+        except Exception as exc:
+            if len(group) > 1:
+                log.warning("generating %d answers at once failed (%s): generating each alone", len(group), exc)
                 for q in group:
-                    q.answer.set_exception(exc)
-                continue
-            for q, (_, text) in zip(group, answers, strict=True):
-                q.answer.set_result(text)
+                    self._generate([q])
+                return
+            log.exception("generating an answer failed")
+            group[0].answer.set_exception(exc)
+            return
+        for q, (_, text) in zip(group, answers, strict=True):
+            q.answer.set_result(text)
 
     def _query(self, stream: Stream, questions: list[Question]) -> None:
         """Fill in the Q-Former output, mode, standing question id and time span of one stream's questions."""
@@ -457,13 +481,21 @@ class Engine:
             arrived: float | None = None) -> P.AskResult:
         """Answer a question about a stream's memory (waits for the model thread, see the module's doc)."""
         arrived = arrived or time.perf_counter()  # time.perf_counter() at arrival (the server's socket)
-        waiting = Question(self._get(sid), question, max_new_tokens or self.config.max_new_tokens,
+        return self._result(self._submit(self._get(sid), question, max_new_tokens, num_beams), arrived)
+
+    def _submit(self, stream: Stream, question: str, max_new_tokens: int | None = None,
+                num_beams: int | None = None) -> Question:
+        """Queue a question for the model thread; `_result` waits for its answer."""
+        waiting = Question(stream, question, max_new_tokens or self.config.max_new_tokens,
                            num_beams or self.config.num_beams)
         with self._work:
             if not self._model_running:
                 raise P.RequestError(P.ErrorCode.UNAVAILABLE, "the engine is not running (starting or shutting down)")
             self._questions.append(waiting)
             self._work.notify()
+        return waiting
+
+    def _result(self, waiting: Question, arrived: float) -> P.AskResult:
         text = waiting.answer.result()
         latency = time.perf_counter() - arrived
         with self._stats_lock:  # several server workers answer at once
@@ -471,8 +503,9 @@ class Engine:
             self._answered += 1
         span = waiting.span
         return P.AskResult(
-            stream=sid, question=question, answer=text, standing=waiting.standing, question_id=waiting.question_id,
-            span_start_s=span[0] if span else None, span_end_s=span[1] if span else None, latency_s=latency,
+            stream=waiting.stream.id, question=waiting.text, answer=text, standing=waiting.standing,
+            question_id=waiting.question_id, span_start_s=span[0] if span else None,
+            span_end_s=span[1] if span else None, latency_s=latency,
         )
 
     def add_question(self, request: P.AddQuestion) -> P.StandingQuestion:
@@ -511,30 +544,57 @@ class Engine:
         """Answers standing questions that have a period, and takes periodic snapshots."""
         next_snapshot = time.monotonic() + self.config.snapshot_period_s
         while not self._stop.wait(0.05):
-            now = time.monotonic()
-            for stream in self.streams():
-                with stream.lock:  # requests add and remove questions from other threads
-                    due = [q for q in stream.standing.values() if q.period_s is not None and now >= q.next_due]
-                for q in due:
-                    q.next_due = now + q.period_s
-                    self.answer_standing(stream.id, q.question_id)
-            if self.config.state_dir and now >= next_snapshot:
-                next_snapshot = now + self.config.snapshot_period_s
+            try:
+                now = time.monotonic()
+                due: list[tuple[Stream, Standing]] = []
                 for stream in self.streams():
-                    self._save(stream)
+                    with stream.lock:  # requests add and remove questions from other threads
+                        for q in stream.standing.values():
+                            if q.period_s is not None and now >= q.next_due:
+                                q.next_due = now + q.period_s
+                                due.append((stream, q))
+                self._answer_standing(due)
+                if self.config.state_dir and now >= next_snapshot:
+                    next_snapshot = now + self.config.snapshot_period_s
+                    for stream in self.streams():
+                        self._save(stream)
+            except Exception:  # a bug: logged; periodic answers and snapshots go on
+                log.exception("the scheduler's round failed")
 
     def answer_standing(self, sid: str, qid: str) -> P.AnswerEvent | None:
         """Answer one standing question now and publish the answer; None when nothing was seen yet."""
         try:
             stream = self._get(sid)
             q = stream.standing[qid]
-            result = self.ask(sid, q.text)
         except (P.RequestError, KeyError):
             return None
-        event = P.AnswerEvent(stream=sid, question_id=qid, question=q.text, answer=result.answer,
-                              span_start_s=result.span_start_s, span_end_s=result.span_end_s)
-        self._publish(event)
-        return event
+        return self._answer_standing([(stream, q)])[0]
+
+    def _answer_standing(self, due: list[tuple[Stream, Standing]]) -> list[P.AnswerEvent | None]:
+        """Answer standing questions together (queued at once: one batch) and publish each answer."""
+        submitted = []
+        for stream, q in due:
+            try:
+                submitted.append((q, self._submit(stream, q.text), time.perf_counter()))
+            except P.RequestError:  # removed meanwhile, or the engine stopping
+                submitted.append((q, None, 0.0))
+        events: list[P.AnswerEvent | None] = []
+        for q, waiting, arrived in submitted:
+            event = None
+            if waiting is not None:
+                try:
+                    result = self._result(waiting, arrived)
+                except P.RequestError:  # nothing seen yet, or removed meanwhile
+                    pass
+                except Exception:
+                    log.exception("answering standing question %s failed", q.question_id)
+                else:
+                    event = P.AnswerEvent(stream=result.stream, question_id=q.question_id, question=q.text,
+                                          answer=result.answer, span_start_s=result.span_start_s,
+                                          span_end_s=result.span_end_s)
+                    self._publish(event)
+            events.append(event)
+        return events
 
     # ------------------------------------------------------------------ status
 

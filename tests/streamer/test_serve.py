@@ -153,6 +153,7 @@ def test_serve_user_errors_are_one_line(tmp_path):
         (["--curve-clients", str(tmp_path)], "--curve-secret"),
         (["--threshold", "300"], "ActionShot"),
         (["--max-questions", "0"], "--max-questions"),
+        (["--max-batch", "0"], "--max-batch"),  # was no error: a batch without bound
     ]
     for args, needle in cases:
         run = subprocess.run([sys.executable, "-m", "mixmalmm.clients.cli", "serve", *args],
