@@ -356,12 +356,14 @@ class StreamingMemoryBank:
         self.frames = 0
         self.merged = False
 
-    def state_dict(self) -> dict:
+    def state_dict(self, side: bool = True) -> dict:
         """Everything needed to continue the stream: tensors (copies) and counters.
 
-        The side channels are under "side" when the bank has them.
+        The side channels are under "side" when the bank has them and `side` (False: not copied, for a
+        caller that computes them again from the entries).
         """
-        state = {k: getattr(self, k).clone() for k in self._keys}
+        keys = self._keys if side else tuple(k for k in self._keys if k != SIDE_KEY)
+        state = {k: getattr(self, k).clone() for k in keys}
         state.update(
             capacity=self.capacity,
             batch=self.shape.batch,

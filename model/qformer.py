@@ -90,7 +90,8 @@ class VisualContext:
             states = self.states.to(key.weight.dtype)
             k, v = key(states), value(states)
         if self.index is not None:
-            k, v = k.index_select(0, self.index), v.index_select(0, self.index)
+            k, v = (t.expand(len(self.index), -1, -1) if t.shape[0] == 1 else t.index_select(0, self.index)
+                    for t in (k, v))  # one stream read by every row: a view, no copy per row
         if not torch.is_grad_enabled():
             self._kv[layer] = (k, v)
         return k, v
@@ -98,6 +99,8 @@ class VisualContext:
     def rows_mask(self) -> torch.Tensor | None:
         if self.mask is None or self.index is None:
             return self.mask
+        if self.mask.shape[0] == 1:
+            return self.mask.expand(len(self.index), -1)
         return self.mask.index_select(0, self.index)
 
 

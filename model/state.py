@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from mixmalmm.kernels import StreamingMemoryBank
-from mixmalmm.kernels.bank import SIDE_KEY
 
 SNAPSHOT_VERSION = 1
 
@@ -112,9 +111,8 @@ class StreamState:
 
         def put_bank(prefix: str, bank: StreamingMemoryBank) -> None:
             info = {}
-            for k, v in bank.state_dict().items():
-                if k == SIDE_KEY:
-                    continue  # the visual bank's keys/values: `MALMM.restore` projects the entries again
+            # Not the visual bank's keys/values (never copied): `MALMM.restore` projects the entries again.
+            for k, v in bank.state_dict(side=False).items():
                 if isinstance(v, torch.Tensor):
                     tensors[f"{prefix}.{k}"] = v
                 else:

@@ -12,9 +12,9 @@ each step the model thread takes every question waiting (at most `max_questions`
 Q-Former output under its stream's lock (a consistent view of the memory; a stream's ad-hoc questions
 of equal token counts share one Q-Former pass), then answers them with one LLM `generate` per
 generation setting (max_new_tokens, num_beams), their inputs left-padded to one batch. A question waits
-for the step under way and a batch already generating (and, beyond max_questions, the batches ahead
-of it); ingestion pauses while questions are answered, with one step between two batches so that it
-never stops. Each answer is the one the question gets alone.
+for the step under way, a batch already generating and then one more ingest step (and, beyond
+max_questions, the batches ahead of it): ingestion pauses while questions are answered, with one step
+between two batches so that it never stops. Each answer is the one the question gets alone.
 
 A file's stream is "draining" from the end of its decoding until the model thread has stepped its
 last Shot (the stream's queue counts Shots put and Shots done, so a Shot taken out of the queue and
@@ -637,11 +637,12 @@ class Engine:
         return P.StatusResult(engine=engine, streams=[self.stream_status(s) for s in streams])
 
     def stream_info(self, stream: Stream) -> P.StreamInfo:
+        standing = list(stream.standing.values())  # one copy in C, atomic: add_question may run meanwhile
         return P.StreamInfo(
             stream=stream.id, uri=stream.uri, state=stream.state_name,
             mode="live" if stream.live else "replay",
             questions=[P.StandingQuestion(stream=stream.id, question_id=q.question_id, text=q.text,
-                                          period_s=q.period_s) for q in stream.standing.values()],
+                                          period_s=q.period_s) for q in standing],
             actionshot=stream.actionshot,
         )
 

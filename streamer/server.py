@@ -471,7 +471,8 @@ class Server:
             self._send_reply(router, envelope, ok_reply(request.id, PingResult(time_s=now, uptime_s=now - self._started_at)))
             return
         # Per client: another client's request with the same id and body is not its retry.
-        key = hashlib.blake2b(body, digest_size=16, key=identity[:64]).digest()
+        # (A routing id is 1-255 bytes, blake2b's key at most 64: the id's length-prefixed bytes go first.)
+        key = hashlib.blake2b(len(identity).to_bytes(1, "big") + identity + body, digest_size=16).digest()
         if key in self._pending:  # a retry of a request still being handled: answer it when done
             self._stats["retries_joined"] += 1
             self._pending[key].append(envelope)

@@ -82,9 +82,10 @@ _NO_CLOCK_FORMATS = frozenset({"mpjpeg", "mjpeg", "image2", "image2pipe", "jpeg_
                                "bmp_pipe"})
 # Demuxers that read one picture per request (a camera's snapshot URL): polled at `poll_s`.
 _SNAPSHOT_FORMATS = frozenset({"image2", "jpeg_pipe", "png_pipe", "webp_pipe", "bmp_pipe"})
-# A reconnected live HLS session starts a few segments back: frames of a new session at most this many
-# seconds older than the newest frame seen (source time) are repeats and skipped.
-_HLS_REPEAT_WINDOW_S = 300.0
+# A reconnected live HLS session starts a few segments back (a live playlist holds some 3-10 segments of
+# 2-10 s): frames of a new session at most this many seconds older than the newest frame seen (source
+# time) are repeats and skipped. Short, so that a publisher whose clock restarted near 0 loses little.
+_HLS_REPEAT_WINDOW_S = 60.0
 # Frame arrivals a live source without a clock measures its rate over.
 _RATE_WINDOW = 32
 # Frame interval assumed when a source reports no frame rate, seconds.
@@ -573,7 +574,14 @@ class _PyAVDecoding:
 
 def _mp4_without_index(path: str) -> bool:
     """True for an ISO media file (MP4, MOV: an 'ftyp' box first) whose top-level boxes hold no 'moov',
-    the index a recorder writes when it closes the file."""
+    the index a recorder writes when it closes the file (False when it cannot be read)."""
+    try:
+        return _mp4_boxes_lack_index(path)
+    except OSError:
+        return False
+
+
+def _mp4_boxes_lack_index(path: str) -> bool:
     with open(path, "rb") as f:
         size = Path(path).stat().st_size
         offset, kinds = 0, []
@@ -643,6 +651,8 @@ class FileSource(_PyAVDecoding, Source):
         try:
             self._container = _av_open(path, None, None)
         except av.FFmpegError as exc:
+            if getattr(exc, "errno", None) == errno.EACCES:
+                raise SourceError(f"cannot read '{path}': permission denied", path) from exc
             if _mp4_without_index(path):
                 raise SourceError(
                     f"cannot read '{path}' as video: the MP4 has no index (no 'moov' box), so the file may still "

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -344,3 +349,24 @@ def test_http_and_hls(http_server):
         stats = live.stats
     assert stats.disconnects >= 1 and stats.reconnects >= 1 and "end of stream" in stats.last_error
     assert np.all(np.diff([f.pts for f in frames]) > 0)
+
+
+def test_a_file_without_read_permission_says_so(media):
+    """Was `internal` over the protocol: the MP4-index probe's own open() raised PermissionError."""
+    folder = Path(tempfile.mkdtemp(prefix="mixmalmm-perm-"))  # pytest's tmp_path is closed to others
+    folder.chmod(0o755)
+    locked = folder / "locked.mp4"
+    locked.write_bytes(Path(media.h264).read_bytes())
+    locked.chmod(0)
+    probe = ("from mixmalmm.streamer.sources import open_source, SourceError\n"
+             f"try:\n    open_source({str(locked)!r})\nexcept SourceError as exc:\n    print('SourceError:', exc)\n")
+    command = [sys.executable, "-c", probe]
+    if os.geteuid() == 0:  # root reads anything: probe as nobody
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop privileges")
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(folder)
+    assert run.stdout.strip() == f"SourceError: cannot read '{locked}': permission denied", run
