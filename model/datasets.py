@@ -296,12 +296,15 @@ def video_frames(path: str | Path, indices: Sequence[int], fps: int = FPS) -> np
 
 
 def find_video(videos: str | Path, name: str) -> Path:
-    """The file ``<videos>/<name>.<ext>`` (any of `VIDEO_EXTENSIONS`); ValueError when there is none."""
-    for ext in VIDEO_EXTENSIONS:
-        path = Path(videos) / f"{name}{ext}"
-        if path.is_file():
-            return path
-    raise ValueError(f"no video '{name}' in '{videos}' (looked for {name}{{{','.join(VIDEO_EXTENSIONS)}}})")
+    """The file ``<videos>/<name>.<ext>`` (any of `VIDEO_EXTENSIONS`), else ``<videos>/v_<name>.<ext>``
+    (ActivityNet's own file names; MA-LMM's annotations drop the ``v_``). ValueError when there is none."""
+    for stem in (name, f"v_{name}"):
+        for ext in VIDEO_EXTENSIONS:
+            path = Path(videos) / f"{stem}{ext}"
+            if path.is_file():
+                return path
+    raise ValueError(f"no video '{name}' in '{videos}' (looked for {name}{{{','.join(VIDEO_EXTENSIONS)}}} "
+                     f"and v_{name}.*)")
 
 
 def clip_frames(item: Item, *, frames: str | Path | None = None, videos: str | Path | None = None) -> np.ndarray:

@@ -99,13 +99,17 @@ def run_eval(args: argparse.Namespace) -> int:
     _check_sources(items, args)
     out = Path(args.out) if args.out else Path(f"eval-{spec.name}-{args.split}.json")
     model, name = load_model(args)
-    M = spec.memory_bank_length if args.memory_bank_length is None else args.memory_bank_length
-    model.config = replace(model.config, memory_bank_length=M, prompt_template=spec.prompt_template)
+    M = configure(model, spec, args.memory_bank_length)
     settings = {"memory_bank_length": M, "num_frames": len(items[0].frames),
                 "num_beams": args.num_beams or spec.num_beams, "max_new_tokens": args.max_new_tokens or spec.max_new_tokens,
                 "prompt_template": spec.prompt_template}
     started = time.perf_counter()
-    predictions = _predict(model, spec, items, args, settings)
+    try:
+        predictions = predict(model, items, frames=args.frames, videos=args.videos, batch_size=args.batch_size,
+                              max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"],
+                              progress=lambda done, total: log.info("%s: %d/%d items", spec.name, done, total))
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
     report = _report(spec, args, name, settings, items, predictions, time.perf_counter() - started)
     try:
         out.write_text(json.dumps(report, indent=2) + "\n")
@@ -114,6 +118,14 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_table(report))
     print(f"results: {out}")
     return EXIT_OK
+
+
+def configure(model, spec, memory_bank_length: int | None = None) -> int:
+    """Set the model up as MA-LMM evaluates `spec`: its memory bank length (unless one is given) and its
+    prompt template; the model's other settings stay. Returns the memory bank length."""
+    M = spec.memory_bank_length if memory_bank_length is None else memory_bank_length
+    model.config = replace(model.config, memory_bank_length=M, prompt_template=spec.prompt_template)
+    return M
 
 
 def _check_sources(items, args) -> None:
@@ -131,9 +143,12 @@ def _check_sources(items, args) -> None:
             raise UserError(f"item {item.id!r}: {exc}") from exc
 
 
-def _predict(model, spec, items, args, settings) -> list[str]:
-    """The model's answer to every item, batch by batch; the items of a batch that share a clip (same
-    video, same frames) share its vision pass and visual memory."""
+def predict(model, items, *, frames=None, videos=None, batch_size: int = 8, max_new_tokens: int = 10,
+            num_beams: int = 5, progress=None) -> list[str]:
+    """The model's answer to every item (`mixmalmm.model.datasets.Item`) by the clip algorithm, batch by
+    batch; the items of a batch that share a clip (same video, same frames) share its vision pass and
+    visual memory. frames / videos: the folders of extracted frames / videos (`clip_frames`).
+    progress(done, total) is called after each batch. ValueError when an item's frames cannot be read."""
     import torch
 
     from mixmalmm.model.datasets import clip_frames
@@ -141,24 +156,27 @@ def _predict(model, spec, items, args, settings) -> list[str]:
 
     mean, std = model.processor.image_processor.image_mean, model.processor.image_processor.image_std
     answers: list[str] = []
-    for start in range(0, len(items), args.batch_size):
-        batch = items[start : start + args.batch_size]
-        keys: dict[tuple, int] = {}
-        clips = [keys.setdefault((it.video, it.frames), len(keys)) for it in batch]
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        first: dict[tuple, object] = {}  # (video, frames) -> the first item about that clip
+        for it in batch:
+            first.setdefault((it.video, it.frames), it)
+        index = {key: c for c, key in enumerate(first)}
         pixels = []
-        for video, frames in keys:
-            item = next(it for it in batch if (it.video, it.frames) == (video, frames))
+        for item in first.values():
             try:
-                rgb = clip_frames(item, frames=args.frames, videos=args.videos)
+                rgb = clip_frames(item, frames=frames, videos=videos)
             except ValueError as exc:
-                raise UserError(f"item {item.id!r}: {exc}") from exc
+                raise ValueError(f"item {item.id!r}: {exc}") from exc
             pixels.append(frames_to_pixels(rgb, model.image_size, mean, std))
+        questions = [it.question for it in batch]
         with torch.inference_mode():
-            output = model.clip_query_output(torch.stack(pixels), [it.question for it in batch], clips=clips)
-            texts = model.generate_answers(output, [it.question for it in batch],
-                                           max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"])
+            output = model.clip_query_output(torch.stack(pixels), questions,
+                                             clips=[index[it.video, it.frames] for it in batch])
+            texts = model.generate_answers(output, questions, max_new_tokens=max_new_tokens, num_beams=num_beams)
         answers.extend(text for _, text in texts)
-        log.info("%s: %d/%d items", spec.name, len(answers), len(items))
+        if progress is not None:
+            progress(len(answers), len(items))
     return answers
 
 

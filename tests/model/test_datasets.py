@@ -144,6 +144,8 @@ def test_video_frames_picks_the_frame_nearest_each_tenth_of_a_second(tmp_path):
     source = [int(round((float(f.mean()) - 10) / 4)) for f in got]
     assert source == [0, 2, 7, 17, 24, 46, 47, 7]  # index 25 (2.5 s) is past the end (2 s): the last frame
     assert find_video(tmp_path, "v") == path
+    path.rename(tmp_path / "v_1QIUV7WYKXg.mp4")  # ActivityNet's file name for the annotation's "1QIUV7WYKXg"
+    assert find_video(tmp_path, "1QIUV7WYKXg") == tmp_path / "v_1QIUV7WYKXg.mp4"
     with pytest.raises(ValueError, match="no video 'w'"):
         find_video(tmp_path, "w")
     (tmp_path / "t.mp4").write_text("not a video")
