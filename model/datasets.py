@@ -18,7 +18,8 @@ Frames come from MA-LMM's extracted folders (``<frames>/<video>/frame%06d.jpg``,
 straight from ``<videos>/<video>.<ext>`` with PyAV, on the same 10 fps timeline: frame i is the decoded
 frame whose time is nearest to i / 10 s (the last one past the end).
 Evaluation samples ``num_frames`` indices evenly over the clip, rounded (``eval_indices``); training
-takes one random index from each of ``num_frames`` equal segments (``train_indices``), as MA-LMM.
+takes one random index from each of ``num_frames`` equal segments (``train_indices``), as MA-LMM; frames
+are resized as its evaluation does (``malmm_resize``).
 Questions and labels go through LAVIS's text processors (`pre_question`, `pre_caption`).
 """
 
@@ -238,6 +239,21 @@ def _lvu_windows(spec: DatasetSpec, video: str, entry: dict, where: str, num_fra
 
 
 # ---------------------------------------------------------------- frames
+
+
+def malmm_resize(frames: np.ndarray, image_size: int) -> np.ndarray:
+    """MA-LMM's evaluation resize (``blip2_video_eval``): RGB uint8 [T, H, W, 3] -> [T, S, S, 3] uint8,
+    bicubic without antialiasing (``align_corners=False``), then cut to integers toward zero as its
+    ``ToUint8`` does. Values the bicubic kernel pushes outside 0..255 (an undefined cast there) are
+    clamped first."""
+    import torch
+    import torch.nn.functional as F
+
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be RGB uint8 [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+    x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False)
+    return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def folder_frames(folder: str | Path, indices: Sequence[int]) -> np.ndarray:

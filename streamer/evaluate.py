@@ -57,6 +57,9 @@ def add_parser(commands) -> None:
     r.add_argument("--num-beams", type=int, metavar="N", help="beam search width (MA-LMM: 5)")
     r.add_argument("--max-new-tokens", type=int, metavar="N",
                    help="longest answer in tokens (MA-LMM: 10 for QA, 5 for LVU, 20 for Breakfast and COIN)")
+    r.add_argument("--resize", choices=["malmm", "antialias"], default="malmm",
+                   help="malmm (default): MA-LMM's evaluation resize, bicubic without antialiasing, truncated; "
+                        "antialias: the engine's, as InstructBLIP's image processor")
     r.add_argument("--out", metavar="FILE", help="the results as JSON (default: ./eval-<dataset>-<split>.json)")
     r.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=run_eval)
@@ -102,11 +105,12 @@ def run_eval(args: argparse.Namespace) -> int:
     M = configure(model, spec, args.memory_bank_length)
     settings = {"memory_bank_length": M, "num_frames": len(items[0].frames),
                 "num_beams": args.num_beams or spec.num_beams, "max_new_tokens": args.max_new_tokens or spec.max_new_tokens,
-                "prompt_template": spec.prompt_template}
+                "prompt_template": spec.prompt_template, "resize": args.resize}
     started = time.perf_counter()
     try:
         predictions = predict(model, items, frames=args.frames, videos=args.videos, batch_size=args.batch_size,
                               max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"],
+                              resize=args.resize,
                               progress=lambda done, total: log.info("%s: %d/%d items", spec.name, done, total))
     except ValueError as exc:
         raise UserError(str(exc)) from exc
@@ -144,15 +148,20 @@ def _check_sources(items, args) -> None:
 
 
 def predict(model, items, *, frames=None, videos=None, batch_size: int = 8, max_new_tokens: int = 10,
-            num_beams: int = 5, progress=None) -> list[str]:
+            num_beams: int = 5, resize: str = "malmm", progress=None) -> list[str]:
     """The model's answer to every item (`mixmalmm.model.datasets.Item`) by the clip algorithm, batch by
     batch; the items of a batch that share a clip (same video, same frames) share its vision pass and
-    visual memory. frames / videos: the folders of extracted frames / videos (`clip_frames`).
+    visual memory. frames / videos: the folders of extracted frames / videos (`clip_frames`). resize:
+    "malmm" (MA-LMM's evaluation resize, `malmm_resize`) or "antialias" (the model's own preprocessing,
+    `frames_to_pixels`: antialiased bicubic, rounded, as InstructBLIP's image processor and the engine).
     progress(done, total) is called after each batch. ValueError when an item's frames cannot be read."""
     import torch
 
-    from mixmalmm.model.datasets import clip_frames
+    from mixmalmm.model.datasets import clip_frames, malmm_resize
     from mixmalmm.model.train import frames_to_pixels
+
+    if resize not in ("malmm", "antialias"):
+        raise ValueError(f"resize must be 'malmm' or 'antialias', got {resize!r}")
 
     mean, std = model.processor.image_processor.image_mean, model.processor.image_processor.image_std
     answers: list[str] = []
@@ -168,6 +177,8 @@ def predict(model, items, *, frames=None, videos=None, batch_size: int = 8, max_
                 rgb = clip_frames(item, frames=frames, videos=videos)
             except ValueError as exc:
                 raise ValueError(f"item {item.id!r}: {exc}") from exc
+            if resize == "malmm":  # then frames_to_pixels only normalises: the frames have the model's size
+                rgb = malmm_resize(rgb, model.image_size)
             pixels.append(frames_to_pixels(rgb, model.image_size, mean, std))
         questions = [it.question for it in batch]
         with torch.inference_mode():

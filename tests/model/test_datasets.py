@@ -12,6 +12,7 @@ from mixmalmm.model.datasets import (
     eval_indices,
     find_video,
     folder_frames,
+    malmm_resize,
     pre_caption,
     pre_question,
     read_items,
@@ -160,6 +161,24 @@ def test_folder_frames_reads_one_based_jpegs(tmp_path):
     assert [round(float(f.mean())) for f in got] == [40, 160, 160]
     with pytest.raises(ValueError, match=r"frame000005\.jpg' is missing"):
         folder_frames(tmp_path, [4])
+
+
+def _rows(values) -> np.ndarray:
+    """[1, 4, 4, 3] uint8 frames whose every row (and channel) is `values`."""
+    return np.broadcast_to(np.array(values, dtype=np.uint8)[None, None, :, None], (1, 4, 4, 3)).copy()
+
+
+def test_malmm_resize_is_bicubic_without_antialiasing_truncated():
+    # 4 -> 2 pixels: output 0 samples source x = 0.5, output 1 x = 2.5; bicubic (a = -0.75) at t = 0.5 weighs
+    # neighbours -1, 0, 1, 2 by -0.09375, 0.59375, 0.59375, -0.09375 (borders repeat).
+    got = malmm_resize(_rows([0, 100, 200, 255]), 2)
+    # 0.59375 * 100 - 0.09375 * 200 = 40.625 -> 40; -0.09375 * 100 + 0.59375 * (200 + 255) - 0.09375 * 255 = 236.875 -> 236
+    assert got.shape == (1, 2, 2, 3) and got.dtype == np.uint8
+    assert (got[0, :, :, 0] == [[40, 236], [40, 236]]).all() and (got[..., 0] == got[..., 2]).all()
+    # overshoot: -0.09375 * 255 = -23.9 and 1.0938 * 255 = 278.9 are clamped
+    assert (malmm_resize(_rows([0, 0, 255, 255]), 2)[0, 0, :, 0] == [0, 255]).all()
+    with pytest.raises(ValueError, match="RGB uint8"):
+        malmm_resize(np.zeros((4, 4, 3), np.uint8), 2)
 
 
 def test_metrics_match_hand_computed_cases():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mixmalmm.clients.cli import main
-from mixmalmm.model.datasets import DATASETS, clip_frames, read_items
+from mixmalmm.model.datasets import DATASETS, clip_frames, malmm_resize, read_items
 from mixmalmm.model.metrics import is_correct
 from mixmalmm.model.train import frames_to_pixels
 from mixmalmm.streamer.options import builtin_model
@@ -96,7 +96,8 @@ def test_eval_runs_every_dataset_end_to_end(media, tmp_path, dataset, source):
     spec = DATASETS[dataset]
     assert report["items"] == ANNOTATIONS[dataset][2] == len(report["predictions"])
     assert report["settings"] == {"memory_bank_length": spec.memory_bank_length, "num_frames": 6, "num_beams": 5,
-                                  "max_new_tokens": spec.max_new_tokens, "prompt_template": spec.prompt_template}
+                                  "max_new_tokens": spec.max_new_tokens, "prompt_template": spec.prompt_template,
+                                  "resize": "malmm"}
     for p in report["predictions"]:
         assert isinstance(p["prediction"], str)
         assert p["correct"] == is_correct(p["prediction"], p["answer"], first_word=spec.first_word)
@@ -125,7 +126,8 @@ def expected_answers(items, template, memory_bank_length, **source):
     out = []
     with torch.inference_mode():
         for it in items:
-            pixels = frames_to_pixels(clip_frames(it, **source), model.image_size, mean, std)[None]
+            rgb = malmm_resize(clip_frames(it, **source), model.image_size)
+            pixels = frames_to_pixels(rgb, model.image_size, mean, std)[None]
             output = model.clip_query_output(pixels, [it.question])
             out.append(model.generate_answers(output, [it.question], max_new_tokens=10)[0][1])
     return out
