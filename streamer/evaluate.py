@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -101,6 +102,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError(f"no {args.split} items in the {spec.name} annotations '{args.annotations}'")
     _check_sources(items, args)
     out = Path(args.out) if args.out else Path(f"eval-{spec.name}-{args.split}.json")
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):  # before hours of work
+        raise UserError(f"cannot write the results to '{out}': not a file in a writable folder")
     model, name = load_model(args)
     M = configure(model, spec, args.memory_bank_length)
     settings = {"memory_bank_length": M, "num_frames": len(items[0].frames),

@@ -16,6 +16,7 @@ from mixmalmm.clients.cli import main
 from mixmalmm.model.datasets import DATASETS, clip_frames, malmm_resize, read_items
 from mixmalmm.model.metrics import is_correct
 from mixmalmm.model.train import frames_to_pixels
+from mixmalmm.streamer import evaluate
 from mixmalmm.streamer.options import builtin_model
 from mixmalmm.streamer.synthetic import synthetic_rgb, write_video
 
@@ -159,6 +160,7 @@ def test_eval_answers_are_the_clip_algorithms_with_the_datasets_prompt(media, tm
     ("missing-frame", "frame000030.jpg' is missing"),
     ("lvu-option", "--task, --history and --stride are for lvu only"),
     ("bad-limit", "--limit must be at least 1, got 0"),
+    ("bad-out", "cannot write the results to"),
 ])
 def test_eval_user_errors_are_one_line(media, tmp_path, monkeypatch, capsys, case, expected):
     annotations = write_annotations(tmp_path, "msvd-qa")
@@ -185,7 +187,13 @@ def test_eval_user_errors_are_one_line(media, tmp_path, monkeypatch, capsys, cas
         args += ["--task", "genre"]
     elif case == "bad-limit":
         args += ["--limit", "0"]
+    elif case == "bad-out":
+        args += ["--out", str(tmp_path / "no" / "such" / "r.json")]
     monkeypatch.chdir(tmp_path)
+    if case != "missing-frame":  # found before the model loads (a frame file is opened only when its clip runs)
+        def refuse(_):
+            raise AssertionError("the model was loaded before the mistake was found")
+        monkeypatch.setattr(evaluate, "load_model", refuse)
     status = main(["eval", *args])
     lines = capsys.readouterr().err.strip().splitlines()
     assert status == 2, lines
