@@ -78,6 +78,8 @@ SERVER_COMMANDS = {
               "the answers (JSON) and a contact sheet of the memory (full install)",
     "demo": "the embedded default end to end: a sample video served, questions asked over ZeroMQ while "
             "it plays, answers printed; no weights, no camera (full install)",
+    "eval": "evaluate a model on one of MA-LMM's datasets (MSRVTT-QA, MSVD-QA, ActivityNet-QA, LVU, "
+            "Breakfast, COIN) and print its accuracy beside the paper's (full install)",
     "train": "train the model's memory modules on video data (full install)",
 }
 

@@ -1,8 +1,8 @@
-"""The server side of the ``mixmalmm`` command: ``serve``, ``replay``, ``demo``, ``train``.
+"""The server side of the ``mixmalmm`` command: ``serve``, ``replay``, ``demo``, ``eval``, ``train``.
 
 ``mixmalmm.clients.cli`` hands these here with the subcommand name first (``main(["serve", ...])``).
 User errors (a missing weights folder, a bad source, a taken port) end in one line on stderr and a
-non-zero exit status, never a traceback. ``serve`` is here; ``replay`` and ``demo`` are in their own
+non-zero exit status, never a traceback. ``serve`` is here; ``replay``, ``demo`` and ``eval`` are in their own
 modules; what the commands share (`UserError`, exit statuses, option groups, `load_model`) is in
 `mixmalmm.streamer.options`.
 """
@@ -17,7 +17,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import demo, replay
+from . import demo, evaluate, replay
 from .options import (
     EXIT_OK,
     EXIT_USAGE,
@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
     replay.add_parser(commands)
     demo.add_parser(commands)
+    evaluate.add_parser(commands)
     train = commands.add_parser("train", help="train a model (see python -m mixmalmm.model.train --help)",
                                 add_help=False)
     train.set_defaults(run=None)

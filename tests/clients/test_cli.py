@@ -240,7 +240,7 @@ def test_bad_arguments_are_usage_errors_without_a_request(args):
 
 def test_help_lists_every_command_including_the_server_ones():
     out = ok(run("--help"))
-    for command in ("serve", "replay", "demo", "train", "ask", "status", "watch", "streams", "questions", "snapshot",
+    for command in ("serve", "replay", "demo", "eval", "train", "ask", "status", "watch", "streams", "questions", "snapshot",
                     "ping", "keys"):
         assert f"\n    {command}" in out, command
     assert "exit status" in out

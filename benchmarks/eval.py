@@ -1,0 +1,85 @@
+"""Speed of `mixmalmm eval`'s loop (`mixmalmm.streamer.evaluate.predict`) on the built-in model.
+
+    python benchmarks/eval.py                  # 8 videos, 2 questions each, 20 frames (MA-LMM's QA setting)
+    python benchmarks/eval.py --frames 100     # MA-LMM's long-video setting
+
+Writes a tiny MSVD-QA-format dataset to a temporary folder (generated 160x120 H.264 videos at 10 fps,
+their extracted frame%06d.jpg folders, qa_test.json), then times the whole loop (frames read and
+resized, the clip algorithm, beam or greedy decoding, scoring left out) from frame folders and from
+the videos, per batch size. Prints a markdown table: seconds and questions per second (one run each,
+after a warm-up batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from mixmalmm.model.datasets import DATASETS, read_items  # noqa: E402
+from mixmalmm.streamer.evaluate import configure, predict  # noqa: E402
+from mixmalmm.streamer.options import builtin_model  # noqa: E402
+from mixmalmm.streamer.synthetic import synthetic_rgb, write_video  # noqa: E402
+
+
+def write_dataset(root: Path, videos: int, seconds: int) -> None:
+    """videos/v<k>.mp4, frames/v<k>/frame%06d.jpg and annotation/qa_test.json (2 questions a video)."""
+    (root / "videos").mkdir()
+    (root / "annotation").mkdir()
+    n = seconds * 10
+    entries = {}
+    for k in range(videos):
+        frames = [synthetic_rgb(i + 13 * k, 160, 120, scene_length=20) for i in range(n)]
+        write_video(root / "videos" / f"v{k}.mp4", frames, 10, "libx264", {"preset": "ultrafast"})
+        folder = root / "frames" / f"v{k}"
+        folder.mkdir(parents=True)
+        for i, rgb in enumerate(frames):
+            cv2.imwrite(str(folder / f"frame{i + 1:06d}.jpg"), rgb[..., ::-1])
+        for j, q in enumerate(("what colour is the square?", "is the scene dark?")):
+            qid = f"{k:04d}{j}"
+            entries[qid] = {"answer": "white", "question": q, "answer_type": "what", "question_id": qid,
+                            "video": f"v{k}", "frame_length": n}
+    (root / "annotation" / "qa_test.json").write_text(json.dumps(entries))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--videos", type=int, default=8)
+    p.add_argument("--seconds", type=int, default=12, help="length of each video")
+    p.add_argument("--frames", type=int, default=20, help="frames per clip")
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = builtin_model().eval()
+    configure(model, DATASETS["msvd-qa"])  # M = 10, the QA prompt
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_dataset(root, args.videos, args.seconds)
+        items = read_items(DATASETS["msvd-qa"], root / "annotation", num_frames=args.frames)
+        rows = []
+        for source in ("frames", "videos"):
+            for batch, beams in ((1, 5), (8, 5), (8, 1)):
+                kw = {source: root / source, "batch_size": batch, "num_beams": beams}
+                predict(model, items[:batch], **kw)  # warm-up
+                t = time.perf_counter()
+                predict(model, items, **kw)
+                rows.append((source, batch, beams, time.perf_counter() - t))
+    print(f"{len(items)} questions about {args.videos} videos, {args.frames} frames each, "
+          f"M={model.config.memory_bank_length}, {torch.get_num_threads()} threads\n")
+    print("| frames from | batch | beams | seconds | questions/s |")
+    print("|---|---:|---:|---:|---:|")
+    for source, batch, beams, seconds in rows:
+        print(f"| {source} | {batch} | {beams} | {seconds:.2f} | {len(items) / seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

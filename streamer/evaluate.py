@@ -1,0 +1,233 @@
+"""``mixmalmm eval``: a model on one of MA-LMM's datasets, scored as MA-LMM scores it.
+
+Reads the dataset's annotation file in MA-LMM's layout (`mixmalmm.model.datasets`), takes each
+item's frames from extracted frame folders or straight from its video, runs the clip algorithm
+(`MALMM.clip_query_output`: every sampled frame in order through the memory banks, then one answer
+per question), scores the answers (`mixmalmm.model.metrics`), prints a table beside the paper's
+numbers and writes every prediction to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .options import EXIT_OK, UserError, add_model_arguments, load_model
+
+log = logging.getLogger("mixmalmm")
+
+
+def add_parser(commands) -> None:
+    from mixmalmm.model.datasets import DATASETS, LVU_HISTORY_S, LVU_STRIDE_S, LVU_TASKS
+
+    p = commands.add_parser(
+        "eval", help="evaluate a model on one of MA-LMM's datasets (its annotation files) and print a table "
+                     "beside the paper's numbers",
+        description="Evaluate on an MA-LMM dataset with MA-LMM's clip algorithm: annotations as published in "
+                    "its repository, frames from extracted folders (frame%06d.jpg at 10 fps) or decoded from "
+                    "the videos at 10 fps, its frame sampling, prompts, decoding and metric.",
+    )
+    p.add_argument("dataset", choices=sorted(DATASETS), metavar="DATASET",
+                   help=f"one of {', '.join(sorted(DATASETS))}")
+    d = p.add_argument_group("data")
+    d.add_argument("--annotations", required=True, metavar="DIR",
+                   help="the folder of the dataset's annotation files (MA-LMM's data/<dataset>/annotation), or "
+                        "the split's file itself")
+    d.add_argument("--videos", metavar="DIR", help="folder of the videos, <video>.mp4 (or .avi, .mkv, ...)")
+    d.add_argument("--frames", metavar="DIR",
+                   help="folder of extracted frames, <video>/frame000001.jpg... at 10 fps (used instead of "
+                        "--videos when given)")
+    d.add_argument("--split", default="test", choices=["train", "val", "test"], help="default: test")
+    d.add_argument("--limit", type=int, metavar="N", help="the first N items only")
+    d.add_argument("--num-frames", type=int, metavar="N",
+                   help="frames per clip (MA-LMM: 20 for QA, 100 for LVU, Breakfast, COIN)")
+    d.add_argument("--task", action="append", choices=LVU_TASKS, metavar="TASK",
+                   help=f"LVU only: a task to evaluate (repeatable; default all seven: {', '.join(LVU_TASKS)})")
+    d.add_argument("--history", type=int, default=LVU_HISTORY_S, metavar="S",
+                   help=f"LVU only: seconds per window (default {LVU_HISTORY_S}, as MA-LMM)")
+    d.add_argument("--stride", type=int, default=LVU_STRIDE_S, metavar="S",
+                   help=f"LVU only: seconds between window starts (default {LVU_STRIDE_S}, as MA-LMM)")
+    add_model_arguments(p)
+    r = p.add_argument_group("run")
+    r.add_argument("--batch-size", type=int, default=8, metavar="N", help="questions per batch (default 8)")
+    r.add_argument("--num-beams", type=int, metavar="N", help="beam search width (MA-LMM: 5)")
+    r.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="longest answer in tokens (MA-LMM: 10 for QA, 5 for LVU, 20 for Breakfast and COIN)")
+    r.add_argument("--resize", choices=["malmm", "antialias"], default="malmm",
+                   help="malmm (default): MA-LMM's evaluation resize, bicubic without antialiasing, truncated; "
+                        "antialias: the engine's, as InstructBLIP's image processor")
+    r.add_argument("--out", metavar="FILE", help="the results as JSON (default: ./eval-<dataset>-<split>.json)")
+    r.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(run=run_eval)
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("limit", "num_frames", "num_beams", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.memory_bank_length is not None and args.memory_bank_length < 0:
+        raise UserError(f"--memory-bank-length must be >= 0, got {args.memory_bank_length}")
+    if args.frames is None and args.videos is None:
+        raise UserError("give --videos DIR (the videos) or --frames DIR (their extracted frames)")
+    for option, folder in (("--frames", args.frames), ("--videos", args.videos)):
+        if folder is not None and not Path(folder).is_dir():
+            raise UserError(f"{option} '{folder}' is not a folder")
+    from mixmalmm.model.datasets import LVU_HISTORY_S, LVU_STRIDE_S
+
+    if args.dataset != "lvu" and (args.task or args.history != LVU_HISTORY_S or args.stride != LVU_STRIDE_S):
+        raise UserError("--task, --history and --stride are for lvu only")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from mixmalmm.model.datasets import DATASETS, LVU_TASKS, read_items
+
+    _check(args)
+    spec = DATASETS[args.dataset]
+    try:
+        items = read_items(spec, args.annotations, args.split, num_frames=args.num_frames,
+                           tasks=args.task or LVU_TASKS, history_s=args.history, stride_s=args.stride)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    if args.limit:
+        items = items[: args.limit]
+    if not items:
+        raise UserError(f"no {args.split} items in the {spec.name} annotations '{args.annotations}'")
+    _check_sources(items, args)
+    out = Path(args.out) if args.out else Path(f"eval-{spec.name}-{args.split}.json")
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):  # before hours of work
+        raise UserError(f"cannot write the results to '{out}': not a file in a writable folder")
+    model, name = load_model(args)
+    M = configure(model, spec, args.memory_bank_length)
+    settings = {"memory_bank_length": M, "num_frames": len(items[0].frames),
+                "num_beams": args.num_beams or spec.num_beams, "max_new_tokens": args.max_new_tokens or spec.max_new_tokens,
+                "prompt_template": spec.prompt_template, "resize": args.resize}
+    started = time.perf_counter()
+    try:
+        predictions = predict(model, items, frames=args.frames, videos=args.videos, batch_size=args.batch_size,
+                              max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"],
+                              resize=args.resize,
+                              progress=lambda done, total: log.info("%s: %d/%d items", spec.name, done, total))
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    report = _report(spec, args, name, settings, items, predictions, time.perf_counter() - started)
+    try:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write the results to '{out}': {exc.strerror or exc}") from exc
+    print(format_table(report))
+    print(f"results: {out}")
+    return EXIT_OK
+
+
+def configure(model, spec, memory_bank_length: int | None = None) -> int:
+    """Set the model up as MA-LMM evaluates `spec`: its memory bank length (unless one is given) and its
+    prompt template; the model's other settings stay. Returns the memory bank length."""
+    M = spec.memory_bank_length if memory_bank_length is None else memory_bank_length
+    model.config = replace(model.config, memory_bank_length=M, prompt_template=spec.prompt_template)
+    return M
+
+
+def _check_sources(items, args) -> None:
+    """Every item's frame folder or video is there (before the model loads: cheap mistakes first)."""
+    from mixmalmm.model.datasets import find_video
+
+    for video in dict.fromkeys(it.video for it in items):
+        try:
+            if args.frames is None:
+                find_video(args.videos, video)
+            elif not (Path(args.frames) / video).is_dir():
+                raise ValueError(f"no frame folder '{Path(args.frames) / video}'")
+        except ValueError as exc:
+            item = next(it for it in items if it.video == video)
+            raise UserError(f"item {item.id!r}: {exc}") from exc
+
+
+def predict(model, items, *, frames=None, videos=None, batch_size: int = 8, max_new_tokens: int = 10,
+            num_beams: int = 5, resize: str = "malmm", progress=None) -> list[str]:
+    """The model's answer to every item (`mixmalmm.model.datasets.Item`) by the clip algorithm, batch by
+    batch; the items of a batch that share a clip (same video, same frames) share its vision pass and
+    visual memory. frames / videos: the folders of extracted frames / videos (`clip_frames`). resize:
+    "malmm" (MA-LMM's evaluation resize, `malmm_resize`) or "antialias" (the model's own preprocessing,
+    `frames_to_pixels`: antialiased bicubic, rounded, as InstructBLIP's image processor and the engine).
+    progress(done, total) is called after each batch. ValueError when an item's frames cannot be read."""
+    import torch
+
+    from mixmalmm.model.datasets import clip_frames, malmm_resize
+    from mixmalmm.model.train import frames_to_pixels
+
+    if resize not in ("malmm", "antialias"):
+        raise ValueError(f"resize must be 'malmm' or 'antialias', got {resize!r}")
+
+    mean, std = model.processor.image_processor.image_mean, model.processor.image_processor.image_std
+    answers: list[str] = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        first: dict[tuple, object] = {}  # (video, frames) -> the first item about that clip
+        for it in batch:
+            first.setdefault((it.video, it.frames), it)
+        index = {key: c for c, key in enumerate(first)}
+        pixels = []
+        for item in first.values():
+            try:
+                rgb = clip_frames(item, frames=frames, videos=videos)
+            except ValueError as exc:
+                raise ValueError(f"item {item.id!r}: {exc}") from exc
+            if resize == "malmm":  # then frames_to_pixels only normalises: the frames have the model's size
+                rgb = malmm_resize(rgb, model.image_size)
+            pixels.append(frames_to_pixels(rgb, model.image_size, mean, std))
+        questions = [it.question for it in batch]
+        with torch.inference_mode():
+            output = model.clip_query_output(torch.stack(pixels), questions,
+                                             clips=[index[it.video, it.frames] for it in batch])
+            texts = model.generate_answers(output, questions, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        answers.extend(text for _, text in texts)
+        if progress is not None:
+            progress(len(answers), len(items))
+    return answers
+
+
+def _report(spec, args, name, settings, items, predictions, seconds) -> dict:
+    from mixmalmm.model.metrics import grouped_accuracy, is_correct, mean_over_groups, top1_accuracy
+
+    correct = [is_correct(p, it.answer, first_word=spec.first_word) for p, it in zip(predictions, items, strict=True)]
+    groups = grouped_accuracy([it.group for it in items], correct)
+    top1 = mean_over_groups(groups) if spec.name == "lvu" else top1_accuracy(correct)
+    return {
+        "dataset": spec.name, "split": args.split, "model": name, "settings": settings,
+        "items": len(items), "seconds": round(seconds, 3),
+        "top1": top1, "paper_top1": spec.paper,
+        "groups": {g: {"top1": acc, "items": n} for g, (acc, n) in groups.items()},
+        "predictions": [
+            {"id": it.id, "video": it.video, "group": it.group, "question": it.question, "answer": it.answer,
+             "prediction": p, "correct": c}
+            for it, p, c in zip(items, predictions, correct, strict=True)
+        ],
+    }
+
+
+def format_table(report: dict) -> str:
+    """The report as a table: the dataset's top-1 accuracy beside the paper's (LVU: a row per task,
+    then their average beside the paper's average)."""
+    rows = []
+    if report["dataset"] == "lvu":
+        rows += [(f"lvu {g}", v["items"], f"{v['top1']:.1f}", "") for g, v in report["groups"].items()]
+        rows.append((f"lvu average ({len(report['groups'])} tasks)", report["items"], f"{report['top1']:.1f}",
+                     f"{report['paper_top1']:.1f}"))
+    else:
+        rows.append((report["dataset"], report["items"], f"{report['top1']:.1f}", f"{report['paper_top1']:.1f}"))
+    head = ("dataset", "items", "top-1 %", "MA-LMM paper %")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(4)]
+    line = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    s = report["settings"]
+    title = (f"{report['dataset']} {report['split']}: model {report['model']}, {s['num_frames']} frames, "
+             f"memory bank {s['memory_bank_length']}, {s['num_beams']} beam(s), {report['seconds']:.1f} s")
+    return "\n".join([title, line.format(*head), *(line.format(*map(str, r)) for r in rows)])
+
