@@ -367,12 +367,21 @@ def _cmd_streams_add(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# States of a stream that has not connected yet (a failed attempt turns "connecting" into "reconnecting").
+WAITING_STATES = ("connecting", "reconnecting")
+
+
 def _wait_finished(args: argparse.Namespace, added: p.StreamInfo) -> int:
     """``streams add --wait``: poll the stream's status until it is finished (every Shot of the file in
     memory, not just decoded: it is ``draining`` before) and print that status; a stream that fails or
     is stopped instead is a ``not_finished`` error."""
-    if added.mode == "live" and added.state == "connecting" and added.uri.lower().startswith(("http:", "https:")):
+    if added.mode == "live" and added.state in WAITING_STATES and added.uri.lower().startswith(("http:", "https:")):
         added = _request(args, lambda client: _connected(client, added.stream))
+        if added.state in WAITING_STATES:  # never connected: whether it is a file is not known
+            status = _request(args, lambda client: client.status(added.stream).streams[0])
+            raise CommandError(f"stream {added.stream} was added, but it has not connected within "
+                               f"{WAIT_CONNECT_S:g} s ({status.last_error or 'no error given'}): whether it is a "
+                               "file is not known yet", code="not_finished", exit_code=EXIT_ENGINE_ERROR)
     if added.mode == "live":
         raise CommandError(f"stream {added.stream} was added, but it is live ({added.uri}): it never finishes, "
                            "so --wait is for files (replay mode) only")
@@ -398,11 +407,14 @@ def _wait_finished(args: argparse.Namespace, added: p.StreamInfo) -> int:
 
 
 def _connected(client: Client, stream: str) -> p.StreamInfo:
-    """The stream as ``list_streams`` shows it once it is no longer connecting (or `WAIT_CONNECT_S` later)."""
+    """The stream as ``list_streams`` shows it once it has connected (or `WAIT_CONNECT_S` later)."""
     deadline = time.monotonic() + WAIT_CONNECT_S
     while True:
-        info = next(s for s in client.list_streams().streams if s.stream == stream)
-        if info.state != "connecting" or time.monotonic() > deadline:
+        info = next((s for s in client.list_streams().streams if s.stream == stream), None)
+        if info is None:
+            raise CommandError(f"stream {stream} was removed while --wait waited for it to connect",
+                               code="not_finished", exit_code=EXIT_ENGINE_ERROR)
+        if info.state not in WAITING_STATES or time.monotonic() > deadline:
             return info
         time.sleep(WAIT_POLL_S)
 

@@ -203,6 +203,15 @@ def test_streams_add_wait_on_an_http_link_to_a_file(model, http_server):
         assert info["mode"] == "replay"
 
 
+def test_streams_add_wait_on_an_http_link_that_never_connects_says_why(model, not_found_server):
+    # A failed first attempt turns the stream "reconnecting" while it still shows as live: --wait keeps
+    # waiting through it and then reports the connection error (before: "it is live ... for files only").
+    with serving(model, None) as server:
+        stderr = refused(mixmalmm(server, "streams", "add", "n", f"{not_found_server}/clip.mp4", "--wait"))
+        assert stderr.startswith("mixmalmm streams: stream n was added, but it has not connected within 15 s ("), stderr
+        assert "404" in stderr and "whether it is a file is not known yet" in stderr, stderr
+
+
 def test_watch_standing_answers_while_a_file_plays(model, media):
     with serving(model, None) as server:
         watcher = subprocess.Popen([*CLI, "watch", "g", "--events", server.event_address, "--count", "4",
