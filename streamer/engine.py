@@ -66,7 +66,8 @@ class EngineConfig:
     max_batch: most streams whose Shots share one vision-encoder batch. queue_shots: Shots a stream
     may have waiting for the model (live streams drop the oldest beyond it). state_dir: where stream
     snapshots live (None: no persistence). snapshot_period_s: seconds between periodic snapshots.
-    max_new_tokens / num_beams: generation defaults for questions that give none. max_questions: most
+    max_new_tokens / num_beams: generation defaults for questions that give none; None: the model's
+    (`MALMM.decoding`: MA-LMM's beam search for InstructBLIP / MA-LMM weights). max_questions: most
     waiting questions answered by one batched `generate`. default_actionshot: the server's own
     ActionShot settings (only the fields given), over the model's (`ingest`).
     max_streams: most streams the engine runs at once; max_standing: most standing questions one
@@ -78,8 +79,8 @@ class EngineConfig:
     queue_shots: int = 16
     state_dir: str | None = None
     snapshot_period_s: float = 30.0
-    max_new_tokens: int = 30
-    num_beams: int = 1
+    max_new_tokens: int | None = None
+    num_beams: int | None = None
     max_questions: int = 32
     max_streams: int = 32
     max_standing: int = 8
@@ -98,8 +99,8 @@ class Question:
 
     stream: Stream
     text: str
-    max_new_tokens: int
-    num_beams: int
+    max_new_tokens: int | None  # None: the model's decoding
+    num_beams: int | None
     answer: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     output: object = None  # the Q-Former output [1, Q, C_q], taken under the stream's lock
     standing: bool = False
@@ -400,7 +401,7 @@ class Engine:
                     q.answer.set_exception(exc)
                 continue
             ready += questions
-        groups: dict[tuple[int, int], list[Question]] = collections.defaultdict(list)
+        groups: dict[tuple[int | None, int | None], list[Question]] = collections.defaultdict(list)
         for q in ready:  # dicts keep order: the group of the oldest question goes first
             groups[(q.max_new_tokens, q.num_beams)].append(q)
         for (max_new_tokens, num_beams), group in groups.items():
@@ -466,7 +467,7 @@ class Engine:
             self._answered += 1
         span = waiting.span
         return P.AskResult(
-            stream=sid, question=question, answer=text, standing=waiting.standing, question_id=waiting.question_id,
+            stream=sid, question=question, answer=text, empty=not text, standing=waiting.standing, question_id=waiting.question_id,
             span_start_s=span[0] if span else None, span_end_s=span[1] if span else None, latency_s=latency,
         )
 
@@ -526,7 +527,7 @@ class Engine:
             result = self.ask(sid, q.text)
         except (P.RequestError, KeyError):
             return None
-        event = P.AnswerEvent(stream=sid, question_id=qid, question=q.text, answer=result.answer,
+        event = P.AnswerEvent(stream=sid, question_id=qid, question=q.text, answer=result.answer, empty=result.empty,
                               span_start_s=result.span_start_s, span_end_s=result.span_end_s)
         self._publish(event)
         return event
