@@ -282,6 +282,10 @@ def _request(args: argparse.Namespace, call: Callable[[Client], Any], *, slow: b
 # ----------------------------------------------------------------------------------------------------
 
 
+#: What the command line prints for an answer with no text (the reply's ``empty``).
+EMPTY_ANSWER = "(empty answer: the model generated no text)"
+
+
 def _cmd_ask(args: argparse.Namespace) -> int:
     result: p.AskResult = _request(
         args,
@@ -294,7 +298,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     how = f"standing question {result.question_id}" if result.standing else "ad-hoc question"
     covers = ("memory holds nothing yet" if result.span_start_s is None
               else f"memory covers {_fmt_span(result.span_start_s, result.span_end_s)} of the stream")
-    _out(result.answer)
+    _out(EMPTY_ANSWER if result.empty else result.answer)
     _out(f"({result.stream}: {covers}; {how}; answered in {result.latency_s:.2f} s)")
     return EXIT_OK
 
@@ -547,7 +551,8 @@ def _fmt_event(event: p.AnyEvent) -> str:
         change = event.state if event.previous is None else f"{event.previous} -> {event.state}"
         return f"{head}  state {change}" + (f": {event.message}" if event.message else "")
     if isinstance(event, p.AnswerEvent):
-        return (f"{head}  answer {event.question_id} ({event.question}): {event.answer}  "
+        text = EMPTY_ANSWER if event.empty else event.answer
+        return (f"{head}  answer {event.question_id} ({event.question}): {text}  "
                 f"[{_fmt_span(event.span_start_s, event.span_end_s)}]")
     return f"{head}  {_json(event)}"
 

@@ -139,7 +139,8 @@ class Ask(Request, tag="ask"):
 
     If ``question`` is the text of a standing question registered on the stream, the engine answers it
     from that question's own memory (exact MA-LMM semantics); otherwise it is answered ad hoc.
-    ``max_new_tokens`` / ``num_beams``: generation options; ``null`` means the engine's defaults.
+    ``max_new_tokens`` / ``num_beams``: generation options; ``null`` means the engine's defaults (by
+    default the model's own decoding).
     """
 
     stream: Name
@@ -286,6 +287,8 @@ class PingResult(msgspec.Struct, kw_only=True):
 class AskResult(msgspec.Struct, kw_only=True):
     """An answer.
 
+    empty: true when the model generated no text (``answer`` is then ``""``), said outright so that an
+      empty answer is never mistaken for a missing one.
     standing: true when answered from a standing question's own memory (then ``question_id`` names it).
     span_start_s / span_end_s: the stretch of the stream (stream time, seconds) that the memory covered
       when the answer was made; ``null`` before the first Shot.
@@ -296,6 +299,7 @@ class AskResult(msgspec.Struct, kw_only=True):
     stream: str
     question: str
     answer: str
+    empty: bool = False
     standing: bool = False
     question_id: str | None = None
     span_start_s: float | None = None
@@ -457,11 +461,12 @@ class StreamStateEvent(Event, tag="stream_state"):
 
 
 class AnswerEvent(Event, tag="answer"):
-    """A standing question answered on its schedule; span_*_s as in ``AskResult`` (seconds)."""
+    """A standing question answered on its schedule; empty and span_*_s as in ``AskResult`` (seconds)."""
 
     question_id: str
     question: str
     answer: str
+    empty: bool = False
     span_start_s: float | None = None
     span_end_s: float | None = None
 

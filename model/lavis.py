@@ -22,6 +22,15 @@ Key mapping (LAVIS -> here):
     visual_encoder.blocks.{i}.attn.{q_bias,v_bias} -> vision_model.encoder.layers.{i}.self_attn.qkv.bias
         (= cat(q_bias, zeros, v_bias))
 
+Buffers: LAVIS saves `Qformer.bert.embeddings.position_ids` ([1, max_position_embeddings], 0..P-1) and,
+with its LLaMA, `llm_model.model.layers.{i}.self_attn.rotary_emb.inv_freq` (one per layer, the rotary
+frequencies); transformers keeps both as non-persistent buffers (the rotary one once per model).
+`lavis_state_dict` writes them, so MA-LMM's model loads its output strictly; loading here ignores them
+(they are functions of the config, not weights).
+
+ln_vision's epsilon: LAVIS's is 1e-5, transformers' post_layernorm takes 1e-6 from the vision config;
+a checkpoint holding `ln_vision.*` sets the model's to 1e-5 (`StreamConfig.ln_vision_eps`, saved with it).
+
 Loading is strict: every key must map to a parameter of the model with the same shape, and every group
 present must be complete (the Q-Former side always; the vision encoder and the LLM when any of their
 keys is present). The error lists all missing, unexpected and mismatched keys.
@@ -30,10 +39,12 @@ keys is present). The error lists all missing, unexpected and mismatched keys.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+
+from .malmm import LAVIS_LN_VISION_EPS
 
 # Buffers that LAVIS/old transformers saved but that carry no weights.
 IGNORED = (re.compile(r"^Qformer\.bert\.embeddings\.position_ids$"), re.compile(r"\.rotary_emb\.inv_freq$"))
@@ -125,8 +136,19 @@ def _group(our_key: str) -> str:
 
 
 def lavis_state_dict(model, *, vision: bool = True, llm: bool = True) -> dict[str, torch.Tensor]:
-    """Our weights under LAVIS names (the inverse mapping): what an MA-LMM checkpoint's "model" holds."""
+    """Our weights under LAVIS names (the inverse mapping): what an MA-LMM checkpoint's "model" holds,
+    with LAVIS's saved buffers (the Q-Former's position_ids; a LLaMA's per-layer rotary inv_freq, with
+    or without `llm`). vision / llm: include those modules' weights (MA-LMM's checkpoints do not)."""
     out: dict[str, torch.Tensor] = {}
+    position_ids = getattr(model.qformer.embeddings, "position_ids", None)
+    if position_ids is not None:
+        out["Qformer.bert.embeddings.position_ids"] = position_ids.detach().clone()
+    rotary = getattr(getattr(model.language_model, "model", None), "rotary_emb", None)
+    # LAVIS drops frozen parameters when saving, never buffers: a frozen LLaMA's stay. Its copy keeps
+    # one per attention layer.
+    if rotary is not None:
+        for i in range(model.language_model.config.num_hidden_layers):
+            out[f"llm_model.model.layers.{i}.self_attn.rotary_emb.inv_freq"] = rotary.inv_freq.detach().clone()
     for key, value in model.state_dict().items():
         group = _group(key)
         if (group == "vision" and not vision) or (group == "llm" and not llm) or group == "present":
@@ -238,6 +260,9 @@ def load_lavis_checkpoint(model, source: str | Path | dict[str, torch.Tensor]) -
         raise CheckpointMismatchError(name, sorted(set(missing)), sorted(unexpected), mismatched)
     for key, value in mapped.items():
         params[key].copy_(value.to(params[key].dtype))
+    if "vision_model.post_layernorm.weight" in mapped:  # LAVIS's ln_vision: nn.LayerNorm's eps
+        model.config = replace(model.config, ln_vision_eps=LAVIS_LN_VISION_EPS)
+        model.vision_model.post_layernorm.eps = LAVIS_LN_VISION_EPS
     report = LavisLoadReport(ignored=ignored)
     for key in mapped:
         report.loaded[_group(key)] = report.loaded.get(_group(key), 0) + 1

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -38,14 +38,54 @@ MALMM_WEIGHTS = "malmm.safetensors"
 MALMM_CONFIG = "malmm_config.json"
 
 FramePositionPolicy = Literal["clamp", "cycle"]
+MemorylessClip = Literal["newest", "every_frame"]
+
+#: LAVIS's ln_vision is `nn.LayerNorm(1408)` (eps 1e-5); transformers' post_layernorm takes the vision
+#: config's layer_norm_eps (1e-6), which EVA's blocks use.
+LAVIS_LN_VISION_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How answers are generated (LLM `generate` options; beam search when num_beams > 1).
+
+    max_new_tokens / min_new_tokens: bounds on the answer's tokens (min 1: the first token is never the
+    end of the sequence). repetition_penalty: transformers' (1.0: none). length_penalty: beam scores
+    are divided by length**length_penalty (0: none).
+    The defaults are mixmalmm's own (greedy, what the shipped default model is trained and evaluated
+    with); `MALMM_DECODING` is MA-LMM's for question answering.
+    """
+
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), "
+                             f"got {self.min_new_tokens}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+#: MA-LMM's QA decoding (its vqa runs: num_beams 5, max_len 10, min_len 1; `predict_answers`'
+#: length_penalty 0; `generate`'s repetition_penalty 1.5).
+MALMM_DECODING = Decoding(max_new_tokens=10, min_new_tokens=1, num_beams=5, repetition_penalty=1.5, length_penalty=0.0)
 
 
 @dataclass
 class StreamConfig:
     """Streaming options (saved beside the weights as malmm_config.json).
 
-    memory_bank_length: M, entries per bank (0 disables memory: each step sees its frame only and the
-    answer the newest frame only, as MA-LMM without banks). max_num_frames: rows of the frame position
+    memory_bank_length: M, entries per bank. 0 disables memory: a stream's step sees its frame only
+    (frame position added) and an answer reads the newest frame's queries only, bounded on a stream
+    without end. MA-LMM without banks differs on a clip: see memoryless_clip. max_num_frames: rows of the frame position
     table (MA-LMM: 120). frame_position_policy: row used for frame index t >= max_num_frames —
     "clamp" (default) uses the last row, "cycle" uses t mod max_num_frames; never an error.
     prompt_template: the text both the Q-Former and the LLM read for a question (MA-LMM's QA prompt).
@@ -68,6 +108,15 @@ class StreamConfig:
     beside the entry's C_vis (InstructBLIP: 6 x 1536 beside 1408, 7.4x the bank's bytes). The cache
     holds the weights' projections when each frame was stepped: after changing the Q-Former's weights,
     restore states from snapshots (which recompute it). False: project the bank at every step.
+    memoryless_clip: what the clip pass (`clip_query_output`, evaluation and training) gives the LLM
+    when memory_bank_length is 0 — "newest" (default): the last frame's queries, as a stream's answer;
+    "every_frame": MA-LMM's own: every frame's queries in order ([T*Q] tokens), each frame without
+    its frame position, every frame reading the question. Streams keep "newest" either way.
+    decoding: how answers are generated (`Decoding`); None: mixmalmm's defaults (`Decoding()`), except
+    that `from_pretrained` gives InstructBLIP and MA-LMM weights MA-LMM's (`MALMM_DECODING`, with the
+    folder's generation_config.json fields of the same names over them). A request's options override.
+    ln_vision_eps: the epsilon of the vision encoder's post_layernorm (LAVIS's ln_vision); None: the
+    vision config's layer_norm_eps. Loading a LAVIS / MA-LMM checkpoint sets LAVIS's 1e-5.
     """
 
     memory_bank_length: int = 10
@@ -81,8 +130,19 @@ class StreamConfig:
     present_frame: bool = False
     ingest: dict | None = None
     visual_kv_cache: bool = True
+    memoryless_clip: MemorylessClip = "newest"
+    decoding: Decoding | None = None
+    ln_vision_eps: float | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.decoding, dict):  # read back from malmm_config.json
+            self.decoding = Decoding(**self.decoding)
+        if self.decoding is not None and not isinstance(self.decoding, Decoding):
+            raise ValueError(f"decoding must be a Decoding, a mapping of its fields or None, got {self.decoding!r}")
+        if self.memoryless_clip not in ("newest", "every_frame"):
+            raise ValueError(f"memoryless_clip must be 'newest' or 'every_frame', got {self.memoryless_clip!r}")
+        if self.ln_vision_eps is not None and not self.ln_vision_eps > 0:
+            raise ValueError(f"ln_vision_eps must be > 0 or None, got {self.ln_vision_eps}")
         if self.memory_bank_length < 0:
             raise ValueError(f"memory_bank_length must be >= 0, got {self.memory_bank_length}")
         if self.max_num_frames < 1:
@@ -100,7 +160,8 @@ class Answer:
     """An answer: text, generated token ids, the seconds the memory covers, and how it was produced.
 
     mode: "standing" (the question's own query banks, exact MA-LMM) or "adhoc" (one extra Q-Former
-    pass over banks built with the default question).
+    pass over banks built with the default question). empty: the answer decodes to no text (only
+    possible with min_new_tokens 0, or tokens that decode to nothing): `text` is "" then.
     """
 
     question: str
@@ -109,6 +170,10 @@ class Answer:
     time_span: tuple[float, float]
     frames: int
     mode: Literal["standing", "adhoc"]
+
+    @property
+    def empty(self) -> bool:
+        return not self.text
 
 
 def _span(time: float | tuple[float, float]) -> tuple[float, float]:
@@ -157,6 +222,8 @@ class MALMM(nn.Module):
         self.tokenizer = processor.tokenizer
         self.qformer_tokenizer = processor.qformer_tokenizer
         self.is_encoder_decoder = not self.blip_config.use_decoder_only_language_model
+        if self.config.ln_vision_eps is not None:
+            self.vision_model.post_layernorm.eps = self.config.ln_vision_eps
         self._freeze()
 
     # ------------------------------------------------------------ construction
@@ -176,7 +243,9 @@ class MALMM(nn.Module):
         Offline (local files only). A folder written by `MALMM.save_pretrained` also restores the frame
         position table and the stream config (unless `config` is given). `lavis_checkpoint`: an MA-LMM /
         LAVIS `.pth` loaded on top, strictly (see `lavis.load_lavis_checkpoint`). dtype defaults to
-        float32 on CPU and float16 on CUDA.
+        float32 on CPU and float16 on CUDA. Decoding: a config without one gets MA-LMM's
+        (`MALMM_DECODING`, under the folder's generation_config.json) for a plain InstructBLIP folder or a
+        LAVIS checkpoint; a `MALMM.save_pretrained` folder keeps the decoding it was saved with.
         """
         folder = Path(folder)
         if not folder.is_dir():
@@ -199,6 +268,9 @@ class MALMM(nn.Module):
         saved_cfg = folder / MALMM_CONFIG
         if config is None and saved_cfg.is_file():
             config = StreamConfig(**json.loads(saved_cfg.read_text()))
+        config = config or StreamConfig()
+        if config.decoding is None and (lavis_checkpoint is not None or not saved_cfg.is_file()):
+            config = replace(config, decoding=folder_decoding(folder))
         model = cls(blip, processor, config)
         weights = folder / MALMM_WEIGHTS
         if weights.is_file():
@@ -298,7 +370,9 @@ class MALMM(nn.Module):
 
     def _freeze(self) -> None:
         if self.config.freeze_vision:
+            # MA-LMM freezes the EVA encoder only: ln_vision (our post_layernorm) is trained.
             self.vision_model.requires_grad_(False)
+            self.vision_model.post_layernorm.requires_grad_(True)
         if self.config.freeze_llm:
             self.language_model.requires_grad_(False)
 
@@ -321,6 +395,11 @@ class MALMM(nn.Module):
     def dtype(self) -> torch.dtype:
         """The vision encoder's dtype (frames and the visual bank use it)."""
         return self.vision_model.embeddings.patch_embedding.weight.dtype
+
+    @property
+    def decoding(self) -> Decoding:
+        """The model's answer generation settings (a request's options override them)."""
+        return self.config.decoding or Decoding()
 
     @property
     def num_queries(self) -> int:
@@ -424,8 +503,19 @@ class MALMM(nn.Module):
             raise ValueError(
                 f"frames must be {self.image_size}x{self.image_size} pixels, got {pixels.shape[-2]}x{pixels.shape[-1]}"
             )
+        return self._vision_features(pixels)
+
+    def _vision_features(self, pixels: torch.Tensor, encoder_grad: bool = False) -> torch.Tensor:
+        """Vision encoder, then post_layernorm (ln_vision): pixels [B, 3, H, W] -> [B, N, C_vis].
+
+        encoder_grad: whether the encoder records gradients; post_layernorm follows the caller's mode,
+        so a frozen encoder still trains ln_vision, as in MA-LMM.
+        """
+        vision = self.vision_model
         pixels = pixels.to(device=self.device, dtype=self.dtype)
-        return self.vision_model(pixel_values=pixels).last_hidden_state
+        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_grad):
+            hidden = vision.encoder(inputs_embeds=vision.embeddings(pixels)).last_hidden_state
+        return vision.post_layernorm(hidden)
 
     @torch.inference_mode()
     def step(
@@ -628,19 +718,17 @@ class MALMM(nn.Module):
         state: StreamState,
         question: str | None = None,
         *,
-        max_new_tokens: int = 30,
-        num_beams: int = 1,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
         adhoc: bool = False,
-        length_penalty: float = 1.0,
+        length_penalty: float | None = None,
     ) -> Answer:
         """Answer a question about everything the stream has shown (greedy, or beam search if num_beams > 1).
 
-        question: None for the default question. Returns an `Answer` with the time span covered.
+        question: None for the default question. max_new_tokens, num_beams, length_penalty: None for
+        the model's `decoding`. Returns an `Answer` with the time span covered.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        self._decoding(max_new_tokens, num_beams, length_penalty)  # bad options fail before any work
         question = question if question is not None else self._default_question(state)
         output, mode = self.query_output(state, question, adhoc=adhoc)
         tokens, text = self.generate_answer(
@@ -652,8 +740,8 @@ class MALMM(nn.Module):
         )
 
     def generate_answer(
-        self, query_output: torch.Tensor, question: str, *, max_new_tokens: int, num_beams: int = 1,
-        length_penalty: float = 1.0,
+        self, query_output: torch.Tensor, question: str, *, max_new_tokens: int | None = None,
+        num_beams: int | None = None, length_penalty: float | None = None,
     ) -> tuple[list[int], str]:
         """(token ids, text) answering `question` from query outputs [1, Q, C_q] (see `query_output`)."""
         return self.generate_answers(
@@ -663,7 +751,7 @@ class MALMM(nn.Module):
 
     def generate_answers(
         self, query_outputs: torch.Tensor | Sequence[torch.Tensor], questions: Sequence[str], *,
-        max_new_tokens: int, num_beams: int = 1, length_penalty: float = 1.0,
+        max_new_tokens: int | None = None, num_beams: int | None = None, length_penalty: float | None = None,
     ) -> list[tuple[list[int], str]]:
         """(token ids, text) for each question, all generated together by one LLM `generate`.
 
@@ -678,12 +766,26 @@ class MALMM(nn.Module):
         )
         return [(t, self.tokenizer.decode(t, skip_special_tokens=True).strip()) for t in tokens]
 
+    def _decoding(
+        self, max_new_tokens: int | None, num_beams: int | None, length_penalty: float | None
+    ) -> Decoding:
+        """The model's `decoding` with the options given (not None) over it; bad values raise ValueError."""
+        given = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty}
+        decoding = self.decoding
+        given = {k: v for k, v in given.items() if v is not None}
+        if "max_new_tokens" in given and decoding.min_new_tokens > given["max_new_tokens"]:
+            given["min_new_tokens"] = given["max_new_tokens"]  # a shorter bound asked for wins
+        return replace(decoding, **given)
+
     @torch.inference_mode()
     def generate_tokens(
-        self, query_output: torch.Tensor, prompt: str | Sequence[str], *, max_new_tokens: int,
-        num_beams: int = 1, length_penalty: float = 1.0,
+        self, query_output: torch.Tensor, prompt: str | Sequence[str], *, max_new_tokens: int | None = None,
+        num_beams: int | None = None, length_penalty: float | None = None,
     ) -> list[int] | list[list[int]]:
         """Generated token ids (new tokens only) for query outputs [B, Q, C_q] and a prompt.
+
+        Decoding: the model's `decoding`, with max_new_tokens, num_beams and length_penalty given (not
+        None) over it.
 
         One prompt (str): B must be 1 and one list of ids comes back. B prompts: the rows are
         left-padded to one batch (`llm_inputs`) and one list per row comes back, each cut after its
@@ -694,15 +796,18 @@ class MALMM(nn.Module):
         single = isinstance(prompt, str)
         if single and query_output.shape[0] != 1:
             raise ValueError(f"one prompt answers one query output row, got {query_output.shape[0]} rows")
+        decoding = self._decoding(max_new_tokens, num_beams, length_penalty)
         embeds, mask = self.llm_inputs(query_output, prompt)
         tok = self.tokenizer
         out = self.language_model.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
+            max_new_tokens=decoding.max_new_tokens,
+            min_new_tokens=decoding.min_new_tokens,
+            num_beams=decoding.num_beams,
             do_sample=False,
-            length_penalty=length_penalty,
+            repetition_penalty=decoding.repetition_penalty,
+            length_penalty=decoding.length_penalty,
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
             eos_token_id=tok.eos_token_id,
         )
@@ -790,8 +895,10 @@ class MALMM(nn.Module):
         pixels: [V, T, 3, H, W]; questions: B strings (formatted with the prompt template); clips: the
         clip each question is about (B indices into V; default: question b about clip b, V = B) —
         several questions about one clip share its vision encoder pass and its visual bank.
-        Returns the last step's query outputs [B, Q, C_q]. Gradients flow into the Q-Former, query
-        tokens and frame position table (the vision encoder runs without gradients when frozen).
+        Returns the last step's query outputs [B, Q, C_q]; with memory_bank_length 0 and
+        `config.memoryless_clip == "every_frame"`, every frame's, in order: [B, T*Q, C_q] (MA-LMM
+        without banks). Gradients flow into the Q-Former, query tokens, frame position table and
+        post_layernorm (ln_vision); the vision encoder runs without gradients when frozen.
 
         adhoc: the streaming ad-hoc path instead of the standing one: the banks are built with the
         default question, and the last frame's Q-Former pass reads them with the question (as
@@ -822,12 +929,12 @@ class MALMM(nn.Module):
         visual_memory = ConcatMemory(M, detach=not memory_gradients) if M > 0 else None
         memories = [ConcatMemory(M, detach=not query_grads) for _ in range(self.qformer.num_layers)] if M > 0 else None
         queries = self.query_tokens.expand(B, -1, -1)
-        hidden = None
+        every_frame = M == 0 and self.config.memoryless_clip == "every_frame"
+        hidden, per_frame = None, []
         for t in range(T):
-            frame = pixels[:, t].to(device=self.device, dtype=self.dtype)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
-                feats = self.vision_model(pixel_values=frame).last_hidden_state  # [V, N, C_vis]
-            feats = feats + self.frame_position.weight[self.frame_index(t)].to(feats.dtype)
+            feats = self._vision_features(pixels[:, t], encoder_grad=not self.config.freeze_vision)  # [V, N, C_vis]
+            if not every_frame:  # MA-LMM adds frame positions only with its banks
+                feats = feats + self.frame_position.weight[self.frame_index(t)].to(feats.dtype)
             # The visual bank depends on the clip only: it is kept once per clip ([V, ...]) and each
             # question's row picks its clip's keys and values after they are projected once.
             if visual_memory is not None:
@@ -835,13 +942,17 @@ class MALMM(nn.Module):
             else:
                 source = feats
             context = VisualContext(states=self._with_present(source, feats)[0], index=rows)
-            if adhoc and t == T - 1:  # the question reads the default banks, which it does not write
+            if every_frame:  # no banks: every frame reads the question, ad hoc or not
+                per_frame.append(self.qformer(queries, ids, text_mask, context, None)[:, : self.num_queries])
+            elif adhoc and t == T - 1:  # the question reads the default banks, which it does not write
                 past = None if memories is None else [ReadOnlyMemory(m.entries) for m in memories]
                 hidden = self.qformer(queries, ids, text_mask, context, past)
             elif adhoc:
                 hidden = self.qformer(queries, default_ids, default_mask, context, memories)
             else:
                 hidden = self.qformer(queries, ids, text_mask, context, memories)
+        if every_frame:
+            return torch.cat(per_frame, dim=1)  # [B, T*Q, C_q]
         return hidden[:, : self.num_queries]
 
     def _qformer_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -904,6 +1015,23 @@ class MALMM(nn.Module):
         mask = torch.cat([torch.ones(len(rows), Q, dtype=torch.long, device=self.device), att], dim=1)
         labels = torch.cat([torch.full((len(rows), Q), -100, dtype=torch.long, device=self.device), labels], dim=1)
         return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+
+def folder_decoding(folder: str | Path) -> Decoding:
+    """MA-LMM's decoding (`MALMM_DECODING`) with the `Decoding` fields that a folder's
+    generation_config.json sets (same names) over it."""
+    path = Path(folder) / "generation_config.json"
+    given = {}
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"'{path}' is not valid JSON: {err}") from err
+        given = {f.name: saved[f.name] for f in fields(Decoding) if saved.get(f.name) is not None}
+    try:
+        return replace(MALMM_DECODING, **given)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"'{path}': its decoding settings {given} are not usable: {err}") from err
 
 
 def _bank_state(meta: dict, tensors: dict[str, torch.Tensor], prefix: str) -> dict:

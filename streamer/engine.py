@@ -66,7 +66,8 @@ class EngineConfig:
     max_batch: most streams whose Shots share one vision-encoder batch. queue_shots: Shots a stream
     may have waiting for the model (live streams drop the oldest beyond it). state_dir: where stream
     snapshots live (None: no persistence). snapshot_period_s: seconds between periodic snapshots.
-    max_new_tokens / num_beams: generation defaults for questions that give none. max_questions: most
+    max_new_tokens / num_beams: generation defaults for questions that give none; None: the model's
+    (`MALMM.decoding`: MA-LMM's beam search for InstructBLIP / MA-LMM weights). max_questions: most
     waiting questions answered by one batched `generate`. default_actionshot: the server's own
     ActionShot settings (only the fields given), over the model's (`ingest`).
     max_streams: most streams the engine runs at once; max_standing: most standing questions one
@@ -78,8 +79,8 @@ class EngineConfig:
     queue_shots: int = 16
     state_dir: str | None = None
     snapshot_period_s: float = 30.0
-    max_new_tokens: int = 30
-    num_beams: int = 1
+    max_new_tokens: int | None = None
+    num_beams: int | None = None
     max_questions: int = 32
     max_streams: int = 32
     max_standing: int = 8
@@ -93,6 +94,8 @@ class EngineConfig:
                                     ("max_standing", "--max-standing", 0), ("max_new_tokens", None, 1),
                                     ("num_beams", None, 1)):
             value = getattr(self, name)
+            if value is None and name in ("max_new_tokens", "num_beams"):  # the model's decoding
+                continue
             if not value >= least:
                 raise ValueError(f"{name}{f' (serve {option})' if option else ''} must be >= {least}, got {value}")
         if not self.snapshot_period_s > 0:
@@ -105,8 +108,8 @@ class Question:
 
     stream: Stream
     text: str
-    max_new_tokens: int
-    num_beams: int
+    max_new_tokens: int | None  # None: the model's decoding
+    num_beams: int | None
     answer: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     output: object = None  # the Q-Former output [1, Q, C_q], taken under the stream's lock
     standing: bool = False
@@ -420,7 +423,7 @@ class Engine:
                     q.answer.set_exception(exc)
                 continue
             ready += questions
-        groups: dict[tuple[int, int], list[Question]] = collections.defaultdict(list)
+        groups: dict[tuple[int | None, int | None], list[Question]] = collections.defaultdict(list)
         for q in ready:  # dicts keep order: the group of the oldest question goes first
             groups[(q.max_new_tokens, q.num_beams)].append(q)
         for group in groups.values():
@@ -503,7 +506,7 @@ class Engine:
             self._answered += 1
         span = waiting.span
         return P.AskResult(
-            stream=waiting.stream.id, question=waiting.text, answer=text, standing=waiting.standing,
+            stream=waiting.stream.id, question=waiting.text, answer=text, empty=not text, standing=waiting.standing,
             question_id=waiting.question_id, span_start_s=span[0] if span else None,
             span_end_s=span[1] if span else None, latency_s=latency,
         )
@@ -590,7 +593,8 @@ class Engine:
                     log.exception("answering standing question %s failed", q.question_id)
                 else:
                     event = P.AnswerEvent(stream=result.stream, question_id=q.question_id, question=q.text,
-                                          answer=result.answer, span_start_s=result.span_start_s,
+                                          answer=result.answer, empty=result.empty,
+                                          span_start_s=result.span_start_s,
                                           span_end_s=result.span_end_s)
                     self._publish(event)
             events.append(event)

@@ -129,7 +129,7 @@ class Replay:
     mean: tuple
     std: tuple
     answers: list[dict] = field(default_factory=list)
-    max_new_tokens: int = 30
+    max_new_tokens: int | None = None  # None: the model's decoding
 
     def fold(self, batch: list, pending: list[Question]) -> None:
         """Encode a batch of Shots and step the state with each in order, answering due questions."""
@@ -150,6 +150,7 @@ class Replay:
         record = {
             "question": question.text,
             "answer": answer.text,
+            "empty": answer.empty,
             "mode": answer.mode,
             "asked_at_s": span[1] if span else None,  # where the replay was: the newest Shot's end
             "requested_at_s": question.at,
@@ -184,7 +185,8 @@ def add_parser(commands) -> None:
     q.add_argument("--standing", action="append", default=[], metavar="QUESTION",
                    help="registered before the first Shot, with its own query memory (exact MA-LMM); "
                         "answered at the end and wherever --ask/--ask-at repeats it; repeatable")
-    q.add_argument("--max-new-tokens", type=int, default=30, metavar="N", help="longest answer in tokens (30)")
+    q.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="longest answer in tokens (default: the model's decoding)")
     v = p.add_argument_group("video")
     v.add_argument("--start", metavar="S", help="start at this time of the video (seconds or m:ss)")
     v.add_argument("--end", metavar="S", help="stop at this time of the video (seconds or m:ss)")
@@ -276,7 +278,7 @@ def run_replay(args: argparse.Namespace) -> int:
         raise UserError(f"--target-fps must be a positive number of frames per second, got {args.target_fps}")
     if args.thumbnails < 1:
         raise UserError(f"--thumbnails must be at least 1, got {args.thumbnails}")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     settings = actionshot_settings(args)
     source = _open_video(args.video, start, end, args.target_fps)

@@ -16,7 +16,14 @@ import pytest
 import zmq
 
 from mixmalmm.clients import protocol as p
-from mixmalmm.clients.cli import EXIT_ENGINE_ERROR, EXIT_NO_REPLY, EXIT_OK, EXIT_USAGE
+from mixmalmm.clients.cli import (
+    EMPTY_ANSWER,
+    EXIT_ENGINE_ERROR,
+    EXIT_NO_REPLY,
+    EXIT_OK,
+    EXIT_USAGE,
+    _fmt_event,
+)
 from mixmalmm.streamer.server import CurveKeys, Server
 
 ANY_PORT = "tcp://127.0.0.1:*"
@@ -121,7 +128,7 @@ def test_ask_prints_the_answer_and_the_span_it_covers(server, engine):
 
     answer = one_json(mixmalmm(server, "ask", "cam1", "what is happening?", "--json"))
     assert answer == {"stream": "cam1", "question": "what is happening?", "answer": "seen: ?gnineppah si tahw",
-                      "standing": True, "question_id": "q1", "span_start_s": 2.5, "span_end_s": 75.25,
+                      "empty": False, "standing": True, "question_id": "q1", "span_start_s": 2.5, "span_end_s": 75.25,
                       "latency_s": 0.125}
     assert (engine.requests[-1].max_new_tokens, engine.requests[-1].num_beams) == (None, None)
     assert "standing question q1" in ok(mixmalmm(server, "ask", "cam1", "what is happening?"))
@@ -355,6 +362,13 @@ def test_watch_prints_events_from_the_server(server):
     assert event["type"] == "answer" and event["stream"] == "cam1" and event["seq"] >= 1
     assert (event["question_id"], event["answer"], event["span_end_s"]) == ("q1", "a dog runs", 12.5)
     assert "watching events of cam1 from" in err
+
+
+def test_an_empty_answer_is_printed_as_one():
+    empty = p.AnswerEvent(stream="cam1", question_id="q1", question="what?", answer="", empty=True)
+    assert _fmt_event(empty).split(": ", 1)[1].startswith(EMPTY_ANSWER)
+    said = p.AnswerEvent(stream="cam1", question_id="q1", question="what?", answer="a cat")
+    assert EMPTY_ANSWER not in _fmt_event(said) and "a cat" in _fmt_event(said)
 
 
 class RawPublisher:

@@ -115,7 +115,8 @@ def test_replies_encode_as_documented_and_decode_into_result_types():
     ok = p.ok_reply("2", p.AskResult(stream="cam1", question="q?", answer="a cup", span_start_s=0.0, span_end_s=12.5))
     assert json.loads(ok) == {
         "id": "2", "ok": True,
-        "result": {"stream": "cam1", "question": "q?", "answer": "a cup", "standing": False, "question_id": None,
+        "result": {"stream": "cam1", "question": "q?", "answer": "a cup", "empty": False, "standing": False,
+                   "question_id": None,
                    "span_start_s": 0.0, "span_end_s": 12.5, "latency_s": 0.0},
     }
     reply = p.decode_reply(ok)

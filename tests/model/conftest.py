@@ -33,3 +33,29 @@ def _few_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def end_at_once(model: MALMM, word: str) -> int:
+    """Give the tiny LLM weights under which the end-of-sequence token has the highest logit at every
+    position and `word` the next highest, whatever the input; returns `word`'s token id.
+
+    Attention and MLP outputs are zeroed, so each position's residual stream is its input embedding;
+    every token embedding has 1 in channel 0 and the final norm keeps channel 0 only, so the LM head
+    sees a positive number there and nothing else (the text after the query tokens always ends in a
+    token, so the last position is one).
+    """
+    lm = model.language_model
+    tok = model.tokenizer
+    word_id = tok.convert_tokens_to_ids(word)
+    assert word_id not in (tok.unk_token_id, tok.eos_token_id) and not lm.config.tie_word_embeddings
+    with torch.no_grad():
+        for layer in lm.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        lm.model.embed_tokens.weight[:, 0] = 1.0
+        lm.model.norm.weight.zero_()
+        lm.model.norm.weight[0] = 1.0
+        lm.lm_head.weight.zero_()
+        lm.lm_head.weight[tok.eos_token_id, 0] = 2.0
+        lm.lm_head.weight[word_id, 0] = 1.0
+    return word_id

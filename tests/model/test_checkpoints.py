@@ -13,6 +13,7 @@ from mixmalmm.model import (
     lavis_state_dict,
     load_lavis_checkpoint,
 )
+from mixmalmm.model.lavis import lavis_to_ours
 
 from .conftest import make_model, random_pixels
 
@@ -120,11 +121,10 @@ def test_trimmed_lavis_checkpoint_keeps_frozen_modules(tmp_path):
     """MA-LMM saves only trained weights: Q-Former side, ln_vision, llm_proj, image_pe."""
     source, target = make_model(2, seed=10), make_model(2, seed=11)
     trimmed = lavis_state_dict(source, vision=False, llm=False)
-    trimmed["Qformer.bert.embeddings.position_ids"] = torch.arange(64)[None]  # a LAVIS buffer, ignored
     vision_before = target.vision_model.embeddings.patch_embedding.weight.clone()
     report = load_lavis_checkpoint(target, trimmed)
     assert set(report.loaded) == {"qformer", "frame_position"}
-    assert report.ignored == ["Qformer.bert.embeddings.position_ids"]
+    assert sorted(report.ignored) == sorted(lavis_buffers(source))  # LAVIS's buffers, ignored
     assert torch.equal(target.vision_model.embeddings.patch_embedding.weight, vision_before)
     for name in ("query_tokens", "qformer.encoder.layer.1.attention.attention.value.weight",
                  "language_projection.bias", "vision_model.post_layernorm.weight", "frame_position.weight"):
@@ -192,3 +192,50 @@ def test_a_lavis_checkpoint_loads_into_a_present_frame_model_and_leaves_its_mark
     assert bool((target.present_embedding == 0.5).all())
     for key, value in source.state_dict().items():
         assert torch.equal(value, target.state_dict()[key]), key
+
+
+def lavis_buffers(model) -> dict[str, torch.Tensor]:
+    """LAVIS's saved buffers, from the configs: BertEmbeddings' position_ids and, in each layer of its
+    LLaMA, RotaryEmbedding's inv_freq = 1 / theta^(2i/d)."""
+    positions = model.blip_config.qformer_config.max_position_embeddings
+    llm = model.language_model.config
+    d = llm.hidden_size // llm.num_attention_heads
+    inv_freq = 1.0 / (llm.rope_parameters["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    out = {"Qformer.bert.embeddings.position_ids": torch.arange(positions)[None]}
+    for i in range(llm.num_hidden_layers):
+        out[f"llm_model.model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq
+    return out
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_lavis_state_dict_holds_lavis_buffers_for_a_strict_load(full):
+    model = make_model(2, seed=13)
+    sd = lavis_state_dict(model, vision=full, llm=full)
+    buffers = lavis_buffers(model)
+    weights = set(sd) - set(buffers)
+    assert set(buffers) <= set(sd)  # LAVIS keeps buffers of frozen modules too
+    for key, value in buffers.items():
+        assert sd[key].dtype == value.dtype, key
+        torch.testing.assert_close(sd[key], value, rtol=1e-6, atol=0)
+    # Everything else is a weight that maps onto one of ours; loading back ignores the buffers.
+    assert all(k.endswith(("q_bias", "v_bias")) or lavis_to_ours(k) in model.state_dict() for k in weights)
+    report = load_lavis_checkpoint(make_model(2, seed=14), sd)
+    assert sorted(report.ignored) == sorted(buffers)
+
+
+def test_a_lavis_checkpoint_gives_ln_vision_lavis_epsilon(tmp_path):
+    source, target = make_model(2, seed=15), make_model(2, seed=16)
+    ln = target.vision_model.post_layernorm
+    assert ln.eps == target.blip_config.vision_config.layer_norm_eps == 1e-6  # transformers' value
+    load_lavis_checkpoint(target, lavis_state_dict(source, vision=False, llm=False))
+    assert ln.eps == 1e-5 and target.config.ln_vision_eps == 1e-5
+    pixels = random_pixels(2)
+    vision = target.vision_model
+    with torch.no_grad():
+        hidden = vision.encoder(inputs_embeds=vision.embeddings(pixels)).last_hidden_state
+    lavis = torch.nn.functional.layer_norm(hidden, ln.normalized_shape, ln.weight, ln.bias, eps=1e-5)
+    transformers_eps = torch.nn.functional.layer_norm(hidden, ln.normalized_shape, ln.weight, ln.bias, eps=1e-6)
+    assert not torch.equal(lavis, transformers_eps)  # the two epsilons are told apart at this size
+    assert torch.equal(target.encode_frames(pixels), lavis)
+    target.save_pretrained(tmp_path / "m")  # kept with the model
+    assert MALMM.from_pretrained(tmp_path / "m").vision_model.post_layernorm.eps == 1e-5

@@ -254,8 +254,27 @@ def test_vision_pretraining_learns_its_frames_and_changes_only_the_encoder():
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("vision_model.") for k in changed)
-    assert not any(p.requires_grad for p in model.vision_model.parameters())  # the freeze flag is restored
+    # The freeze flags are restored: the encoder frozen, ln_vision (post_layernorm) trainable, as in MA-LMM.
+    assert all(p.requires_grad == n.startswith("post_layernorm.") for n, p in model.vision_model.named_parameters())
     result = pretrain_vision(model, (frames, labels, maps), (frames, labels), steps=2, log=lines.append)
     assert set(result) == {"all", "named", "steps", "seconds"}  # validation without maps: no patch score
     with pytest.raises(ValueError, match="one label row"):
         pretrain_vision(model, (frames, labels[:3]), None, steps=1)
+
+
+def test_ln_vision_trains_while_the_vision_encoder_is_frozen():
+    """MA-LMM freezes the EVA encoder only: ln_vision (post_layernorm) gets gradients and is trained."""
+    model = tiny_model(2)
+    model.config = StreamConfig(memory_bank_length=2)  # freeze_vision, freeze_llm: MA-LMM's
+    model._freeze()
+    model.train()
+    sample = SyntheticQA(4, seed=4, size=32, frames=(4, 6))[0]
+    loss = model.clip_loss(pixels_of(model, [sample]), [sample.question], [sample.answer])
+    loss.backward()
+    ln = model.vision_model.post_layernorm
+    assert ln.weight.requires_grad and ln.bias.requires_grad
+    assert ln.weight.grad is not None and ln.weight.grad.abs().sum() > 0 and ln.bias.grad.abs().sum() > 0
+    encoder = [p for n, p in model.vision_model.named_parameters() if not n.startswith("post_layernorm.")]
+    assert encoder and all(p.grad is None and not p.requires_grad for p in encoder)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}  # what Trainer optimises
+    assert id(ln.weight) in trainable and id(ln.bias) in trainable

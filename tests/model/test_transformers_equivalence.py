@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from transformers import InstructBlipForConditionalGeneration
 
 from mixmalmm.model import MALMM, StreamConfig
 from mixmalmm.model.tiny import tiny_instructblip
@@ -86,3 +87,40 @@ def test_without_memory_each_step_is_instructblip_on_its_frame():
     torch.testing.assert_close(state.default.output, ref, rtol=1e-5, atol=1e-5)
     assert state.visual_bank is None and state.default.banks == []
     assert state.time_span() == (0.0, 3.0)
+
+
+def test_a_clip_without_memory_gives_every_frames_queries_as_malmm():
+    """memory_bank_length 0 with memoryless_clip="every_frame": MA-LMM's clip pass without banks — each
+    frame is InstructBLIP's Q-Former on that frame alone, no frame position, and the LLM reads all T*Q."""
+    from .conftest import make_model
+
+    model = make_model(0, seed=4, memoryless_clip="every_frame")  # a non-zero position table: must not be added
+    T, Q = 3, model.num_queries
+    pixels = torch.randn(T, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    prompt = model.prompt(QUESTION)
+    text = model.qformer_tokenizer([prompt] * T, return_tensors="pt")
+    blip = InstructBlipForConditionalGeneration(model.blip_config).eval()
+    blip.load_state_dict({k: v for k, v in model.state_dict().items() if k != "frame_position.weight"})
+    with torch.no_grad():
+        ref = blip.get_image_features(
+            pixels, qformer_input_ids=text.input_ids, qformer_attention_mask=text.attention_mask
+        ).qformer_outputs.last_hidden_state[:, :Q]  # [T, Q, C_q], every frame alone
+        ours = model.clip_query_output(pixels[None], [QUESTION])
+        adhoc = model.clip_query_output(pixels[None], [QUESTION], adhoc=True)
+    assert ours.shape == (1, T * Q, model.qformer.hidden_size)
+    torch.testing.assert_close(ours, ref.reshape(1, T * Q, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(adhoc, ours)  # no banks: every frame reads the question either way
+    embeds, _ = model.llm_inputs(ours, prompt)  # the LLM reads them all, then the prompt
+    assert embeds.shape[1] == T * Q + len(model.tokenizer(prompt).input_ids)
+    assert len(model.generate_answers(ours, [QUESTION], max_new_tokens=3)[0][0]) >= 1
+    loss = model.clip_loss(pixels[None], [QUESTION], ["a"])
+    assert torch.isfinite(loss)
+
+    # The default ("newest") keeps the stream's behaviour: the last frame's queries, position added.
+    newest = make_model(0, seed=4)
+    state = newest.create_state()
+    for t in range(T):
+        newest.step_frame(state, pixels[t], float(t))
+    with torch.no_grad():
+        torch.testing.assert_close(newest.clip_query_output(pixels[None], [newest.config.default_question]),
+                                   state.default.output, rtol=1e-5, atol=1e-5)

@@ -283,3 +283,33 @@ def test_more_streams_than_a_batch_all_progress(model):
         assert max(folded) - min(folded) <= 3, folded
     finally:
         engine.shutdown(save=False)
+
+
+def test_an_empty_answer_is_said_to_be_empty_in_replies_and_events(media):
+    """A model whose LLM ends at once (mixmalmm's decoding allows it) answers "" with empty: true."""
+    from tests.model.conftest import end_at_once
+
+    model = MALMM.tiny().eval()
+    end_at_once(model, model.tokenizer.convert_ids_to_tokens(10))
+    box: list[Server] = []
+    engine = Engine(model, EngineConfig(), publish=lambda event: box[0].publish(event))
+    server = Server(engine, request_endpoint="tcp://127.0.0.1:*", event_endpoint="tcp://127.0.0.1:*")
+    box.append(server)
+    engine.start()
+    server.start()
+    client = Client(server.request_address, timeout_s=20.0, retries=0)
+    try:
+        with Subscriber(server.event_address, ["f"]) as sub:
+            client.add_stream("f", str(media.h264), pace="fast", actionshot=EVERY_FRAME)
+            client.add_question("f", "q", "what is there?", period_s=0.2)
+            wait_for(lambda: stream_status(client, "f").shots > 0, 60, "Shots")
+            result = client.ask("f", "what colour is the square?")
+            assert result.answer == "" and result.empty
+            event = sub.recv(timeout_s=10)
+            while event is not None and not isinstance(event, P.AnswerEvent):
+                event = sub.recv(timeout_s=10)
+            assert event is not None and event.answer == "" and event.empty
+    finally:
+        client.close()
+        engine.shutdown(save=False)
+        server.stop()
