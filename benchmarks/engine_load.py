@@ -19,22 +19,14 @@ import time
 from pathlib import Path
 
 import torch
+from engine import EVERY_FRAME, rss_mib  # benchmarks/engine.py, beside this script
 
 from mixmalmm.clients import protocol as P
 from mixmalmm.model import MALMM
 from mixmalmm.streamer.engine import Engine, EngineConfig
 from mixmalmm.streamer.synthetic import synthetic_rgb, write_video
 
-EVERY_FRAME = P.ActionShotSettings(enabled=False, sample_fps=None)  # every decoded frame is a Shot
 BACKGROUND = "synthetic:?width=64&height=48&fps=25"  # paced, endless: a stream ingesting meanwhile
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def shots_per_second(model: MALMM, questions: int, seconds: float) -> float:

@@ -119,6 +119,31 @@ def http_server(media):
         server.server_close()
 
 
+@contextlib.contextmanager
+def serving_engine(model, config=None, events: list | None = None, timeout_s: float = 20.0, **server_options):
+    """The model's engine behind a real server on loopback ports: yields (engine, server, client).
+    `events`: a list that gets every event the engine publishes, as well as the PUB socket."""
+    from mixmalmm.clients import Client
+    from mixmalmm.streamer.engine import Engine
+    from mixmalmm.streamer.server import Server
+
+    box: list = []
+    seen = events if events is not None else []
+    engine = Engine(model, config, publish=lambda event: (seen.append(event), box[0].publish(event))[1])
+    server = Server(engine, request_endpoint="tcp://127.0.0.1:*", event_endpoint="tcp://127.0.0.1:*",
+                    **server_options)
+    box.append(server)
+    engine.start()
+    server.start()
+    client = Client(server.request_address, timeout_s=timeout_s, retries=0)
+    try:
+        yield engine, server, client
+    finally:
+        client.close()
+        engine.shutdown(save=False)
+        server.stop()
+
+
 def wait_for(predicate, timeout: float, what: str):
     """predicate()'s first true value, polled every 50 ms; fails the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout

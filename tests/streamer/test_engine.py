@@ -16,9 +16,8 @@ from mixmalmm.clients import Client, EngineError, Subscriber
 from mixmalmm.clients import protocol as P
 from mixmalmm.model import MALMM
 from mixmalmm.streamer.engine import Engine, EngineConfig
-from mixmalmm.streamer.server import Server
 
-from .conftest import FPS, NUM_FRAMES, wait_for
+from .conftest import FPS, NUM_FRAMES, serving_engine, wait_for
 
 EVERY_FRAME = P.ActionShotSettings(enabled=False, sample_fps=None)  # each frame is a Shot: memory fills at once
 FAST_NETWORK = {"open_timeout": 4.0, "read_timeout": 1.5, "backoff": (0.2, 0.5)}
@@ -32,21 +31,9 @@ def model():
 @pytest.fixture
 def running(model, tmp_path):
     """An engine behind a real server on loopback; yields (engine, server, client)."""
-    box: list[Server] = []
-    engine = Engine(model, EngineConfig(state_dir=str(tmp_path / "state"), snapshot_period_s=3600,
-                                        network_options=FAST_NETWORK),
-                    publish=lambda event: box[0].publish(event))
-    server = Server(engine, request_endpoint="tcp://127.0.0.1:*", event_endpoint="tcp://127.0.0.1:*")
-    box.append(server)
-    engine.start()
-    server.start()
-    client = Client(server.request_address, timeout_s=20.0, retries=0)
-    try:
-        yield engine, server, client
-    finally:
-        client.close()
-        engine.shutdown(save=False)
-        server.stop()
+    config = EngineConfig(state_dir=str(tmp_path / "state"), snapshot_period_s=3600, network_options=FAST_NETWORK)
+    with serving_engine(model, config) as served:
+        yield served
 
 
 def stream_status(client, sid) -> P.StreamStatus:
@@ -291,25 +278,13 @@ def test_an_empty_answer_is_said_to_be_empty_in_replies_and_events(media):
 
     model = MALMM.tiny().eval()
     end_at_once(model, model.tokenizer.convert_ids_to_tokens(10))
-    box: list[Server] = []
-    engine = Engine(model, EngineConfig(), publish=lambda event: box[0].publish(event))
-    server = Server(engine, request_endpoint="tcp://127.0.0.1:*", event_endpoint="tcp://127.0.0.1:*")
-    box.append(server)
-    engine.start()
-    server.start()
-    client = Client(server.request_address, timeout_s=20.0, retries=0)
-    try:
-        with Subscriber(server.event_address, ["f"]) as sub:
-            client.add_stream("f", str(media.h264), pace="fast", actionshot=EVERY_FRAME)
-            client.add_question("f", "q", "what is there?", period_s=0.2)
-            wait_for(lambda: stream_status(client, "f").shots > 0, 60, "Shots")
-            result = client.ask("f", "what colour is the square?")
-            assert result.answer == "" and result.empty
+    with serving_engine(model, EngineConfig()) as (_, server, client), Subscriber(server.event_address, ["f"]) as sub:
+        client.add_stream("f", str(media.h264), pace="fast", actionshot=EVERY_FRAME)
+        client.add_question("f", "q", "what is there?", period_s=0.2)
+        wait_for(lambda: stream_status(client, "f").shots > 0, 60, "Shots")
+        result = client.ask("f", "what colour is the square?")
+        assert result.answer == "" and result.empty
+        event = sub.recv(timeout_s=10)
+        while event is not None and not isinstance(event, P.AnswerEvent):
             event = sub.recv(timeout_s=10)
-            while event is not None and not isinstance(event, P.AnswerEvent):
-                event = sub.recv(timeout_s=10)
-            assert event is not None and event.answer == "" and event.empty
-    finally:
-        client.close()
-        engine.shutdown(save=False)
-        server.stop()
+        assert event is not None and event.answer == "" and event.empty

@@ -22,9 +22,8 @@ from mixmalmm.clients import Client, EngineError
 from mixmalmm.clients import protocol as P
 from mixmalmm.model import MALMM
 from mixmalmm.streamer.engine import SNAPSHOT_SUFFIX, Engine, EngineConfig
-from mixmalmm.streamer.server import Server
 
-from .conftest import NUM_FRAMES, wait_for
+from .conftest import NUM_FRAMES, serving_engine, wait_for
 
 EVERY_FRAME = P.ActionShotSettings(enabled=False, sample_fps=None)  # each frame is a Shot
 BACKGROUND = "synthetic:?width=64&height=48&fps=25"  # endless, paced: another stream ingesting
@@ -35,25 +34,8 @@ def model():
     return MALMM.tiny().eval()
 
 
-@contextlib.contextmanager
-def serving(model, config: EngineConfig, events: list | None = None, **server_options):
-    """An engine behind a real server on loopback: yields (engine, server, client). `events`: a list
-    that gets every event the engine publishes, as well as the PUB socket."""
-    box: list[Server] = []
-    seen = events if events is not None else []
-    engine = Engine(model, config, publish=lambda event: (seen.append(event), box[0].publish(event))[1])
-    server = Server(engine, request_endpoint="tcp://127.0.0.1:*", event_endpoint="tcp://127.0.0.1:*",
-                    **server_options)
-    box.append(server)
-    engine.start()
-    server.start()
-    client = Client(server.request_address, timeout_s=30.0, retries=0)
-    try:
-        yield engine, server, client
-    finally:
-        client.close()
-        engine.shutdown(save=False)
-        server.stop()
+def serving(model, config: EngineConfig, **server_options):
+    return serving_engine(model, config, timeout_s=30.0, **server_options)
 
 
 def error_code(call) -> P.ErrorCode:

@@ -16,15 +16,14 @@ import time
 import msgspec
 import pytest
 
-from mixmalmm.clients import Client, EngineError, Subscriber
+from mixmalmm.clients import EngineError, Subscriber
 from mixmalmm.clients import protocol as P
 from mixmalmm.model import MALMM, StateSnapshot
 from mixmalmm.streamer import pipeline
-from mixmalmm.streamer.engine import Engine, EngineConfig
-from mixmalmm.streamer.server import Server
+from mixmalmm.streamer.engine import EngineConfig
 from mixmalmm.streamer.sources import NetworkSource, SourceError, SourceState
 
-from .conftest import RTSP_LOGIN, wait_for
+from .conftest import RTSP_LOGIN, serving_engine, wait_for
 from .test_serve import Serve, wait_status
 
 WRONG_PASSWORD = "Wr0ng-pa55word"
@@ -77,20 +76,8 @@ def test_a_wrong_password_is_a_failed_attempt_that_names_no_password(auth_rtsp_s
 @pytest.fixture
 def engine_on_zmq(tmp_path):
     """The tiny model's engine behind a real server on loopback; yields (server, client)."""
-    box: list[Server] = []
-    engine = Engine(MALMM.tiny().eval(), EngineConfig(network_options=FAST),
-                    publish=lambda event: box[0].publish(event))
-    server = Server(engine, request_endpoint="tcp://127.0.0.1:*", event_endpoint="tcp://127.0.0.1:*")
-    box.append(server)
-    engine.start()
-    server.start()
-    client = Client(server.request_address, timeout_s=20.0, retries=0)
-    try:
+    with serving_engine(MALMM.tiny().eval(), EngineConfig(network_options=FAST)) as (_, server, client):
         yield server, client
-    finally:
-        client.close()
-        engine.shutdown(save=False)
-        server.stop()
 
 
 def test_every_failed_attempt_shows_in_status_events_and_a_rate_limited_log(
