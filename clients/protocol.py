@@ -361,8 +361,9 @@ class StreamStatus(msgspec.Struct, kw_only=True):
 class EngineStatus(msgspec.Struct, kw_only=True):
     """The engine as a whole: model and device names, seconds running, questions answered, and
     question latency percentiles in seconds (``null`` before the first question); ``queue_depth``: Shots
-    waiting for the model over all streams; ``persist_error``: why the last snapshot write failed
-    (``null`` when the last one succeeded)."""
+    waiting for the model over all streams; ``persist_error``: why a stream's last snapshot write failed
+    (each stream's own, until its next write succeeds), else why a snapshot could not be restored at
+    start (``null`` when neither)."""
 
     model: str = ""
     device: str = ""

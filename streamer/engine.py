@@ -146,6 +146,7 @@ class Stream:
         self.persist_lock = threading.Lock()
         self.removed = False
         self.refused = False  # add_stream refused it after its pipeline was made: it publishes nothing
+        self.save_error: str | None = None  # why its last snapshot write failed (None: it succeeded)
 
     @property
     def state_name(self) -> str:
@@ -183,7 +184,7 @@ class Engine:
         self._answered = 0
         self._stats_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self.persist_error: str | None = None
+        self.restore_error: str | None = None  # the last snapshot that could not be restored at start
         self._image_processor = model.processor.image_processor
         #: What a stream gets for the ActionShot fields its request leaves out (ValueError: the model's are bad).
         self.default_actionshot = self.config.default_actionshot.over(model_settings(model))
@@ -687,23 +688,32 @@ class Engine:
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # readers see the old file or the new one, never half of one
         except OSError as exc:
-            self.persist_error = f"could not save stream {stream.id!r} to '{path}': {exc}"
-            log.error("%s", self.persist_error)
+            stream.save_error = f"could not save stream {stream.id!r} to '{path}': {exc}"
+            log.error("%s", stream.save_error)
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             return None
-        self.persist_error = None
+        stream.save_error = None
         return P.SavedSnapshot(stream=stream.id, path=str(path), size_bytes=path.stat().st_size, time_s=time.time())
+
+    @property
+    def persist_error(self) -> str | None:
+        """What `status` shows: why a stream's last snapshot write failed (each stream's own, cleared by
+        its next good write; not by another's), else why a snapshot could not be restored at start."""
+        return next((s.save_error for s in self.streams() if s.save_error), None) or self.restore_error
 
     def save(self, sid: str | None = None) -> P.SaveSnapshotResult:
         if not self.config.state_dir:
             raise P.RequestError(P.ErrorCode.BAD_REQUEST, "the engine runs without a state directory")
         streams = [self._get(sid)] if sid else self.streams()
         written = [(stream, self._save(stream)) for stream in streams]
-        if any(snap is None and not stream.removed for stream, snap in written):
+        failed = [stream.save_error or f"could not save stream {stream.id!r}" for stream, snap in written
+                  if snap is None and not stream.removed]
+        if failed:
             # A full disk or an unwritable directory: an I/O error the client cannot fix by changing
             # the request; the memory is untouched and the previous snapshot file, if any, is intact.
-            raise P.RequestError(P.ErrorCode.UNAVAILABLE, f"I/O error: {self.persist_error or 'snapshot failed'}")
+            more = f" (and {len(failed) - 1} more stream(s))" if len(failed) > 1 else ""
+            raise P.RequestError(P.ErrorCode.UNAVAILABLE, f"I/O error: {failed[0]}{more}")
         if sid and written[0][1] is None:
             raise P.RequestError(P.ErrorCode.UNKNOWN_STREAM, f"no stream {sid!r} (it was removed)")
         return P.SaveSnapshotResult(saved=[snap for _, snap in written if snap is not None])
@@ -723,7 +733,7 @@ class Engine:
                 state = self.model.restore(snap)
             except Exception as exc:  # a bad file must not keep the others from loading
                 log.error("could not restore '%s': %s", path, exc)
-                self.persist_error = f"could not restore '{path}': {exc}"
+                self.restore_error = f"could not restore '{path}': {exc}"
                 continue
             replay = not info.get("live", False)
             # Only a replay saved "finished" had every Shot in memory; one saved draining (a crash),
@@ -738,7 +748,7 @@ class Engine:
                     stream.standing[qid] = Standing(qid, text, period, next_due=time.monotonic() + (period or 0.0))
             except Exception as exc:  # each snapshot on its own: the others are restored all the same
                 log.exception("could not restore '%s'", path)
-                self.persist_error = f"could not restore '{path}': {exc}"
+                self.restore_error = f"could not restore '{path}': {exc}"
                 continue
             log.info("stream %s restored from '%s' (%d frames)", stream.id, path, state.frames)
 

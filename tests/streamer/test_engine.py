@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from mixmalmm.clients import Client, EngineError, Subscriber
 from mixmalmm.clients import protocol as P
 from mixmalmm.model import MALMM
-from mixmalmm.streamer.engine import Engine, EngineConfig
+from mixmalmm.streamer.engine import SNAPSHOT_SUFFIX, Engine, EngineConfig
 
 from .conftest import FPS, NUM_FRAMES, serving_engine, wait_for
 
@@ -213,6 +213,23 @@ def test_snapshot_failure_is_reported_and_nothing_is_lost(running, media, tmp_pa
     state_dir.mkdir()
     saved = client.save_snapshot("f").saved
     assert saved[0].size_bytes > 0 and client.status().engine.persist_error is None
+
+
+def test_one_streams_failing_snapshot_stays_reported_while_another_saves(running, media, tmp_path):
+    """Before, one engine-wide field: f's good write cleared g's error from status."""
+    engine, _, client = running
+    for sid in ("f", "g"):
+        client.add_stream(sid, str(media.h264), pace="fast", actionshot=EVERY_FRAME)
+        wait_for(lambda sid=sid: stream_status(client, sid).shots > 0, 60, f"{sid} stepped")
+    (tmp_path / "state" / f"g{SNAPSHOT_SUFFIX}").mkdir()  # g's file cannot be replaced: a directory is there
+    with pytest.raises(EngineError) as err:
+        client.save_snapshot()
+    assert err.value.code == P.ErrorCode.UNAVAILABLE
+    assert err.value.message.startswith("I/O error: could not save stream 'g'"), err.value.message
+    assert client.save_snapshot("f").saved[0].size_bytes > 0
+    assert "could not save stream 'g'" in client.status().engine.persist_error
+    (tmp_path / "state" / f"g{SNAPSHOT_SUFFIX}").rmdir()
+    assert client.save_snapshot("g").saved and client.status().engine.persist_error is None
 
 
 def test_restart_restores_memory_and_standing_questions(model, media, tmp_path):
