@@ -396,10 +396,6 @@ class Source:
             if error is not None:
                 self._stats.last_error = error
 
-    def _note_error(self, message: str) -> None:
-        with self._lock:
-            self._stats.last_error = message
-
     def _describe(self, exc: BaseException) -> str:
         """`exc`'s message as it may be shown: FFmpeg's messages echo the URL, credentials included."""
         return redact_text(str(exc), self._uri)
