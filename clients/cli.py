@@ -295,7 +295,12 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     if args.json:
         _out(_json(result))
         return EXIT_OK
-    how = f"standing question {result.question_id}" if result.standing else "ad-hoc question"
+    if not result.standing:
+        how = "ad-hoc question"
+    elif result.question_id is None:  # the stream's default question, answered from its own memory
+        how = "the stream's default question"
+    else:
+        how = f"standing question {result.question_id}"
     covers = ("memory holds nothing yet" if result.span_start_s is None
               else f"memory covers {_fmt_span(result.span_start_s, result.span_end_s)} of the stream")
     _out(EMPTY_ANSWER if result.empty else result.answer)

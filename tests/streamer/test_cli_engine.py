@@ -131,6 +131,9 @@ def test_a_file_added_asked_saved_and_removed(model, media, tmp_path):
         assert lines[0] == answer["answer"]  # the memory no longer changes: the same answer
         assert re.fullmatch(r"\(f: memory covers 0\.0 s - 5\.9 s of the stream; ad-hoc question; "
                             r"answered in \d+\.\d\d s\)", lines[1]), lines[1]
+        # The default question is standing too, with no id of its own (was "standing question None").
+        default = ok(mixmalmm(server, "ask", "g", model.config.default_question)).splitlines()[1]
+        assert "; the stream's default question; answered in" in default, default
         assert len(lines) == 2
         assert one_json(mixmalmm(server, "status", "--json"))["engine"]["questions_answered"] == 2
 
