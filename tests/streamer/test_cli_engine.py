@@ -131,9 +131,6 @@ def test_a_file_added_asked_saved_and_removed(model, media, tmp_path):
         assert lines[0] == answer["answer"]  # the memory no longer changes: the same answer
         assert re.fullmatch(r"\(f: memory covers 0\.0 s - 5\.9 s of the stream; ad-hoc question; "
                             r"answered in \d+\.\d\d s\)", lines[1]), lines[1]
-        # The default question is standing too, with no id of its own (was "standing question None").
-        default = ok(mixmalmm(server, "ask", "g", model.config.default_question)).splitlines()[1]
-        assert "; the stream's default question; answered in" in default, default
         assert len(lines) == 2
         assert one_json(mixmalmm(server, "status", "--json"))["engine"]["questions_answered"] == 2
 
@@ -255,6 +252,9 @@ def test_watch_standing_answers_while_a_file_plays(model, media):
         lines = ok(mixmalmm(server, "ask", "g", "what moved?")).splitlines()
         assert re.fullmatch(r"\(g: memory covers 0\.0 s - \d\.\d s of the stream; standing question q1; "
                             r"answered in \d+\.\d\d s\)", lines[1]), lines[1]
+        # The default question is standing too, with no id of its own (was "standing question None").
+        default = ok(mixmalmm(server, "ask", "g", model.config.default_question)).splitlines()[1]
+        assert "; the stream's default question; answered in" in default, default
 
         # This engine keeps no state directory: a snapshot is refused, named.
         assert refused(mixmalmm(server, "snapshot")) == (
