@@ -10,6 +10,12 @@ The layouts are those of MA-LMM's repository (``data/<dataset>/annotation/*.json
 - COIN: one ``COIN.json`` keyed by video id: ``subset`` ("train" or "val"; val serves as test),
   ``target`` (the class name), ``num_frames_actual`` (frames at 10 fps; entries without it are skipped,
   as MA-LMM does), ``duration``.
+- Captioning (MSRVTT, MSVD, YouCook2): ``cap_{train,val,test}.json`` keyed by caption id (sorted as
+  strings, as MA-LMM does), one entry per reference caption: ``caption``, ``video`` (the frame folder),
+  ``frame_length``; YouCook2's entries are segments of a video (``segment``, ``start_time``,
+  ``end_time``, ``duration`` in seconds). The ground truth MA-LMM scores against is
+  ``coco_gt/cap_<split>.json`` beside them (COCO format: ``annotations`` of ``image_id``, ``caption``),
+  whose ``image_id`` is the entry's ``video`` (MSRVTT, MSVD) or ``segment`` (YouCook2).
 - LVU: ``{train,val,test}.json`` keyed by video id: ``duration`` (seconds), ``num_frames`` (at 10 fps)
   and, per task it is labelled for, ``<task>`` (the class name) and ``<task>_answer``. Each video is cut
   into windows of ``history`` seconds starting every ``stride`` seconds; each window is one item.
@@ -68,16 +74,34 @@ class DatasetSpec:
     """
 
     name: str
-    family: Literal["qa", "classification"]
+    family: Literal["qa", "classification", "captioning"]
     files: dict[str, str]
     memory_bank_length: int
     num_frames: int
     max_new_tokens: int
-    paper: float
+    paper: float | None
     prompt_template: str
     num_beams: int = 5
     first_word: bool = False
-    question: str = ""  # the fixed question of a classification dataset
+    question: str = ""  # the fixed question (prompt) of a classification or captioning dataset
+    # MA-LMM's min_len and its generate's length_penalty where they differ from the model's decoding
+    # (None: the model's; QA's predict_answers uses length_penalty 0, captioning and classification 1).
+    min_new_tokens: int | None = None
+    length_penalty: float | None = None
+    # captioning: the paper's {metric: value x 100} (None where not found)
+    paper_metrics: dict[str, float] | None = None
+
+
+CAPTION_PROMPT = "what does the video describe?"  # MA-LMM's cap_*.yaml text_processor prompt
+
+
+def _cap(name: str, max_new_tokens: int, min_new_tokens: int) -> DatasetSpec:
+    # MA-LMM's test_cap.sh / youcook2 test.sh: M 40, 80 frames, 5 beams; max_len / min_len from cap_*.yaml.
+    # The paper's Table 4 (METEOR, CIDEr) could not be read here: left empty rather than guessed.
+    return DatasetSpec(name, "captioning", {s: f"cap_{s}.json" for s in SPLITS}, memory_bank_length=40,
+                       num_frames=80, max_new_tokens=max_new_tokens, paper=None, prompt_template="{}",
+                       question=CAPTION_PROMPT, min_new_tokens=min_new_tokens, length_penalty=1.0,
+                       paper_metrics={"METEOR": None, "CIDEr": None})
 
 
 def _qa(name: str, paper: float, first_word: bool) -> DatasetSpec:
@@ -89,15 +113,19 @@ DATASETS: dict[str, DatasetSpec] = {
     "msrvtt-qa": _qa("msrvtt-qa", 48.5, first_word=True),
     "msvd-qa": _qa("msvd-qa", 60.6, first_word=True),
     "activitynet-qa": _qa("activitynet-qa", 49.8, first_word=False),
+    # classification: MA-LMM's classification task calls generate (length_penalty 1), not predict_answers
     "breakfast": DatasetSpec("breakfast", "classification", {"train": "train.json", "val": "val.json", "test": "val.json"},
                              memory_bank_length=20, num_frames=100, max_new_tokens=20, paper=93.0, prompt_template="{}",
-                             question="what type of breakfast is shown in the video?"),
+                             question="what type of breakfast is shown in the video?", length_penalty=1.0),
     "coin": DatasetSpec("coin", "classification", dict.fromkeys(SPLITS, "COIN.json"), memory_bank_length=20,
                         num_frames=100, max_new_tokens=20, paper=93.2, prompt_template="{}",
-                        question="what is the activity in the video?"),
+                        question="what is the activity in the video?", length_penalty=1.0),
     "lvu": DatasetSpec("lvu", "classification", {s: f"{s}.json" for s in SPLITS}, memory_bank_length=20,
                        num_frames=100, max_new_tokens=5, paper=63.0, prompt_template="{}",
-                       question="what is the {} of the movie?"),
+                       question="what is the {} of the movie?", length_penalty=1.0),
+    "msrvtt-cap": _cap("msrvtt-cap", max_new_tokens=50, min_new_tokens=1),
+    "msvd-cap": _cap("msvd-cap", max_new_tokens=50, min_new_tokens=1),
+    "youcook2": _cap("youcook2", max_new_tokens=30, min_new_tokens=2),
 }
 LVU_HISTORY_S, LVU_STRIDE_S = 100, 20  # MA-LMM's LVU test settings (seconds)
 # Videos MA-LMM leaves out (their frames are broken or missing in the released data).
@@ -110,7 +138,9 @@ class Item:
     """One question about one clip: id (question id, video id, or ``<video>_<start s>`` for LVU),
     video (frame folder / file name), question (processed, before the prompt template), answer (the
     ground truth as MA-LMM compares it), frames (indices on the 10 fps timeline, 0-based), group
-    (LVU's task, a QA answer type, or "all")."""
+    (LVU's task, a QA answer type, or "all"), image_id (captioning: the clip's id in the COCO ground
+    truth, MSRVTT/MSVD's video, YouCook2's segment; one item per reference caption, so several items
+    share it; "" elsewhere)."""
 
     id: str
     video: str
@@ -118,6 +148,7 @@ class Item:
     answer: str
     frames: tuple[int, ...]
     group: str = "all"
+    image_id: str = ""
 
 
 def eval_indices(frame_length: int, num_frames: int, start: int = 0) -> tuple[int, ...]:
@@ -126,6 +157,21 @@ def eval_indices(frame_length: int, num_frames: int, start: int = 0) -> tuple[in
     if frame_length < 1 or num_frames < 1:
         raise ValueError(f"need frame_length >= 1 and num_frames >= 1, got {frame_length} and {num_frames}")
     return tuple(int(i) for i in np.rint(np.linspace(start, frame_length - 1, num_frames)).astype(int))
+
+
+def segment_indices(start_s: float, end_s: float, duration_s: float, frame_length: int,
+                    num_frames: int) -> tuple[int, ...]:
+    """MA-LMM's YouCook2 evaluation sampling: `num_frames` indices spread evenly from the segment's start
+    to its end (seconds, cut to [0, duration]) on the 10 fps timeline, cut toward zero (numpy's
+    ``linspace(..., dtype=int)``). An index past the clip's last frame (MA-LMM would open a frame file
+    that is not there) is clamped to `frame_length` - 1."""
+    if frame_length < 1 or num_frames < 1:
+        raise ValueError(f"need frame_length >= 1 and num_frames >= 1, got {frame_length} and {num_frames}")
+    start, end = max(0, start_s), min(duration_s, end_s)
+    if end < start:
+        raise ValueError(f"segment ends ({end_s} s) before it starts ({start_s} s)")
+    picked = np.linspace(start * FPS, end * FPS, num_frames).astype(int)
+    return tuple(min(int(i), frame_length - 1) for i in picked)
 
 
 def train_indices(frame_length: int, num_frames: int, rng: np.random.Generator) -> tuple[int, ...]:
@@ -163,6 +209,16 @@ def _length(entry: dict, key: str, where: str) -> int:
     return value
 
 
+def _load_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read '{path}': {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"'{path}' must hold a JSON object keyed by id (MA-LMM's layout), got {type(data).__name__}")
+    return data
+
+
 def read_items(
     spec: DatasetSpec,
     annotations: str | Path,
@@ -180,16 +236,13 @@ def read_items(
     """
     path = annotation_file(spec, annotations, split)
     num_frames = num_frames or spec.num_frames
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read '{path}': {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"'{path}' must hold a JSON object keyed by id (MA-LMM's layout), got {type(data).__name__}")
+    data = _load_object(path)
     items = []
     for key in sorted(data):
         entry, where = data[key], f"'{path.name}' entry {key!r}"
-        if spec.family == "qa":
+        if spec.family == "captioning":
+            items.append(_caption_item(spec, key, entry, where, num_frames))
+        elif spec.family == "qa":
             frames = eval_indices(_length(entry, "frame_length", where), num_frames)
             items.append(Item(str(_field(entry, "question_id", where)), str(_field(entry, "video", where)),
                               pre_question(str(_field(entry, "question", where))), str(_field(entry, "answer", where)),
@@ -212,6 +265,59 @@ def read_items(
     if spec.name == "lvu":
         items.sort(key=lambda it: (it.group, it.id))
     return items
+
+
+def _caption_item(spec: DatasetSpec, key: str, entry: dict, where: str, num_frames: int) -> Item:
+    """One reference caption of a clip: the prompt as question, the caption (LAVIS's caption processor,
+    MA-LMM's training target) as answer."""
+    video = str(_field(entry, "video", where))
+    length = _length(entry, "frame_length", where)
+    if spec.name == "youcook2":
+        times = []
+        for k in ("start_time", "end_time", "duration"):
+            value = _field(entry, k, where)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ValueError(f"{where}: {k!r} must be a number of seconds, got {value!r}")
+            times.append(value)
+        try:
+            frames = segment_indices(*times, length, num_frames)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+        image_id = str(_field(entry, "segment", where))
+    else:
+        frames, image_id = eval_indices(length, num_frames), video
+    caption = _field(entry, "caption", where)
+    if not isinstance(caption, str):
+        raise ValueError(f"{where}: 'caption' must be text, got {caption!r}")
+    return Item(str(key), video, spec.question, pre_caption(caption), frames, image_id=image_id)
+
+
+def read_references(spec: DatasetSpec, annotations: str | Path, split: str = "test") -> tuple[dict[str, list[str]], Path]:
+    """A captioning split's reference captions {image_id: [captions]} and the file they come from:
+    MA-LMM's COCO ground truth ``coco_gt/<split file>`` beside the split's file (its ``annotations``'
+    ``image_id`` and ``caption``, as written), or, where that file is absent (MA-LMM publishes none for
+    MSRVTT's and MSVD's train split), the split file's own captions grouped by clip, which equal it on
+    every split where both are published. ValueError names the file that does not fit."""
+    path = annotation_file(spec, annotations, split)
+    gt = path.parent / "coco_gt" / path.name
+    if not gt.is_file():
+        refs: dict[str, list[str]] = {}
+        data = _load_object(path)
+        for key in sorted(data):
+            item = _caption_item(spec, key, data[key], f"'{path.name}' entry {key!r}", 1)
+            refs.setdefault(item.image_id, []).append(str(data[key]["caption"]))
+        return refs, path
+    try:
+        data = json.loads(gt.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read '{gt}': {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise ValueError(f"'{gt}' must be COCO ground truth: an object with a list 'annotations'")
+    refs = {}
+    for n, ann in enumerate(data["annotations"]):
+        where = f"'{gt.name}' annotation {n}"
+        refs.setdefault(str(_field(ann, "image_id", where)), []).append(str(_field(ann, "caption", where)))
+    return refs, gt
 
 
 def _lvu_windows(spec: DatasetSpec, video: str, entry: dict, where: str, num_frames: int, tasks: Sequence[str],

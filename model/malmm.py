@@ -752,40 +752,59 @@ class MALMM(nn.Module):
     def generate_answers(
         self, query_outputs: torch.Tensor | Sequence[torch.Tensor], questions: Sequence[str], *,
         max_new_tokens: int | None = None, num_beams: int | None = None, length_penalty: float | None = None,
+        min_new_tokens: int | None = None,
     ) -> list[tuple[list[int], str]]:
         """(token ids, text) for each question, all generated together by one LLM `generate`.
 
         query_outputs: [B, Q, C_q], or B tensors [1, Q, C_q] (question b reads row b). The answers
         are those `generate_answer` gives one at a time (see `generate_tokens`).
         """
+        return [c[0] for c in self.generate_candidates(
+            query_outputs, questions, 1, max_new_tokens=max_new_tokens, num_beams=num_beams,
+            length_penalty=length_penalty, min_new_tokens=min_new_tokens)]
+
+    def generate_candidates(
+        self, query_outputs: torch.Tensor | Sequence[torch.Tensor], questions: Sequence[str], candidates: int, *,
+        max_new_tokens: int | None = None, num_beams: int | None = None, length_penalty: float | None = None,
+        min_new_tokens: int | None = None,
+    ) -> list[list[tuple[list[int], str]]]:
+        """The `candidates` best beams of each question, best first, as (token ids, text): MA-LMM's
+        ``num_captions`` (its classification scores top-5 on 5 of 5 beams). The first candidate is the
+        answer `generate_answers` gives. candidates must be at most the beams searched (ValueError)."""
         if not isinstance(query_outputs, torch.Tensor):
             query_outputs = torch.cat(list(query_outputs), dim=0)
-        tokens = self.generate_tokens(
+        rows = self.generate_tokens(
             query_outputs, [self.prompt(q) for q in questions], max_new_tokens=max_new_tokens,
-            num_beams=num_beams, length_penalty=length_penalty,
+            num_beams=num_beams, length_penalty=length_penalty, min_new_tokens=min_new_tokens,
+            num_return_sequences=candidates,
         )
-        return [(t, self.tokenizer.decode(t, skip_special_tokens=True).strip()) for t in tokens]
+        texts = [(t, self.tokenizer.decode(t, skip_special_tokens=True).strip()) for t in rows]
+        return [texts[b * candidates : (b + 1) * candidates] for b in range(len(questions))]
 
     def _decoding(
-        self, max_new_tokens: int | None, num_beams: int | None, length_penalty: float | None
+        self, max_new_tokens: int | None, num_beams: int | None, length_penalty: float | None,
+        min_new_tokens: int | None = None,
     ) -> Decoding:
         """The model's `decoding` with the options given (not None) over it; bad values raise ValueError."""
-        given = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty}
+        given = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty,
+                 "min_new_tokens": min_new_tokens}
         decoding = self.decoding
         given = {k: v for k, v in given.items() if v is not None}
-        if "max_new_tokens" in given and decoding.min_new_tokens > given["max_new_tokens"]:
+        if "max_new_tokens" in given and "min_new_tokens" not in given and decoding.min_new_tokens > given["max_new_tokens"]:
             given["min_new_tokens"] = given["max_new_tokens"]  # a shorter bound asked for wins
         return replace(decoding, **given)
 
     @torch.inference_mode()
     def generate_tokens(
         self, query_output: torch.Tensor, prompt: str | Sequence[str], *, max_new_tokens: int | None = None,
-        num_beams: int | None = None, length_penalty: float | None = None,
+        num_beams: int | None = None, length_penalty: float | None = None, min_new_tokens: int | None = None,
+        num_return_sequences: int = 1,
     ) -> list[int] | list[list[int]]:
         """Generated token ids (new tokens only) for query outputs [B, Q, C_q] and a prompt.
 
-        Decoding: the model's `decoding`, with max_new_tokens, num_beams and length_penalty given (not
-        None) over it.
+        Decoding: the model's `decoding`, with max_new_tokens, num_beams, length_penalty and
+        min_new_tokens given (not None) over it. num_return_sequences > 1 (at most the beams): that many
+        sequences per row, best first, row after row (B * n lists; one prompt: n lists).
 
         One prompt (str): B must be 1 and one list of ids comes back. B prompts: the rows are
         left-padded to one batch (`llm_inputs`) and one list per row comes back, each cut after its
@@ -796,7 +815,10 @@ class MALMM(nn.Module):
         single = isinstance(prompt, str)
         if single and query_output.shape[0] != 1:
             raise ValueError(f"one prompt answers one query output row, got {query_output.shape[0]} rows")
-        decoding = self._decoding(max_new_tokens, num_beams, length_penalty)
+        decoding = self._decoding(max_new_tokens, num_beams, length_penalty, min_new_tokens)
+        if not 1 <= num_return_sequences <= decoding.num_beams:
+            raise ValueError(f"num_return_sequences must be in 1..num_beams ({decoding.num_beams}), "
+                             f"got {num_return_sequences}")
         embeds, mask = self.llm_inputs(query_output, prompt)
         tok = self.tokenizer
         out = self.language_model.generate(
@@ -808,6 +830,7 @@ class MALMM(nn.Module):
             do_sample=False,
             repetition_penalty=decoding.repetition_penalty,
             length_penalty=decoding.length_penalty,
+            num_return_sequences=num_return_sequences,
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
             eos_token_id=tok.eos_token_id,
         )
@@ -818,7 +841,7 @@ class MALMM(nn.Module):
             if tok.eos_token_id in tokens:  # what follows is padding
                 tokens = tokens[: tokens.index(tok.eos_token_id) + 1]
             rows.append(tokens)
-        return rows[0] if single else rows
+        return rows[0] if single and num_return_sequences == 1 else rows
 
     # ------------------------------------------------------------ snapshots
 

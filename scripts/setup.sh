@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up mixmalmm on a fresh Debian machine: a virtual environment in .venv with the pinned CPU torch
 # and the project. With --test it also installs the test tools and the system packages the tests use
-# (GStreamer's RTSP server, driven by Debian's /usr/bin/python3).
+# (GStreamer's RTSP server, driven by Debian's /usr/bin/python3; Java for the captioning metrics).
 # Usage: bash scripts/setup.sh [--test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,13 @@ if [ "$want_test" = 1 ]; then
         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
             python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good gstreamer1.0-plugins-base \
             gstreamer1.0-plugins-bad >/dev/null
+    fi
+    if ! command -v java >/dev/null 2>&1; then
+        # pycocoevalcap's PTB tokenizer and METEOR (mixmalmm eval's captioning metrics) run on Java.
+        echo "setup: installing Java for the captioning metrics (apt-get)"
+        SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends default-jre-headless >/dev/null
     fi
 fi
 

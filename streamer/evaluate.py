@@ -4,7 +4,9 @@ Reads the dataset's annotation file in MA-LMM's layout (`mixmalmm.model.datasets
 item's frames from extracted frame folders or straight from its video, runs the clip algorithm
 (`MALMM.clip_query_output`: every sampled frame in order through the memory banks, then one answer
 per question), scores the answers (`mixmalmm.model.metrics`), prints a table beside the paper's
-numbers and writes every prediction to a JSON file.
+numbers and writes every prediction to a JSON file. Classification also scores top-5 (5 beams
+returned, as MA-LMM); captioning generates one caption per clip and scores BLEU-4, METEOR, ROUGE-L
+and CIDEr against the COCO ground truth.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def add_parser(commands) -> None:
     r.add_argument("--batch-size", type=int, default=8, metavar="N", help="questions per batch (default 8)")
     r.add_argument("--num-beams", type=int, metavar="N", help="beam search width (MA-LMM: 5)")
     r.add_argument("--max-new-tokens", type=int, metavar="N",
-                   help="longest answer in tokens (MA-LMM: 10 for QA, 5 for LVU, 20 for Breakfast and COIN)")
+                   help="longest answer in tokens (MA-LMM: 10 for QA, 5 for LVU, 20 for Breakfast and COIN, "
+                        "50 for MSRVTT/MSVD captions, 30 for YouCook2)")
     r.add_argument("--resize", choices=["malmm", "antialias"], default="malmm",
                    help="malmm (default): MA-LMM's evaluation resize, bicubic without antialiasing, truncated; "
                         "antialias: the engine's, as InstructBLIP's image processor")
@@ -96,10 +99,15 @@ def run_eval(args: argparse.Namespace) -> int:
                            tasks=args.task or LVU_TASKS, history_s=args.history, stride_s=args.stride)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+    references = None
+    if spec.family == "captioning":
+        items = clip_items(items)  # one caption per clip, as MA-LMM keeps one result per image_id
     if args.limit:
         items = items[: args.limit]
     if not items:
         raise UserError(f"no {args.split} items in the {spec.name} annotations '{args.annotations}'")
+    if spec.family == "captioning":
+        references = _caption_references(spec, args, items)
     _check_sources(items, args)
     out = Path(args.out) if args.out else Path(f"eval-{spec.name}-{args.split}.json")
     if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):  # before hours of work
@@ -109,15 +117,27 @@ def run_eval(args: argparse.Namespace) -> int:
     settings = {"memory_bank_length": M, "num_frames": len(items[0].frames),
                 "num_beams": args.num_beams or spec.num_beams, "max_new_tokens": args.max_new_tokens or spec.max_new_tokens,
                 "prompt_template": spec.prompt_template, "resize": args.resize}
+    decoding = {}
+    if spec.min_new_tokens is not None:
+        decoding["min_new_tokens"] = min(spec.min_new_tokens, settings["max_new_tokens"])
+    if spec.length_penalty is not None:
+        decoding["length_penalty"] = spec.length_penalty
+    settings.update(decoding)
+    # MA-LMM's classification returns every beam (num_captions = num_beams) and scores top-5 on them.
+    candidates = settings["num_beams"] if spec.family == "classification" else 1
     started = time.perf_counter()
     try:
         predictions = predict(model, items, frames=args.frames, videos=args.videos, batch_size=args.batch_size,
                               max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"],
-                              resize=args.resize,
+                              resize=args.resize, candidates=candidates, **decoding,
                               progress=lambda done, total: log.info("%s: %d/%d items", spec.name, done, total))
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    report = _report(spec, args, name, settings, items, predictions, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    if spec.family == "captioning":
+        report = _caption_report(spec, args, name, settings, items, predictions, references, seconds)
+    else:
+        report = _report(spec, args, name, settings, items, predictions, seconds)
     try:
         out.write_text(json.dumps(report, indent=2) + "\n")
     except OSError as exc:
@@ -133,6 +153,28 @@ def configure(model, spec, memory_bank_length: int | None = None) -> int:
     M = spec.memory_bank_length if memory_bank_length is None else memory_bank_length
     model.config = replace(model.config, memory_bank_length=M, prompt_template=spec.prompt_template)
     return M
+
+
+def clip_items(items):
+    """Captioning: the first item (in annotation order) of each clip (`Item.image_id`): every reference
+    caption of a clip is an item, and MA-LMM keeps one result per image_id (the first)."""
+    return list({it.image_id: it for it in reversed(items)}.values())[::-1]
+
+
+def _caption_references(spec, args, items) -> dict[str, list[str]]:
+    """The reference captions of the clips to caption (before the model loads): every clip needs some."""
+    from mixmalmm.model.datasets import read_references
+
+    try:
+        references, _ = read_references(spec, args.annotations, args.split)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    for it in items:
+        if not any(c.strip() for c in references.get(it.image_id, ())):
+            hint = (" (YouCook2's test captions are not published: MA-LMM reports --split val)"
+                    if spec.name == "youcook2" and args.split == "test" else "")
+            raise UserError(f"clip {it.image_id!r} has no reference caption in the ground truth{hint}")
+    return {it.image_id: references[it.image_id] for it in items}
 
 
 def _check_sources(items, args) -> None:
@@ -151,13 +193,17 @@ def _check_sources(items, args) -> None:
 
 
 def predict(model, items, *, frames=None, videos=None, batch_size: int = 8, max_new_tokens: int = 10,
-            num_beams: int = 5, resize: str = "malmm", progress=None) -> list[str]:
+            num_beams: int = 5, resize: str = "malmm", progress=None, candidates: int = 1,
+            min_new_tokens: int | None = None, length_penalty: float | None = None) -> list:
     """The model's answer to every item (`mixmalmm.model.datasets.Item`) by the clip algorithm, batch by
     batch; the items of a batch that share a clip (same video, same frames) share its vision pass and
     visual memory. frames / videos: the folders of extracted frames / videos (`clip_frames`). resize:
     "malmm" (MA-LMM's evaluation resize, `malmm_resize`) or "antialias" (the model's own preprocessing,
     `frames_to_pixels`: antialiased bicubic, rounded, as InstructBLIP's image processor and the engine).
-    progress(done, total) is called after each batch. ValueError when an item's frames cannot be read."""
+    progress(done, total) is called after each batch. ValueError when an item's frames cannot be read.
+    candidates > 1: each item's list of that many beams' texts, best first (its first is the answer
+    given with candidates 1), instead of one text. min_new_tokens, length_penalty: over the model's
+    decoding (None: the model's)."""
     import torch
 
     from mixmalmm.model.datasets import clip_frames, malmm_resize
@@ -187,44 +233,102 @@ def predict(model, items, *, frames=None, videos=None, batch_size: int = 8, max_
         with torch.inference_mode():
             output = model.clip_query_output(torch.stack(pixels), questions,
                                              clips=[index[it.video, it.frames] for it in batch])
-            texts = model.generate_answers(output, questions, max_new_tokens=max_new_tokens, num_beams=num_beams)
-        answers.extend(text for _, text in texts)
+            found = model.generate_candidates(output, questions, candidates, max_new_tokens=max_new_tokens,
+                                              num_beams=num_beams, min_new_tokens=min_new_tokens,
+                                              length_penalty=length_penalty)
+        answers.extend([text for _, text in c] if candidates > 1 else c[0][1] for c in found)
         if progress is not None:
             progress(len(answers), len(items))
     return answers
 
 
 def _report(spec, args, name, settings, items, predictions, seconds) -> dict:
+    """QA and classification. Classification's predictions are each item's beams (best first): top-1
+    scores the first, top-5 the first five (LVU: both averaged over the tasks)."""
     from mixmalmm.model.metrics import grouped_accuracy, is_correct, mean_over_groups, top1_accuracy
 
-    correct = [is_correct(p, it.answer, first_word=spec.first_word) for p, it in zip(predictions, items, strict=True)]
+    beams = [p if isinstance(p, list) else [p] for p in predictions]
+    best = [b[0] for b in beams]
+    correct = [is_correct(p, it.answer, first_word=spec.first_word) for p, it in zip(best, items, strict=True)]
+    correct5 = [any(is_correct(c, it.answer, first_word=spec.first_word) for c in b[:5])
+                for b, it in zip(beams, items, strict=True)]
     groups = grouped_accuracy([it.group for it in items], correct)
-    top1 = mean_over_groups(groups) if spec.name == "lvu" else top1_accuracy(correct)
-    return {
-        "dataset": spec.name, "split": args.split, "model": name, "settings": settings,
+    groups5 = grouped_accuracy([it.group for it in items], correct5)
+
+    def average(by_group, values):  # LVU: each task counts once
+        return mean_over_groups(by_group) if spec.name == "lvu" else top1_accuracy(values)
+
+    report = {
+        "dataset": spec.name, "family": spec.family, "split": args.split, "model": name, "settings": settings,
         "items": len(items), "seconds": round(seconds, 3),
-        "top1": top1, "paper_top1": spec.paper,
+        "top1": average(groups, correct), "paper_top1": spec.paper,
         "groups": {g: {"top1": acc, "items": n} for g, (acc, n) in groups.items()},
         "predictions": [
             {"id": it.id, "video": it.video, "group": it.group, "question": it.question, "answer": it.answer,
              "prediction": p, "correct": c}
-            for it, p, c in zip(items, predictions, correct, strict=True)
+            for it, p, c in zip(items, best, correct, strict=True)
+        ],
+    }
+    if spec.family == "classification":
+        report["top5"] = average(groups5, correct5)
+        for g, (acc, _) in groups5.items():
+            report["groups"][g]["top5"] = acc
+        for row, b, c5 in zip(report["predictions"], beams, correct5, strict=True):
+            row["candidates"], row["correct_top5"] = b, c5
+    return report
+
+
+def _caption_report(spec, args, name, settings, items, predictions, references, seconds) -> dict:
+    """Captioning: pycocoevalcap's metrics x 100 (BLEU-1..4, METEOR where Java runs, ROUGE-L, CIDEr)."""
+    from mixmalmm.model.metrics import caption_scores, java_available
+
+    java = java_available()
+    if not java:
+        log.warning("no java: METEOR left out, BLEU/ROUGE-L/CIDEr on a simple tokenizer instead of the PTB one")
+    scores = caption_scores(references, {it.image_id: p for it, p in zip(items, predictions, strict=True)},
+                            java=java)
+    return {
+        "dataset": spec.name, "family": spec.family, "split": args.split, "model": name, "settings": settings,
+        "items": len(items), "seconds": round(seconds, 3),
+        "metrics": {k: 100 * v for k, v in scores.items()},
+        "paper_metrics": dict(spec.paper_metrics or {}),
+        "tokenizer": "ptb" if java else "simple (no java: METEOR left out)",
+        "predictions": [
+            {"id": it.image_id, "video": it.video, "frames": list(it.frames), "prompt": it.question,
+             "prediction": p, "references": references[it.image_id]}
+            for it, p in zip(items, predictions, strict=True)
         ],
     }
 
 
+def _number(value) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
 def format_table(report: dict) -> str:
     """The report as a table: the dataset's top-1 accuracy beside the paper's (LVU: a row per task,
-    then their average beside the paper's average)."""
+    then their average beside the paper's average; classification adds top-5). Captioning: BLEU-4,
+    METEOR, ROUGE-L, CIDEr (x 100), then the paper's METEOR and CIDEr (empty where not known)."""
     rows = []
-    if report["dataset"] == "lvu":
-        rows += [(f"lvu {g}", v["items"], f"{v['top1']:.1f}", "") for g, v in report["groups"].items()]
+    family = report.get("family")
+    top5 = family == "classification"
+    if family == "captioning":
+        m, paper = report["metrics"], report["paper_metrics"]
+        head = ("dataset", "clips", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "paper METEOR", "paper CIDEr")
+        rows.append((report["dataset"], report["items"], *(_number(m.get(k)) if k in m else "-"
+                                                         for k in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")),
+                     _number(paper.get("METEOR")), _number(paper.get("CIDEr"))))
+    elif report["dataset"] == "lvu":
+        rows += [(f"lvu {g}", v["items"], f"{v['top1']:.1f}", *([f"{v['top5']:.1f}"] if top5 else []), "")
+                 for g, v in report["groups"].items()]
         rows.append((f"lvu average ({len(report['groups'])} tasks)", report["items"], f"{report['top1']:.1f}",
-                     f"{report['paper_top1']:.1f}"))
+                     *([f"{report['top5']:.1f}"] if top5 else []), _number(report["paper_top1"])))
     else:
-        rows.append((report["dataset"], report["items"], f"{report['top1']:.1f}", f"{report['paper_top1']:.1f}"))
-    head = ("dataset", "items", "top-1 %", "MA-LMM paper %")
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(4)]
+        rows.append((report["dataset"], report["items"], f"{report['top1']:.1f}",
+                     *([f"{report['top5']:.1f}"] if top5 else []), _number(report["paper_top1"])))
+    if family != "captioning":
+        head = ("dataset", "items", "top-1 %", *(["top-5 %"] if top5 else []), "MA-LMM paper %")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     line = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
     s = report["settings"]
     title = (f"{report['dataset']} {report['split']}: model {report['model']}, {s['num_frames']} frames, "

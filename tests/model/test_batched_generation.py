@@ -98,3 +98,30 @@ def test_generate_tokens_checks_its_rows(model):
         model.generate_tokens(output.expand(2, -1, -1), model.prompt(STANDING), max_new_tokens=2)
     with pytest.raises(ValueError, match="one prompt per query output row: 1 rows, 2 prompts"):
         model.llm_inputs(output, ["a", "b"])
+
+
+def test_candidates_are_the_beams_best_first(model):
+    """generate_candidates: each question's n best beams, best first, as transformers ranks them for the
+    question alone; the first is the default answer (MA-LMM's top-5 reads 5 of 5 beams)."""
+    state = stepped(model)
+    outputs = [o for o, _ in model.query_outputs(state, QUESTIONS)]
+    found = model.generate_candidates(outputs, QUESTIONS, 3, max_new_tokens=8, num_beams=3)
+    answers = model.generate_answers(outputs, QUESTIONS, max_new_tokens=8, num_beams=3)
+    assert [len(c) for c in found] == [3] * len(QUESTIONS)
+    assert [c[0] for c in found] == answers
+    tok = model.tokenizer
+    for b in (0, 3):
+        embeds, mask = model.llm_inputs(outputs[b], [model.prompt(QUESTIONS[b])])
+        out = model.language_model.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8, num_beams=3, num_return_sequences=3,
+            do_sample=False, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_scores=True,
+            repetition_penalty=model.decoding.repetition_penalty, length_penalty=model.decoding.length_penalty,
+        )
+        scores = out.sequences_scores.tolist()
+        assert scores == sorted(scores, reverse=True)  # best first
+        texts = tok.batch_decode(out.sequences, skip_special_tokens=True)
+        assert [t for _, t in found[b]] == [t.strip() for t in texts]
+    assert len({t for _, t in found[0]}) > 1  # distinct beams, not one answer three times
+    with pytest.raises(ValueError, match=r"num_return_sequences must be in 1\.\.num_beams \(2\), got 3"):
+        model.generate_candidates(outputs[:1], QUESTIONS[:1], 3, max_new_tokens=4, num_beams=2)

@@ -16,10 +16,21 @@ from mixmalmm.model.datasets import (
     pre_caption,
     pre_question,
     read_items,
+    read_references,
+    segment_indices,
     train_indices,
     video_frames,
 )
-from mixmalmm.model.metrics import grouped_accuracy, is_correct, mean_over_groups, top1_accuracy
+from mixmalmm.model.metrics import (
+    caption_scores,
+    grouped_accuracy,
+    is_correct,
+    java_available,
+    mean_over_groups,
+    simple_tokenize,
+    top1_accuracy,
+    topk_accuracy,
+)
 from mixmalmm.streamer.synthetic import write_video
 
 
@@ -192,3 +203,144 @@ def test_metrics_match_hand_computed_cases():
     assert mean_over_groups(groups) == 75.0  # each task once (the pooled accuracy would be 66.7)
     with pytest.raises(ValueError, match="one group per item"):
         grouped_accuracy(["a"], [True, False])
+
+
+def test_topk_accuracy_reads_the_first_k_beams():
+    beams = [["egg", "fried egg", "tea"], ["tea", "coffee"], ["milk"]]
+    truths = ["fried egg", "coffee", "juice"]
+    assert topk_accuracy(beams, truths, k=1) == 0.0
+    assert topk_accuracy(beams, truths, k=2) == pytest.approx(200 / 3)  # the 2nd beam of the first two
+    assert topk_accuracy([["a man"], ["x", "y"]], ["a", "y"], k=5, first_word=True) == 100.0
+    with pytest.raises(ValueError, match="one candidate list per item"):
+        topk_accuracy(beams, truths[:2])
+
+
+MSRVTT_CAPTIONS = {  # MA-LMM's data/msrvtt/annotation/cap_test.json layout: one entry per reference caption
+    "0": {"image_id": "video7010.mp4", "caption": "a man is walking", "id": 0, "video": "video7010", "frame_length": 102},
+    "1": {"image_id": "video7010.mp4", "caption": "A man walks.", "id": 1, "video": "video7010", "frame_length": 102},
+    "10": {"image_id": "video7011.mp4", "caption": "a cat sleeps", "id": 10, "video": "video7011", "frame_length": 7},
+    "2": {"image_id": "video7010.mp4", "caption": "someone walks down a street", "id": 2, "video": "video7010",
+          "frame_length": 102},
+}
+
+
+def coco_gt(entries, key="video"):
+    """MA-LMM's coco_gt/cap_<split>.json: annotations (image_id, caption, id) and images."""
+    return {"annotations": [{"image_id": e[key], "caption": e["caption"], "id": e["id"]} for e in entries.values()],
+            "images": [{"id": i} for i in dict.fromkeys(e[key] for e in entries.values())]}
+
+
+def test_caption_reader_and_references(tmp_path):
+    write_json(tmp_path / "cap_test.json", MSRVTT_CAPTIONS)
+    items = read_items(DATASETS["msrvtt-cap"], tmp_path, "test", num_frames=5)
+    # keys sorted as strings, as MA-LMM sorts them: "0" "1" "10" "2"
+    assert [(it.id, it.image_id, it.answer) for it in items] == [
+        ("0", "video7010", "a man is walking"), ("1", "video7010", "a man walks"),
+        ("10", "video7011", "a cat sleeps"), ("2", "video7010", "someone walks down a street")]
+    assert items[0].frames == (0, 25, 50, 76, 101) and items[2].frames == (0, 2, 3, 4, 6)
+    assert {it.question for it in items} == {"what does the video describe?"}
+    assert len(read_items(DATASETS["msrvtt-cap"], tmp_path, "test")[0].frames) == 80  # MA-LMM's caption runs
+    # no coco_gt folder: the split's own captions, as written (the scorer's tokenizer normalises them)
+    refs, source = read_references(DATASETS["msrvtt-cap"], tmp_path, "test")
+    assert source == tmp_path / "cap_test.json"
+    assert refs == {"video7010": ["a man is walking", "A man walks.", "someone walks down a street"],
+                    "video7011": ["a cat sleeps"]}
+    (tmp_path / "coco_gt").mkdir()
+    gt = coco_gt(MSRVTT_CAPTIONS)
+    gt["annotations"][0]["caption"] = "a man walking"  # the file MA-LMM scores against wins
+    write_json(tmp_path / "coco_gt" / "cap_test.json", gt)
+    refs, source = read_references(DATASETS["msrvtt-cap"], tmp_path / "cap_test.json", "test")
+    assert source == tmp_path / "coco_gt" / "cap_test.json" and refs["video7010"][0] == "a man walking"
+    write_json(tmp_path / "coco_gt" / "cap_test.json", {"images": []})
+    with pytest.raises(ValueError, match="must be COCO ground truth"):
+        read_references(DATASETS["msrvtt-cap"], tmp_path, "test")
+    write_json(tmp_path / "cap_val.json", {"0": {"caption": "x", "video": "v"}})
+    with pytest.raises(ValueError, match=r"'cap_val.json' entry '0' lacks the field 'frame_length'"):
+        read_items(DATASETS["msvd-cap"], tmp_path, "val")
+
+
+def test_youcook2_segments_are_sampled_in_their_time_span(tmp_path):
+    # linspace(470, 600, 5) = 470 502.5 535 567.5 600, cut toward zero
+    assert segment_indices(47, 60, 206.86, 2070, 5) == (470, 502, 535, 567, 600)
+    # the end is cut to the duration (10.5 s): linspace(10, 105, 3) = 10 57.5 105; 105 > the last frame 103
+    assert segment_indices(1, 12, 10.5, 104, 3) == (10, 57, 103)
+    assert segment_indices(-2, 1, 9, 90, 2) == (0, 10)  # a start before 0 s is 0
+    with pytest.raises(ValueError, match="ends"):
+        segment_indices(5, 4, 9, 90, 2)
+    entries = {  # MA-LMM's data/youcook2/annotation/cap_val.json layout
+        "xHr8X2Wpmno_0067_0089": {"video": "xHr8X2Wpmno", "segment": "xHr8X2Wpmno_0067_0089", "id": 1,
+                                  "duration": 206.86, "start_time": 67, "end_time": 89, "frame_length": 2070,
+                                  "recipe": "fattoush", "caption": "combine lemon juice sumac garlic salt and oil in a bowl"},
+        "xHr8X2Wpmno_0047_0060": {"video": "xHr8X2Wpmno", "segment": "xHr8X2Wpmno_0047_0060", "id": 0,
+                                  "duration": 206.86, "start_time": 47, "end_time": 60, "frame_length": 2070,
+                                  "recipe": "fattoush", "caption": "pick the ends off the verdalago"},
+    }
+    write_json(tmp_path / "cap_val.json", entries)
+    (tmp_path / "coco_gt").mkdir()
+    write_json(tmp_path / "coco_gt" / "cap_val.json", coco_gt(entries, key="segment"))
+    items = read_items(DATASETS["youcook2"], tmp_path, "val", num_frames=5)
+    assert [(it.image_id, it.video, it.frames) for it in items] == [
+        ("xHr8X2Wpmno_0047_0060", "xHr8X2Wpmno", (470, 502, 535, 567, 600)),
+        ("xHr8X2Wpmno_0067_0089", "xHr8X2Wpmno", (670, 725, 780, 835, 890))]  # linspace(670, 890, 5)
+    refs, _ = read_references(DATASETS["youcook2"], tmp_path, "val")
+    assert refs == {"xHr8X2Wpmno_0047_0060": ["pick the ends off the verdalago"],
+                    "xHr8X2Wpmno_0067_0089": ["combine lemon juice sumac garlic salt and oil in a bowl"]}
+    spec = DATASETS["youcook2"]
+    assert (spec.memory_bank_length, spec.num_frames, spec.max_new_tokens, spec.min_new_tokens) == (40, 80, 30, 2)
+
+
+# Hand-computed scores. Hypothesis "the cat sat on the mat", reference "the cat sat on a mat":
+# clipped n-gram matches 5/6, 3/5, 2/4, 1/3, equal lengths (no brevity penalty), so
+# BLEU-1 = 5/6, BLEU-2 = (5/6 * 3/5) ** (1/2), BLEU-4 = (5/6 * 3/5 * 2/4 * 1/3) ** (1/4) = (1/12) ** (1/4).
+def check_hand_computed(java: bool) -> None:
+    s = caption_scores({"a": ["The cat sat on a mat."]}, {"a": "the cat sat on the mat"}, java=java)
+    assert s["Bleu_1"] == pytest.approx(5 / 6, rel=1e-6)
+    assert s["Bleu_2"] == pytest.approx(0.5 ** 0.5, rel=1e-6)
+    assert s["Bleu_4"] == pytest.approx((1 / 12) ** 0.25, rel=1e-6)
+    # brevity: "the cat" against 6 words: BLEU-1 = 2/2 * exp(1 - 6/2)
+    assert caption_scores({"a": ["the cat sat on the mat"]}, {"a": "the cat"}, java=java)["Bleu_1"] == \
+        pytest.approx(np.exp(-2), rel=1e-6)
+    # ROUGE-L: candidate "a cat sat", reference "a black cat sat down": LCS 3, P = 1, R = 3/5,
+    # F = (1 + 1.2^2) P R / (R + 1.2^2 P) = 2.44 * 0.6 / 2.04
+    assert caption_scores({"a": ["a black cat sat down"]}, {"a": "a cat sat"}, java=java)["ROUGE_L"] == \
+        pytest.approx(2.44 * 0.6 / 2.04, rel=1e-9)
+    # CIDEr over two clips (document frequencies from their references, idf log 2 for every n-gram):
+    # clip a ("dog runs" for "dog runs"): cosine 1 for n = 1, 2, nothing for n = 3, 4 -> 10 * (1 + 1) / 4 = 5;
+    # clip b ("cat" for "cat sleeps"): n = 1 cosine 1/sqrt(2), length gap 1 -> exp(-1 / (2 * 6^2)),
+    # 10 * that / 4; CIDEr = the mean of the two.
+    b = 10 * (2 ** -0.5) * np.exp(-1 / 72) / 4
+    cider = caption_scores({"a": ["dog runs"], "b": ["cat sleeps"]}, {"a": "dog runs", "b": "cat"}, java=java)["CIDEr"]
+    assert cider == pytest.approx((5 + b) / 2, rel=1e-9)
+    # one clip alone: every n-gram is in every document, idf 0, CIDEr 0 whatever the caption
+    assert caption_scores({"a": ["dog runs"]}, {"a": "dog runs"}, java=java)["CIDEr"] == 0.0
+
+
+def test_caption_metrics_without_java_match_hand_computed_cases():
+    check_hand_computed(java=False)
+    _, each = caption_scores({"a": ["the cat sat on a mat"], "b": ["dog runs"]},
+                             {"a": "the cat sat on the mat", "b": "dog runs"}, java=False, per_clip=True)
+    assert each["a"]["Bleu_4"] == pytest.approx((1 / 12) ** 0.25, rel=1e-6) and each["b"]["ROUGE_L"] == 1.0
+    assert simple_tokenize("A man, walking -- in the park.") == "a man walking in the park"
+    assert "METEOR" not in caption_scores({"a": ["a dog"]}, {"a": "a dog"}, java=False)
+    with pytest.raises(ValueError, match="no reference captions for 1 clip"):
+        caption_scores({"a": ["x"]}, {"a": "x", "b": "y"}, java=False)
+
+
+@pytest.mark.skipif(not java_available(), reason="needs java (scripts/setup.sh --test installs it)")
+def test_caption_metrics_with_java():
+    """The PTB tokenizer turns the hand-computed cases into the tokens `simple_tokenize` gives (so the
+    numbers above hold with Java too), and METEOR behaves as it must (one JVM each: they start slowly)."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    sentences = ["The cat sat on a mat.", "the cat, sat -- on the mat!", "A black cat sat down?"]
+    tokens = PTBTokenizer().tokenize({str(i): [{"caption": c}] for i, c in enumerate(sentences)})
+    assert [tokens[str(i)][0] for i in range(3)] == [simple_tokenize(c) for c in sentences]
+    hypotheses = ("the cat sat on the mat", "the cat sat on a rug", "the cat", "dogs run fast")
+    corpus, each = caption_scores({h: ["The cat sat on the mat."] for h in hypotheses}, {h: h for h in hypotheses},
+                                  java=True, per_clip=True)
+    assert list(corpus) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
+    meteor = [each[h]["METEOR"] for h in hypotheses]
+    assert meteor[0] == 1.0 and meteor[-1] == 0.0  # identical; nothing in common
+    assert 1.0 > meteor[1] > meteor[2] > 0.0  # more of the reference matched, in order, scores higher
+    assert 0.0 < corpus["METEOR"] < 1.0  # the corpus score pools the clips' statistics (not their mean)
+    assert each["the cat"]["Bleu_1"] == pytest.approx(np.exp(-2), rel=1e-6)  # the brevity case above, per clip
