@@ -158,7 +158,10 @@ def configure(model, spec, memory_bank_length: int | None = None) -> int:
 def clip_items(items):
     """Captioning: the first item (in annotation order) of each clip (`Item.image_id`): every reference
     caption of a clip is an item, and MA-LMM keeps one result per image_id (the first)."""
-    return list({it.image_id: it for it in reversed(items)}.values())[::-1]
+    first: dict[str, object] = {}
+    for it in items:
+        first.setdefault(it.image_id, it)
+    return list(first.values())
 
 
 def _caption_references(spec, args, items) -> dict[str, list[str]]:
