@@ -169,6 +169,10 @@ def _caption_references(spec, args, items) -> dict[str, list[str]]:
     from mixmalmm.model.datasets import read_references
 
     try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError as exc:
+        raise UserError("the captioning metrics need pycocoevalcap: pip install -e '.[eval]'") from exc
+    try:
         references, _ = read_references(spec, args.annotations, args.split)
     except ValueError as exc:
         raise UserError(str(exc)) from exc

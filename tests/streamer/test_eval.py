@@ -348,4 +348,8 @@ def test_eval_caption_user_errors(media, tmp_path, monkeypatch, capsys):
     assert main(base) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "must be COCO ground truth" in err[0], err
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)  # as where the eval extra is not installed
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mixmalmm eval: the captioning metrics need pycocoevalcap: pip install -e '.[eval]'"], err
     assert not list(tmp_path.glob("eval-*.json"))
