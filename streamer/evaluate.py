@@ -286,14 +286,15 @@ def _report(spec, args, name, settings, items, predictions, seconds) -> dict:
 
 
 def _caption_report(spec, args, name, settings, items, predictions, references, seconds) -> dict:
-    """Captioning: pycocoevalcap's metrics x 100 (BLEU-1..4, METEOR where Java runs, ROUGE-L, CIDEr)."""
+    """Captioning: pycocoevalcap's metrics x 100 (BLEU-1..4, METEOR where Java runs, ROUGE-L, CIDEr), over
+    the clips and per clip (as COCOEvalCap's imgToEval)."""
     from mixmalmm.model.metrics import caption_scores, java_available
 
     java = java_available()
     if not java:
         log.warning("no java: METEOR left out, BLEU/ROUGE-L/CIDEr on a simple tokenizer instead of the PTB one")
-    scores = caption_scores(references, {it.image_id: p for it, p in zip(items, predictions, strict=True)},
-                            java=java)
+    scores, each = caption_scores(references, {it.image_id: p for it, p in zip(items, predictions, strict=True)},
+                                  java=java, per_clip=True)
     return {
         "dataset": spec.name, "family": spec.family, "split": args.split, "model": name, "settings": settings,
         "items": len(items), "seconds": round(seconds, 3),
@@ -302,7 +303,8 @@ def _caption_report(spec, args, name, settings, items, predictions, references, 
         "tokenizer": "ptb" if java else "simple (no java: METEOR left out)",
         "predictions": [
             {"id": it.image_id, "video": it.video, "frames": list(it.frames), "prompt": it.question,
-             "prediction": p, "references": references[it.image_id]}
+             "prediction": p, "references": references[it.image_id],
+             "scores": {k: 100 * v for k, v in each[it.image_id].items()}}
             for it, p in zip(items, predictions, strict=True)
         ],
     }

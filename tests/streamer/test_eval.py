@@ -289,8 +289,10 @@ def test_eval_captions_end_to_end(media, tmp_path, dataset, source, split):
         assert next(p for p in report["predictions"] if p["id"] == "vidB_0002_0004")["frames"] == [20, 26, 33, 40]
     predicted = {p["id"]: p["prediction"] for p in report["predictions"]}
     assert report["tokenizer"] == "ptb"  # Java is installed by setup --test
-    expected = caption_scores({k: references[k] for k in predicted}, predicted)
+    expected, each = caption_scores({k: references[k] for k in predicted}, predicted, per_clip=True)
     assert report["metrics"] == pytest.approx({k: 100 * v for k, v in expected.items()})
+    for p in report["predictions"]:
+        assert p["scores"] == pytest.approx({k: 100 * v for k, v in each[p["id"]].items()})
     assert set(report["metrics"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
     assert report["paper_metrics"] == {"METEOR": None, "CIDEr": None}  # not found: left empty, never guessed
     lines = proc.stdout.splitlines()
