@@ -60,13 +60,17 @@ def mean_over_groups(groups: dict[str, tuple[float, int]]) -> float:
     return sum(acc for acc, _ in groups.values()) / len(groups) if groups else 0.0
 
 
+def in_top_k(candidates: Sequence[str], truth: str, k: int = 5, *, first_word: bool = False) -> bool:
+    """Whether one of the first `k` candidates (best first) is right (`is_correct`)."""
+    return any(is_correct(c, truth, first_word=first_word) for c in candidates[:k])
+
+
 def topk_accuracy(candidates: Sequence[Sequence[str]], truths: Sequence[str], k: int = 5, *,
                   first_word: bool = False) -> float:
-    """Percentage of items whose first `k` candidates (best first) hold one that `is_correct` accepts."""
+    """Percentage of items whose first `k` candidates (best first) hold a right one."""
     if len(candidates) != len(truths):
         raise ValueError(f"need one candidate list per item: {len(candidates)} lists, {len(truths)} items")
-    return top1_accuracy(any(is_correct(c, t, first_word=first_word) for c in cands[:k])
-                         for cands, t in zip(candidates, truths, strict=True))
+    return top1_accuracy(in_top_k(c, t, k, first_word=first_word) for c, t in zip(candidates, truths, strict=True))
 
 
 def java_available() -> bool:

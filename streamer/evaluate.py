@@ -252,13 +252,12 @@ def predict(model, items, *, frames=None, videos=None, batch_size: int = 8, max_
 def _report(spec, args, name, settings, items, predictions, seconds) -> dict:
     """QA and classification. Classification's predictions are each item's beams (best first): top-1
     scores the first, top-5 the first five (LVU: both averaged over the tasks)."""
-    from mixmalmm.model.metrics import grouped_accuracy, is_correct, mean_over_groups, top1_accuracy
+    from mixmalmm.model.metrics import grouped_accuracy, in_top_k, is_correct, mean_over_groups, top1_accuracy
 
     beams = [p if isinstance(p, list) else [p] for p in predictions]
     best = [b[0] for b in beams]
     correct = [is_correct(p, it.answer, first_word=spec.first_word) for p, it in zip(best, items, strict=True)]
-    correct5 = [any(is_correct(c, it.answer, first_word=spec.first_word) for c in b[:5])
-                for b, it in zip(beams, items, strict=True)]
+    correct5 = [in_top_k(b, it.answer, 5, first_word=spec.first_word) for b, it in zip(beams, items, strict=True)]
     groups = grouped_accuracy([it.group for it in items], correct)
     groups5 = grouped_accuracy([it.group for it in items], correct5)
 
