@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate on the first N items of the val split after each epoch (greedy exact match; "
                         "default 0: none, run `mixmalmm eval` on the result)")
     add_model_arguments(p)
+    p.add_argument("--qformer-dropout", type=float, metavar="P",
+                   help="the Q-Former's dropout in training (default: the model's, 0.1 in InstructBLIP); 0 makes a "
+                        "run the same whatever the number of processes (each draws its own dropout masks)")
     r = p.add_argument_group("run (defaults: MA-LMM's run_scripts for the dataset)")
     r.add_argument("--out", required=True, metavar="RUN_DIR",
                    help="run folder: checkpoint.pt, train_log.txt, summary.json, model/ at the end")
@@ -95,6 +98,8 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("max_steps", "checkpoint_every", "val_limit", "log_every", "threads"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.qformer_dropout is not None and not 0.0 <= args.qformer_dropout < 1.0:
+        raise UserError(f"--qformer-dropout must be in [0, 1), got {args.qformer_dropout}")
     for name in ("lr", "min_lr", "warmup_lr", "weight_decay"):
         value = getattr(args, name)
         if value is not None and not value >= 0:
@@ -166,6 +171,13 @@ def run_train(args: argparse.Namespace) -> int:
         model.config = replace(model.config, freeze_vision=True, freeze_llm=True)
         model.requires_grad_(True)
         model._freeze()
+        if args.qformer_dropout is not None:
+            for module in model.qformer.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = args.qformer_dropout
+                for attr in ("dropout", "attention_dropout"):  # attention's own rate (a float)
+                    if isinstance(getattr(module, attr, None), float):
+                        setattr(module, attr, args.qformer_dropout)
         num_frames = args.num_frames or spec.num_frames
         common = dict(frames=args.frames, videos=args.videos, seed=seed)
         train_set = TrainClips(items, spec.family, model.image_size, num_frames, crop=not args.no_crop, **common)
