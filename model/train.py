@@ -16,8 +16,16 @@ encoder alone (`--vision-steps`, `pretrain_vision`) on single frames labelled wi
 of shape wears, as MA-LMM starts from a pretrained encoder.
 
 Datasets are generic: any sequence of (frames [T, H, W, 3] RGB uint8, question, answer) items; if it
-also has `num_frames(i)`, batches hold clips of equal T without loading them first. The command line
-trains on the synthetic world (`mixmalmm.model.synthetic`); `train(...)` takes any datasets.
+also has `num_frames(i)`, batches hold clips of equal T without loading them first, and `set_epoch(e)` is
+called before each epoch (a new draw of random frames). The command line trains on the synthetic world
+(`mixmalmm.model.synthetic`); `train(...)` takes any datasets; ``mixmalmm train DATASET``
+(`mixmalmm.streamer.train`) fine-tunes on MA-LMM's (`mixmalmm.model.finetune`).
+
+`TrainConfig.loss_mean` "tokens" is MA-LMM's batch loss (every answer token of the step's batches
+alike); "rows" (the synthetic world's default) weights each clip-length group's mean by its questions.
+Under torchrun (`mixmalmm.model.distributed`) each process takes every N-th item of each batch and the
+gradients are summed before the step; with "tokens" that is the step one process takes on the whole
+batch, up to float32 summation order. Only rank 0 logs, validates and writes checkpoints.
 """
 
 from __future__ import annotations

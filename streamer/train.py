@@ -25,7 +25,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .options import EXIT_OK, UserError, add_model_arguments, load_model
+from .options import EXIT_OK, UserError, _no_progress_bars, add_model_arguments, load_model
 
 log = logging.getLogger("mixmalmm")
 
@@ -220,7 +220,8 @@ def run_train(args: argparse.Namespace) -> int:
             raise UserError(str(exc)) from exc
         if main:
             final = out / "model"
-            model.eval().save_pretrained(final)
+            with _no_progress_bars():
+                model.eval().save_pretrained(final)
             summary = {**summary, "config": json.loads(json.dumps(config.__dict__, default=str))}
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             say(f"done in {summary['seconds']:.0f} s: {summary['step']} steps, last loss "
