@@ -388,6 +388,7 @@ class Trainer:
             _lr_lambda(self.total_steps, config.warmup_steps, config.min_lr_ratio, config.warmup_start_ratio),
         )
         self.autocast, self.scaler = _autocast(model.device)
+        torch.manual_seed(config.seed)  # the run's dropout masks (a resumed run restores the generator's state)
         self.step = 0  # optimiser steps done
         self.epoch = 0  # current epoch
         self.batch_in_epoch = 0  # batches of the current epoch done

@@ -170,3 +170,25 @@ def test_train_user_errors_are_one_line_before_the_model_loads(media, tmp_path, 
     lines = capsys.readouterr().err.strip().splitlines()
     assert status == 2, lines
     assert len(lines) == 1 and lines[0].startswith("mixmalmm train: ") and expected in lines[0], lines
+
+
+def test_a_fine_tuning_run_stopped_and_resumed_is_the_same_run(media, tmp_path):  # noqa: F811
+    items = read_items(DATASETS["msvd-qa"], _qa_folder(media), "train", num_frames=3)
+
+    def trainer(out, max_steps=0):
+        model = MALMM.tiny()
+        clips = TrainClips(items, "qa", model.image_size, 3, videos=media / "videos", seed=5)
+        config = TrainConfig(out=str(out), epochs=2, batch_size=2, lr=1e-3, warmup_steps=2, augment=False,
+                             memory_gradients=False, log_every=0, loss_mean="tokens", max_steps=max_steps)
+        return Trainer(model, clips, None, config, log=lambda _: None)
+
+    whole = trainer(tmp_path / "a")
+    whole.run()
+    first = trainer(tmp_path / "b", max_steps=3)
+    first.run()
+    rest = trainer(tmp_path / "b")
+    rest.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    summary = rest.run()
+    assert summary["step"] == 4 and first.step == 3
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(v, rest.model.state_dict()[k]), k
