@@ -53,11 +53,14 @@ def trained_weights(run_dir):
 def test_train_then_eval_through_the_command_line(media, tmp_path, dataset, source):  # noqa: F811
     annotations = write(tmp_path, dataset)
     out = tmp_path / "run"
+    validate = ["--val-limit", "2"] if dataset == "breakfast" else []  # Breakfast has a val split here
     done = run(["train", dataset, "--annotations", str(annotations), f"--{source}", str(media / source),
-                "--out", str(out), *TINY_RUN], tmp_path)
+                "--out", str(out), *TINY_RUN, *validate], tmp_path)
     assert done.returncode == 0, done.stderr
     summary = json.loads((out / "summary.json").read_text())
     items = 4 if dataset == "msvd-qa" else 2
+    if validate:
+        assert [h["val_groups"]["all"][1] for h in summary["history"]] == [2]  # 2 items validated after the epoch
     assert summary["step"] == items // 2 and len(summary["losses"]) == items // 2
     assert all(np.isfinite(summary["losses"]))
     assert (out / "checkpoint.pt").is_file() and "done in" in (out / "train_log.txt").read_text()
@@ -192,3 +195,20 @@ def test_a_fine_tuning_run_stopped_and_resumed_is_the_same_run(media, tmp_path):
     assert summary["step"] == 4 and first.step == 3
     for k, v in whole.model.state_dict().items():
         assert torch.equal(v, rest.model.state_dict()[k]), k
+
+
+def test_lvu_training_clips_sample_inside_their_window(tmp_path):
+    folder = tmp_path / "annotation"
+    folder.mkdir()
+    (folder / "train.json").write_text(json.dumps({"movie": {"duration": 4, "num_frames": 40, "genre": "drama",
+                                                              "genre_answer": "(c)"}}))
+    items = read_items(DATASETS["lvu"], folder, "train", num_frames=4, tasks=["genre"], history_s=2, stride_s=1)
+    assert [it.id for it in items] == ["movie_0", "movie_1", "movie_2"]
+    clips = TrainClips(items, "classification", 32, 4, frames=tmp_path, seed=0)
+    for i, item in enumerate(items):  # window of frames [10 s, 10 s + (2 - 1) s] at 10 fps: 11 frames
+        first, last = item.frames[0], item.frames[-1]
+        assert (first, last) == (10 * i, 10 * i + 10)
+        for epoch in range(3):
+            clips.set_epoch(epoch)
+            idx = clips.indices(i)  # segments [0, 2), [2, 5), [5, 8), [8, 11) of the window
+            assert [lo <= k - first < hi for k, (lo, hi) in zip(idx, [(0, 2), (2, 5), (5, 8), (8, 11)], strict=True)] == [True] * 4
