@@ -80,7 +80,8 @@ SERVER_COMMANDS = {
             "it plays, answers printed; no weights, no camera (full install)",
     "eval": "evaluate a model on one of MA-LMM's datasets (MSRVTT-QA, MSVD-QA, ActivityNet-QA, LVU, "
             "Breakfast, COIN) and print its accuracy beside the paper's (full install)",
-    "train": "train the model's memory modules on video data (full install)",
+    "train": "fine-tune on one of MA-LMM's datasets (train DATASET ...; torchrun for several processes) or "
+             "train on the synthetic world (full install)",
 }
 
 #: Modules the server commands need that a client-only install (the ``client`` extra) lacks.

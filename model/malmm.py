@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
 
@@ -995,11 +996,14 @@ class MALMM(nn.Module):
         adhoc: bool = False,
         memory_gradients: bool | Literal["visual"] = False,
         clips: Sequence[int] | None = None,
+        normaliser: float | None = None,
     ) -> torch.Tensor:
         """MA-LMM's training loss: LLM cross-entropy of each answer given the clip and its question.
 
         pixels: [V, T, 3, H, W]; questions, answers: B strings. Returns a scalar (mean over answer tokens).
-        adhoc, memory_gradients, clips: as in `clip_query_output`.
+        adhoc, memory_gradients, clips: as in `clip_query_output`. normaliser: return the sum of the
+        answer tokens' cross-entropies divided by this instead (e.g. the answer tokens of a whole batch
+        split over processes, `answer_tokens`: their parts add up to the batch's mean).
         """
         if len(answers) != len(questions):
             raise ValueError(f"need one answer per question: {len(questions)} questions, {len(answers)} answers")
@@ -1017,7 +1021,8 @@ class MALMM(nn.Module):
             labels = lab.input_ids.masked_fill(lab.attention_mask == 0, -100)
             embeds = torch.cat([proj.to(embed.weight.dtype), embed(enc.input_ids)], dim=1)
             mask = torch.cat([torch.ones(proj.shape[:2], dtype=torch.long, device=self.device), enc.attention_mask], 1)
-            return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+            out = self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+            return out.loss if normaliser is None else _summed_loss(out.logits, labels, normaliser)
         rows, targets = [], []
         for q, a in zip(questions, answers, strict=True):
             p_ids = tok(self.prompt(q)).input_ids
@@ -1037,7 +1042,23 @@ class MALMM(nn.Module):
         embeds = torch.cat([proj.to(embed.weight.dtype), embed(ids)], dim=1)
         mask = torch.cat([torch.ones(len(rows), Q, dtype=torch.long, device=self.device), att], dim=1)
         labels = torch.cat([torch.full((len(rows), Q), -100, dtype=torch.long, device=self.device), labels], dim=1)
-        return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        if normaliser is None:
+            return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        logits = self.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+        return _summed_loss(logits[:, :-1], labels[:, 1:], normaliser)  # token t predicts token t + 1
+
+    def answer_tokens(self, answers: Sequence[str]) -> int:
+        """How many target tokens `clip_loss` scores for these answers (each answer's tokens and its end)."""
+        if self.is_encoder_decoder:
+            return sum(len(ids) for ids in self.tokenizer(list(answers)).input_ids)
+        return sum(len(ids) + 1 for ids in self.tokenizer(list(answers), add_special_tokens=False).input_ids)
+
+
+def _summed_loss(logits: torch.Tensor, labels: torch.Tensor, normaliser: float) -> torch.Tensor:
+    """Cross-entropy summed over the labelled positions (labels -100 are not), in float32, / normaliser."""
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    return loss / normaliser
 
 
 def folder_decoding(folder: str | Path) -> Decoding:

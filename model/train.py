@@ -16,8 +16,16 @@ encoder alone (`--vision-steps`, `pretrain_vision`) on single frames labelled wi
 of shape wears, as MA-LMM starts from a pretrained encoder.
 
 Datasets are generic: any sequence of (frames [T, H, W, 3] RGB uint8, question, answer) items; if it
-also has `num_frames(i)`, batches hold clips of equal T without loading them first. The command line
-trains on the synthetic world (`mixmalmm.model.synthetic`); `train(...)` takes any datasets.
+also has `num_frames(i)`, batches hold clips of equal T without loading them first, and `set_epoch(e)` is
+called before each epoch (a new draw of random frames). The command line trains on the synthetic world
+(`mixmalmm.model.synthetic`); `train(...)` takes any datasets; ``mixmalmm train DATASET``
+(`mixmalmm.streamer.train`) fine-tunes on MA-LMM's (`mixmalmm.model.finetune`).
+
+`TrainConfig.loss_mean` "tokens" is MA-LMM's batch loss (every answer token of the step's batches
+alike); "rows" (the synthetic world's default) weights each clip-length group's mean by its questions.
+Under torchrun (`mixmalmm.model.distributed`) each process takes every N-th item of each batch and the
+gradients are summed before the step; with "tokens" that is the step one process takes on the whole
+batch, up to float32 summation order. Only rank 0 logs, validates and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .malmm import MALMM, StreamConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -318,12 +327,18 @@ class TrainConfig:
     eval_every: int = 0  # also validate every this many optimiser steps (0: after each epoch only)
     max_steps: int = 0  # stop (with a checkpoint) after this many optimiser steps; the schedule still spans
     # every epoch, so a run stopped here and resumed is the same run (0: no stop)
+    loss_mean: str = "rows"  # "rows": a batch's clip-length groups weighted by their questions; "tokens":
+    # the mean over every answer token of the optimiser step's batches (MA-LMM's batch loss), which a batch
+    # split over processes (torchrun) adds up to exactly
+    warmup_start_ratio: float = 0.0  # the first step's lr / lr (MA-LMM: warmup_lr / init_lr)
     extra: dict = field(default_factory=dict)  # what built the model and data (for the record)
 
 
-def _lr_lambda(total: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+def _lr_lambda(total: int, warmup: int, min_ratio: float, start_ratio: float = 0.0) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < warmup:
+            if start_ratio:  # LAVIS's warm-up: from warmup_lr to init_lr over the warm-up steps
+                return start_ratio + (1 - start_ratio) * step / warmup
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -358,6 +373,8 @@ class Trainer:
             raise ValueError("batch_size, grad_accum and epochs must be >= 1")
         if not 0.0 <= config.adhoc_fraction <= 1.0:
             raise ValueError(f"adhoc_fraction must be in [0, 1], got {config.adhoc_fraction}")
+        if config.loss_mean not in ("rows", "tokens"):
+            raise ValueError(f"loss_mean must be 'rows' or 'tokens', got {config.loss_mean!r}")
         self.model, self.train_set, self.val_set, self.config, self.log = model, train_set, val_set, config, log
         self.out = Path(config.out)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -367,18 +384,24 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(epoch_batches(train_set, config.batch_size, config.seed, 0)) / config.grad_accum)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(self.total_steps, config.warmup_steps, config.min_lr_ratio)
+            self.optimizer,
+            _lr_lambda(self.total_steps, config.warmup_steps, config.min_lr_ratio, config.warmup_start_ratio),
         )
         self.autocast, self.scaler = _autocast(model.device)
+        torch.manual_seed(config.seed)  # the run's dropout masks (a resumed run restores the generator's state)
         self.step = 0  # optimiser steps done
         self.epoch = 0  # current epoch
         self.batch_in_epoch = 0  # batches of the current epoch done
         self.history: list[dict] = []
+        self.step_losses: list[float] = []  # each optimiser step's training loss, this session (not saved)
 
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, path: Path | None = None) -> Path:
+        """Write the run's state (rank 0 only in a distributed run: every process holds the same)."""
         path = path or self.out / CHECKPOINT
+        if not distributed.is_main():
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "model": self.model.state_dict(),
@@ -421,48 +444,78 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def _micro_batch(self, indices: list[int], epoch: int, batch: int) -> tuple[torch.Tensor, bool]:
-        """Loss of one batch (summed over its clip-length groups, weighted by rows) and its path."""
+    def _load(self, indices: list[int]) -> list[tuple]:
+        """(index, frames, questions, answers) of each index: the dataset's items."""
+        return [(i, *_item(self.train_set, i)) for i in indices]
+
+    def _micro_batch(self, items: list[tuple], epoch: int, batch: int, normaliser: float | None = None):
+        """Loss of one batch's items (`_load`) and its path (standing or ad hoc).
+
+        normaliser None: the batch's clip-length groups' mean losses weighted by their share of its
+        questions; a number: the sum of every answer token's loss divided by it. Augmentation draws from
+        each item's own generator (seed, epoch, index), so an item is the same whichever process takes it.
+        """
         cfg, model = self.config, self.model
-        rng = np.random.default_rng([cfg.seed, epoch, batch, 5])
-        adhoc = bool(rng.random() < cfg.adhoc_fraction)
+        adhoc = bool(np.random.default_rng([cfg.seed, epoch, batch, 5]).random() < cfg.adhoc_fraction)
         mean, std = model.processor.image_processor.image_mean, model.processor.image_processor.image_std
-        items = [_item(self.train_set, i) for i in indices]
-        asked = sum(len(q) for _, q, _ in items)
+        asked = sum(len(q) for _, _, q, _ in items)
         total = None
-        for group in _by_length(items):
-            frames = [jpeg_augment(f, rng) if cfg.augment else f for f, _, _ in group]
+        for group in _by_length([it[1:] + (it[0],) for it in items]):
+            frames = [jpeg_augment(f, np.random.default_rng([cfg.seed, epoch, i, 7])) if cfg.augment else f
+                      for f, _, _, i in group]
             pixels = torch.stack([frames_to_pixels(f, model.image_size, mean, std) for f in frames])
-            clips = [c for c, (_, qs, _) in enumerate(group) for _ in qs]
-            questions = [q for _, qs, _ in group for q in qs]
-            answers = [a for _, _, answers in group for a in answers]
+            clips = [c for c, (_, qs, _, _) in enumerate(group) for _ in qs]
+            questions = [q for _, qs, _, _ in group for q in qs]
+            answers = [a for _, _, answers, _ in group for a in answers]
             with self.autocast():
                 loss = model.clip_loss(
-                    pixels, questions, answers, adhoc=adhoc, memory_gradients=cfg.memory_gradients, clips=clips
+                    pixels, questions, answers, adhoc=adhoc, memory_gradients=cfg.memory_gradients, clips=clips,
+                    normaliser=normaliser,
                 )
-            weighted = loss.float() * (len(questions) / asked)
+            weighted = loss.float() if normaliser is not None else loss.float() * (len(questions) / asked)
             total = weighted if total is None else total + weighted
         return total, adhoc
 
     def run(self) -> dict:
+        """Train to the end (or `max_steps`). In a distributed run (torchrun: `mixmalmm.model.distributed`)
+        each process takes every N-th item of each batch (rank r: items r, r + N, ...), the gradients are
+        summed over the processes before the step, and only rank 0 logs, validates and writes checkpoints;
+        with ``loss_mean="tokens"`` the step is the one a single process takes on the whole batch."""
         cfg, model = self.config, self.model
         model.train()
+        rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+        distributed.broadcast_parameters(model)
+        trained = [p for p in model.parameters() if p.requires_grad]
         t0, seen, losses = time.time(), 0, []
         stop = cfg.max_steps or self.total_steps
         while self.epoch < cfg.epochs and self.step < stop:
+            if hasattr(self.train_set, "set_epoch"):  # an epoch's random frame sampling (MA-LMM's training)
+                self.train_set.set_epoch(self.epoch)
             batches = epoch_batches(self.train_set, cfg.batch_size, cfg.seed, self.epoch)
             while self.batch_in_epoch < len(batches) and self.step < stop:
                 self.optimizer.zero_grad(set_to_none=True)
                 group = batches[self.batch_in_epoch : self.batch_in_epoch + cfg.grad_accum]
-                for k, indices in enumerate(group):
-                    loss, _ = self._micro_batch(indices, self.epoch, self.batch_in_epoch + k)
-                    scaled = loss / len(group)
+                loaded = [self._load(indices[rank::world]) for indices in group]
+                normaliser = None
+                if cfg.loss_mean == "tokens":
+                    mine = sum(model.answer_tokens([a for it in part for a in it[3]]) for part in loaded if part)
+                    normaliser = max(1.0, distributed.all_reduce_sum([mine])[0])
+                step_loss = 0.0
+                for k, items in enumerate(loaded):
+                    if not items:  # fewer items in this batch than processes
+                        continue
+                    loss, _ = self._micro_batch(items, self.epoch, self.batch_in_epoch + k, normaliser)
+                    # tokens: the parts add up to the step's mean; rows: the mean over micro-batches and processes
+                    scaled = loss if normaliser is not None else loss / (len(group) * world)
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                    losses.append(float(loss.detach()))
-                    seen += len(indices)
+                    step_loss += float(scaled.detach())
+                    seen += len(items)
+                distributed.all_reduce_gradients(trained)
+                losses.append(distributed.all_reduce_sum([step_loss])[0] if world > 1 else step_loss)
+                self.step_losses.append(losses[-1])
                 if self.scaler:
                     self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
                 if self.scaler:
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
@@ -472,11 +525,12 @@ class Trainer:
                 self.step += 1
                 self.batch_in_epoch += len(group)
                 if cfg.log_every and self.step % cfg.log_every == 0:
-                    rate = seen / max(1e-9, time.time() - t0)
-                    self.log(
-                        f"step {self.step}/{self.total_steps} epoch {self.epoch} loss {np.mean(losses):.4f} "
-                        f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.1f} clips/s"
-                    )
+                    rate = seen * world / max(1e-9, time.time() - t0)
+                    if main:
+                        self.log(
+                            f"step {self.step}/{self.total_steps} epoch {self.epoch} loss {np.mean(losses):.4f} "
+                            f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.1f} clips/s"
+                        )
                     losses = []
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.batch_in_epoch < len(batches):
                     self.history.append({"epoch": self.epoch, "step": self.step, **self.validate()})
@@ -490,10 +544,11 @@ class Trainer:
                 self.save_checkpoint()
         if self.epoch < cfg.epochs:  # stopped by max_steps: keep where we are for --resume
             self.save_checkpoint()
-        return {"step": self.step, "epoch": self.epoch, "history": self.history, "seconds": time.time() - t0}
+        return {"step": self.step, "epoch": self.epoch, "history": self.history, "losses": self.step_losses,
+                "seconds": time.time() - t0}
 
     def validate(self) -> dict:
-        if self.val_set is None or len(self.val_set) == 0:
+        if self.val_set is None or len(self.val_set) == 0 or not distributed.is_main():
             return {}
         kinds = getattr(self.val_set, "kind_of", None)
         result = evaluate(self.model, self.val_set, batch_size=self.config.eval_batch_size, kinds=kinds)

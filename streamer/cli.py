@@ -167,11 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
+    if argv and argv[0] == "train" and (len(argv) < 2 or argv[1].startswith("-")):  # the synthetic world
         from mixmalmm.model import train
 
         return int(train.main(argv[1:]) or 0)
-    args = build_parser().parse_args(argv)
+    if argv and argv[0] == "train":  # mixmalmm train DATASET ...
+        from . import train as finetune
+
+        args = finetune.build_parser().parse_args(argv[1:])
+        args.command, args.run = "train", finetune.run_train
+    else:
+        args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "INFO")),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

@@ -112,6 +112,13 @@ def run_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(f"eval-{spec.name}-{args.split}.json")
     if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):  # before hours of work
         raise UserError(f"cannot write the results to '{out}': not a file in a writable folder")
+    from mixmalmm.model import distributed
+
+    try:  # under torchrun: this process answers every N-th batch, rank 0 writes the report
+        distributed.init_from_env(args.device)
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(f"torch.distributed: {exc}") from exc
+    args.device = distributed.local_device(args.device)
     model, name = load_model(args)
     M = configure(model, spec, args.memory_bank_length)
     settings = {"memory_bank_length": M, "num_frames": len(items[0].frames),
@@ -127,12 +134,17 @@ def run_eval(args: argparse.Namespace) -> int:
     candidates = settings["num_beams"] if spec.family == "classification" else 1
     started = time.perf_counter()
     try:
-        predictions = predict(model, items, frames=args.frames, videos=args.videos, batch_size=args.batch_size,
-                              max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"],
-                              resize=args.resize, candidates=candidates, **decoding,
-                              progress=lambda done, total: log.info("%s: %d/%d items", spec.name, done, total))
+        predictions = predict_sharded(model, items, frames=args.frames, videos=args.videos,
+                                      batch_size=args.batch_size, max_new_tokens=settings["max_new_tokens"],
+                                      num_beams=settings["num_beams"], resize=args.resize,
+                                      candidates=candidates, **decoding,
+                                      progress=lambda done, total: log.info("%s: %d/%d items", spec.name, done, total))
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+    finally:
+        distributed.finish()
+    if predictions is None:  # not rank 0: its answers went to rank 0
+        return EXIT_OK
     seconds = time.perf_counter() - started
     if spec.family == "captioning":
         report = _caption_report(spec, args, name, settings, items, predictions, references, seconds)
@@ -247,6 +259,18 @@ def predict(model, items, *, frames=None, videos=None, batch_size: int = 8, max_
         if progress is not None:
             progress(len(answers), len(items))
     return answers
+
+
+def predict_sharded(model, items, *, batch_size: int = 8, **kw) -> list[str] | None:
+    """`predict` over this process's batches (`mixmalmm.model.distributed.shard`: batch b of the items
+    goes to rank b mod N), every answer gathered to rank 0 in the items' order: rank 0 (or a single
+    process) gets the list, other ranks None. Each batch holds the items one process would batch
+    together, so the answers are a single process's."""
+    from mixmalmm.model import distributed
+
+    mine = [i for batch in distributed.shard(len(items), batch_size) for i in batch]
+    answers = predict(model, [items[i] for i in mine], batch_size=batch_size, **kw)
+    return distributed.gather_shards(mine, answers)
 
 
 def _report(spec, args, name, settings, items, predictions, seconds) -> dict:

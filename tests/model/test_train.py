@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from mixmalmm.model import StreamConfig
+from mixmalmm.model import MALMM, StreamConfig
 from mixmalmm.model.synthetic import SyntheticQA, SyntheticVideoQA, vocabulary
 from mixmalmm.model.train import (
     ModelSizes,
@@ -278,3 +278,26 @@ def test_ln_vision_trains_while_the_vision_encoder_is_frozen():
     assert encoder and all(p.grad is None and not p.requires_grad for p in encoder)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}  # what Trainer optimises
     assert id(ln.weight) in trainable and id(ln.bias) in trainable
+
+
+def test_token_normalised_parts_of_a_batch_add_up_to_its_loss_and_gradient():
+    """What two processes compute: each half's summed token loss over the whole batch's answer tokens."""
+    model = MALMM.tiny().eval()  # no dropout: the same forward each time
+    torch.manual_seed(1)
+    pixels = torch.randn(4, 2, 3, model.image_size, model.image_size)
+    questions = ["what is the man doing?", "who is walking?", "is it dark?", "what colour is the ball?"]
+    answers = ["walking", "the man in red", "no", "blue"]  # unequal lengths: a mean of halves' means would differ
+    whole = model.clip_loss(pixels, questions, answers)
+    whole.backward()
+    expected = model.query_tokens.grad.clone()
+    model.zero_grad()
+    tokens = model.answer_tokens(answers)
+    assert tokens == 1 + 1 + 4 + 1 + 1 + 1 + 1 + 1  # each answer's words and its end token
+    parts = [model.clip_loss(pixels[s], questions[s], answers[s], normaliser=tokens) for s in (slice(0, 2), slice(2, 4))]
+    for part in parts:
+        part.backward()
+    torch.testing.assert_close(sum(float(p.detach()) for p in parts), float(whole.detach()), rtol=1e-6, atol=0)
+    torch.testing.assert_close(model.query_tokens.grad, expected, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        halves = [model.clip_loss(pixels[s], questions[s], answers[s]) for s in (slice(0, 2), slice(2, 4))]
+    assert abs(float(sum(halves)) / 2 - float(whole.detach())) > 1e-3  # why the token count matters
