@@ -24,6 +24,7 @@ import collections
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -208,7 +209,9 @@ class FrontDoor:
             while not self._stop.is_set() and w.alive:
                 try:
                     since, lost, bodies = self.ray.get(w.actor.events.remote(since, 1.0), timeout=30)
-                except Exception:
+                except BaseException:  # (SystemExit from Ray shutting down: the end)
+                    if self._stop.is_set():
+                        return
                     time.sleep(0.2)  # the monitor decides whether the worker is dead
                     continue
                 if lost:
@@ -235,7 +238,10 @@ class FrontDoor:
                     if time.monotonic() - w.last_seen > self.dead_after_s:
                         self._give_up(w, f"it has not answered for {self.dead_after_s:g} s")
                 except Exception as exc:  # RayActorError: the actor or its node died
-                    self._give_up(w, f"{type(exc).__name__}")
+                    if not self._stop.is_set():
+                        self._give_up(w, f"{type(exc).__name__}")
+                except BaseException:  # (SystemExit from Ray shutting down)
+                    return
 
     def _give_up(self, w: Worker, why: str) -> None:
         with self._lock:
@@ -471,6 +477,7 @@ def connect(ray, cluster: str) -> None:
                 raise ValueError
             ray.init(num_cpus=n, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
         else:
+            _probe(cluster)
             ray.init(address=cluster, logging_level=logging.WARNING, log_to_driver=False)
     except ValueError as exc:
         if cluster.startswith("local:"):
@@ -478,6 +485,18 @@ def connect(ray, cluster: str) -> None:
         raise ClusterError(f"--cluster {cluster!r}: {exc}") from exc
     except (ConnectionError, RuntimeError, TimeoutError) as exc:
         raise ClusterError(f"cannot reach the Ray cluster {cluster!r}: {exc}") from exc
+
+
+def _probe(cluster: str, timeout_s: float = 5.0) -> None:
+    """A ``HOST:PORT`` address that nothing answers is said at once (Ray itself waits minutes)."""
+    address = cluster.removeprefix("ray://")
+    host, sep, port = address.rpartition(":")
+    if cluster == "auto" or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {cluster!r}: {exc}") from exc
 
 
 def start_workers(ray, names: list[str], resources: dict[str, float], model_options: dict, config,
