@@ -42,7 +42,7 @@ def test_cluster_suite_in_a_loopback_namespace():
     run = subprocess.run(["unshare", "-n", "bash", "-c", inner], capture_output=True, text=True, timeout=600)
     tail = (run.stdout + run.stderr)[-6000:]
     assert run.returncode == 0, tail
-    assert "7 passed" in run.stdout, tail  # every test inside ran (none skipped)
+    assert "8 passed" in run.stdout, tail  # every test inside ran (none skipped)
 
 
 pytestmark_inner = pytest.mark.skipif(not INSIDE, reason="runs inside a loopback-only namespace (see above)")
@@ -242,3 +242,39 @@ def test_a_single_serve_refuses_worker_and_move_stream(tmp_path):
         with pytest.raises(P.RequestError) as err:
             engine.handle(request)
         assert err.value.code == P.ErrorCode.BAD_REQUEST and said in err.value.message
+
+
+@pytestmark_inner
+def test_a_front_door_restarted_on_the_store_restores_every_stream(cluster):
+    """The front door dies (its workers with it: they are its actors); a new one on the same store restores
+    every stream on new workers, memory included."""
+    from mixmalmm.streamer import cluster as C
+    from mixmalmm.streamer.server import Server
+
+    client, front, store = cluster["client"], cluster["front"], cluster["store"]
+    client.save_snapshot()
+    saved = {s.stream: s.shots for s in client.status().streams}
+    front._stop.set()  # the old front door stops watching (it is "dead")
+    for w in front.workers.values():
+        if w.alive:
+            ray.kill(w.actor, no_restart=True)
+    alive = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
+    workers = [C.start_workers(ray, [f"r{i}"], {"CPU": 1.0}, MODEL_OPTIONS, cluster["config"], node=nid)[0]
+               for i, nid in enumerate(alive)]
+    box: list = []
+    again = C.FrontDoor(ray, workers, str(store), publish=lambda e: box[0].publish(e), max_streams=4)
+    server = Server(again, request_endpoint="tcp://127.0.0.1:*", event_endpoint="tcp://127.0.0.1:*")
+    box.append(server)
+    server.start()
+    try:
+        again.start(restore=True)
+        with Client(server.request_address, timeout_s=120, retries=0) as c2:
+            status = c2.status()
+            shots = {s.stream: s.shots for s in status.streams}
+            assert set(shots) == set(saved)
+            assert all(shots[sid] >= saved[sid] for sid in saved), (shots, saved)
+            assert {s.worker for s in status.streams} <= {w.name for w in workers}
+            assert c2.ask("m", "what is there?", max_new_tokens=3).span_end_s is not None
+    finally:
+        again.shutdown()
+        server.stop()
