@@ -366,7 +366,8 @@ def _cmd_streams_add(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     actionshot = actionshot if actionshot.given() else None  # none given: the stream's defaults
     result: p.StreamInfo = _request(
-        args, lambda c: c.add_stream(args.stream, args.uri, mode=args.mode, pace=args.pace, actionshot=actionshot)
+        args, lambda c: c.add_stream(args.stream, args.uri, mode=args.mode, pace=args.pace, actionshot=actionshot,
+                               worker=args.worker)
     )
     if args.wait:
         return _wait_finished(args, result)
@@ -435,6 +436,16 @@ def _cmd_streams_remove(args: argparse.Namespace) -> int:
         _out(_json(result))
     else:
         _out(f"removed stream {result.stream} (was {result.state}): {result.uri}")
+    return EXIT_OK
+
+
+def _cmd_streams_move(args: argparse.Namespace) -> int:
+    result: p.MoveStreamResult = _request(args, lambda c: c.move_stream(args.stream, args.to), slow=True)
+    if args.json:
+        _out(_json(result))
+    else:
+        _out(f"moved stream {result.stream} from {result.source} to {result.target} ({result.state}); it ingested "
+             f"nothing for {result.pause_s:.2f} s")
     return EXIT_OK
 
 
@@ -703,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection(watch, watch=True)
     watch.set_defaults(run=_cmd_watch)
 
-    streams = commands.add_parser("streams", help="list, add or remove streams")
+    streams = commands.add_parser("streams", help="list, add, remove or move streams")
     streams_actions = streams.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=_Parser)
     listing = streams_actions.add_parser("list", help="the streams the engine runs, with their standing questions")
     _add_connection(listing)
@@ -719,9 +730,17 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--wait", action="store_true",
                      help="for a file: return once it is finished, every Shot in memory, and print its status "
                           "(--json: the status); exit 1 if it fails or is stopped first")
+    add.add_argument("--worker", type=stream_id, metavar="NAME",
+                     help="on a cluster (serve --cluster): the worker to run it on (default: the least loaded)")
     add_actionshot_options(add, "how frames become Shots (default: the engine's, from its model)")
     _add_connection(add)
     add.set_defaults(run=_cmd_streams_add)
+    move = streams_actions.add_parser("move", help="on a cluster: move a stream with its memory to another worker")
+    move.add_argument("stream", type=stream_id, metavar="ID")
+    move.add_argument("--to", type=stream_id, default="auto", metavar="WORKER|auto",
+                      help="the worker (status lists them) or auto, the least-loaded other one (default)")
+    _add_connection(move)
+    move.set_defaults(run=_cmd_streams_move)
     remove = streams_actions.add_parser("remove", help="stop a stream and forget it")
     remove.add_argument("stream", type=stream_id, metavar="ID")
     _add_connection(remove)

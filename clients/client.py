@@ -39,6 +39,8 @@ from mixmalmm.clients.protocol import (
     ErrorCode,
     ListStreams,
     ListStreamsResult,
+    MoveStream,
+    MoveStreamResult,
     Ping,
     PingResult,
     RemoveQuestion,
@@ -198,11 +200,18 @@ class _Requests:
         mode: Literal["auto", "live", "replay"] = "auto",
         pace: Literal["realtime", "fast"] = "realtime",
         actionshot: ActionShotSettings | None = None,
+        worker: str | None = None,
         timeout_s: float | None = None,
     ) -> StreamInfo:
-        """Start ingesting ``uri`` as stream ``stream`` (see ``protocol.AddStream`` for the options)."""
-        request = AddStream(id=_new_id(), stream=stream, uri=uri, mode=mode, pace=pace, actionshot=actionshot)
+        """Start ingesting ``uri`` as stream ``stream`` (see ``protocol.AddStream`` for the options;
+        ``worker``: on a cluster, the worker to run it on)."""
+        request = AddStream(id=_new_id(), stream=stream, uri=uri, mode=mode, pace=pace, actionshot=actionshot,
+                            worker=worker)
         return self._call(request, timeout_s)
+
+    def move_stream(self, stream: str, to: str = "auto", *, timeout_s: float | None = None) -> MoveStreamResult:
+        """On a cluster: move ``stream`` with its memory to worker ``to`` (or ``"auto"``)."""
+        return self._call(MoveStream(id=_new_id(), stream=stream, to=to), timeout_s)
 
     def remove_stream(self, stream: str, *, timeout_s: float | None = None) -> StreamInfo:
         return self._call(RemoveStream(id=_new_id(), stream=stream), timeout_s)

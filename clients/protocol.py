@@ -225,6 +225,9 @@ class AddStream(Request, tag="add_stream"):
     mode: Literal["auto", "live", "replay"] = "auto"
     pace: Literal["realtime", "fast"] = "realtime"
     actionshot: ActionShotSettings | None = None
+    #: On a cluster (``serve --cluster``): the worker to run it on (``status`` names them); ``null``: the
+    #: least-loaded worker. A single ``serve`` refuses any worker (``bad_request``).
+    worker: Name | None = None
 
 
 class RemoveStream(Request, tag="remove_stream"):
@@ -259,10 +262,25 @@ class SaveSnapshot(Request, tag="save_snapshot"):
     stream: Name | None = None
 
 
-AnyRequest = Ping | Ask | Status | ListStreams | AddStream | RemoveStream | AddQuestion | RemoveQuestion | SaveSnapshot
+class MoveStream(Request, tag="move_stream"):
+    """On a cluster (``serve --cluster``): move a stream with its memory to another worker.
+
+    to: a worker's name (``status`` lists them) or ``"auto"`` (the least-loaded other worker). The stream
+    is snapshotted, stopped and restored on the target: its memory, standing questions and event ``seq``
+    go on; a file resumes after the last Shot in memory (no frame lost), a live source reconnects (the
+    frames of the gap are not seen). A single ``serve`` refuses it (``bad_request``).
+    """
+
+    stream: Name
+    to: Name
+
+
+AnyRequest = (Ping | Ask | Status | ListStreams | AddStream | RemoveStream | AddQuestion | RemoveQuestion
+              | SaveSnapshot | MoveStream)
 REQUEST_TYPES: dict[str, type[Request]] = {
     cls.__struct_config__.tag: cls  # type: ignore[misc]
-    for cls in (Ping, Ask, Status, ListStreams, AddStream, RemoveStream, AddQuestion, RemoveQuestion, SaveSnapshot)
+    for cls in (Ping, Ask, Status, ListStreams, AddStream, RemoveStream, AddQuestion, RemoveQuestion, SaveSnapshot,
+                MoveStream)
 }
 
 # ----------------------------------------------------------------------------------------------------
@@ -326,6 +344,8 @@ class StreamInfo(msgspec.Struct, kw_only=True):
     mode: Literal["live", "replay"]
     questions: list[StandingQuestion] = []
     actionshot: ShownActionShotSettings | None = None
+    #: On a cluster: the worker that runs the stream (``null`` on a single ``serve``).
+    worker: str | None = None
 
 
 class StreamStatus(msgspec.Struct, kw_only=True):
@@ -356,6 +376,21 @@ class StreamStatus(msgspec.Struct, kw_only=True):
     queue_depth: int = 0
     last_error: str | None = None
     actionshot: ShownActionShotSettings | None = None
+    #: On a cluster: the worker that runs the stream (``null`` on a single ``serve``).
+    worker: str | None = None
+
+
+class WorkerStatus(msgspec.Struct, kw_only=True):
+    """One engine worker of a cluster (``serve --cluster``): its name, the Ray node it runs on, whether it
+    answers, its streams (and its limit, ``max_streams``) and the Shots per second it folds into memory
+    over all of them (its measured load)."""
+
+    worker: str
+    node: str = ""
+    alive: bool = True
+    streams: int = 0
+    max_streams: int = 0
+    shots_per_s: float = 0.0
 
 
 class EngineStatus(msgspec.Struct, kw_only=True):
@@ -377,8 +412,12 @@ class EngineStatus(msgspec.Struct, kw_only=True):
 
 
 class StatusResult(msgspec.Struct, kw_only=True):
+    """engine: the engine as a whole (on a cluster: merged over the workers; latency percentiles are the
+    highest worker's); streams; workers: a cluster's workers (empty on a single ``serve``)."""
+
     engine: EngineStatus
     streams: list[StreamStatus] = []
+    workers: list[WorkerStatus] = []
 
 
 class ListStreamsResult(msgspec.Struct, kw_only=True):
@@ -398,6 +437,17 @@ class SaveSnapshotResult(msgspec.Struct, kw_only=True):
     saved: list[SavedSnapshot] = []
 
 
+class MoveStreamResult(msgspec.Struct, kw_only=True):
+    """A stream moved: from which worker to which, and ``pause_s``, the seconds it ingested nothing (from
+    its final snapshot on the old worker to its restore on the new one)."""
+
+    stream: str
+    source: str
+    target: str
+    pause_s: float
+    state: StreamState
+
+
 #: The result type each request's ok reply carries.
 RESULT_TYPES: dict[type[Request], type[msgspec.Struct]] = {
     Ping: PingResult,
@@ -409,6 +459,7 @@ RESULT_TYPES: dict[type[Request], type[msgspec.Struct]] = {
     AddQuestion: StandingQuestion,
     RemoveQuestion: StandingQuestion,
     SaveSnapshot: SaveSnapshotResult,
+    MoveStream: MoveStreamResult,
 }
 
 # ----------------------------------------------------------------------------------------------------

@@ -72,6 +72,14 @@ def add_serve_parser(commands) -> None:
     g.add_argument("--max-streams", type=int, default=32, metavar="N", help="most streams at once (default 32)")
     g.add_argument("--max-standing", type=int, default=8, metavar="N",
                    help="most standing questions per stream; each slows its stream's steps (default 8)")
+    c = p.add_argument_group("cluster (README: Scaling out; needs pip install 'mixmalmm[cluster]')")
+    c.add_argument("--cluster", metavar="auto|local:N|ADDRESS",
+                   help="run the engine on a Ray cluster: auto (the running one), local:N (a local Ray with N "
+                        "workers), or a Ray address")
+    c.add_argument("--workers", default=None, metavar="N|per-node",
+                   help="engine workers: N, or one per node that can hold one (default: N for local:N, else per-node)")
+    c.add_argument("--worker-resources", metavar="JSON", help='Ray resources of each worker (default {"CPU": 1})')
+    c.add_argument("--state-store", metavar="DIR", help="the shared state store (a directory every node sees)")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=run_serve)
 
@@ -109,6 +117,10 @@ def run_serve(args: argparse.Namespace) -> int:
             check_bind_security(endpoint, curve, args.insecure)
     except ServerError as exc:
         raise UserError(str(exc)) from exc
+    if args.cluster:
+        return run_cluster_serve(args, config, curve)
+    if args.workers or args.worker_resources or args.state_store:
+        raise UserError("--workers, --worker-resources and --state-store need --cluster")
     model, name = load_model(args)
     stopping = threading.Event()
     server_box: list = []
@@ -145,6 +157,96 @@ def run_serve(args: argparse.Namespace) -> int:
         engine.shutdown(save=True)
         server.stop()
     log.info("stopped")
+    return EXIT_OK
+
+
+def run_cluster_serve(args: argparse.Namespace, config, curve) -> int:
+    """``serve --cluster``: engine workers as Ray actors behind a front door (``mixmalmm.streamer.cluster``)."""
+    import dataclasses
+
+    from mixmalmm.clients import protocol as P
+
+    from . import cluster as C
+    from .options import add_model_arguments
+    from .server import Server, ServerError
+
+    if not args.state_store:
+        raise UserError("--cluster needs --state-store DIR, the directory every worker snapshots into")
+    if args.state_dir:
+        raise UserError("--cluster takes --state-store (shared by the workers), not --state-dir")
+    try:
+        Path(args.state_store).mkdir(parents=True, exist_ok=True)
+        resources = C.parse_resources(args.worker_resources)
+        per_node = args.workers == "per-node" or (args.workers is None and not args.cluster.startswith("local:"))
+        if per_node:
+            count = 0
+        elif args.workers is None:
+            count = int(args.cluster.split(":", 1)[1])
+        else:
+            count = int(args.workers)
+            if count < 1:
+                raise ValueError(f"--workers must be >= 1 or per-node, got {args.workers}")
+    except OSError as exc:
+        raise UserError(f"--state-store {args.state_store}: {exc}") from exc
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    config = dataclasses.replace(config, state_dir=str(Path(args.state_store).resolve()))
+    probe = argparse.ArgumentParser()
+    add_model_arguments(probe)
+    model_options = {a.dest: getattr(args, a.dest) for a in probe._actions if a.dest != "help"}
+    try:
+        ray = C.import_ray()
+        C.connect(ray, args.cluster)
+    except C.ClusterError as exc:
+        raise UserError(str(exc)) from exc
+    stopping = threading.Event()
+    try:
+        if per_node:
+            nodes = [n["NodeID"] for n in ray.nodes() if C.fits(n, resources)]
+            if not nodes:
+                raise UserError(f"no node of the cluster has the resources of one worker ({resources})")
+            workers = [w for i, node in enumerate(nodes)
+                       for w in C.start_workers(ray, [f"w{i}"], resources, model_options, config, node=node)]
+        else:
+            workers = C.start_workers(ray, [f"w{i}" for i in range(count)], resources, model_options, config)
+    except C.ClusterError as exc:
+        ray.shutdown()
+        raise UserError(str(exc)) from exc
+    box: list = []
+    front = C.FrontDoor(ray, workers, config.state_dir, publish=lambda event: box and box[0].publish(event),
+                        max_streams=config.max_streams)
+    try:
+        limits = P.Limits(max_message_bytes=args.max_message_bytes, max_question_chars=args.max_question_chars)
+        server = Server(front, request_endpoint=args.bind, event_endpoint=args.events, curve=curve,
+                        insecure=args.insecure, limits=limits, ask_workers=args.max_questions)
+        box.append(server)
+        server.start()
+    except (ServerError, ValueError) as exc:
+        front.shutdown()
+        ray.shutdown()
+        raise UserError(str(exc)) from exc
+    try:
+        front.start(restore=True)
+        if per_node:
+            threading.Thread(target=C.grow_per_node, args=(front, ray, resources, model_options, config, stopping),
+                             daemon=True).start()
+        for i, text in enumerate(args.sources):
+            sid, uri = parse_source(text, i)
+            try:
+                front.handle(P.AddStream(id=0, stream=sid, uri=uri, mode=args.mode, pace=args.pace))
+            except P.RequestError as exc:
+                log.error("source %s (%s) not added: %s", sid, redact_uri(uri), exc.message)
+        log.info("serving %d worker(s) on %s (events on %s)", len(workers), server.request_address, server.event_address)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stopping.set())
+        while not stopping.wait(0.5):
+            pass
+        log.info("shutting down: the workers save their streams")
+    finally:
+        stopping.set()
+        front.shutdown()
+        server.stop()
+        ray.shutdown()
     return EXIT_OK
 
 

@@ -721,36 +721,72 @@ class Engine:
     def _restore_all(self) -> None:
         for path in sorted(Path(self.config.state_dir).glob(f"*{SNAPSHOT_SUFFIX}")):
             try:
-                snap = StateSnapshot.load(path)
-                info = snap.meta["engine"]
-                request = msgspec.convert(info["request"], P.AddStream)
-                # A restored stream goes on with the settings it ran with (another model or other options
-                # now must not change its input halfway through); one saved by protocol 1 had none saved.
-                saved = info.get("actionshot")
-                settings = (parse_settings(saved, f"'{path}' actionshot") if saved is not None
-                            else (request.actionshot or P.ActionShotSettings()).over(PROTOCOL_1_INGEST))
-                request = msgspec.structs.replace(request, actionshot=settings)
-                state = self.model.restore(snap)
+                self.restore_stream(path)
             except Exception as exc:  # a bad file must not keep the others from loading
-                log.error("could not restore '%s': %s", path, exc)
                 self.restore_error = f"could not restore '{path}': {exc}"
-                continue
-            replay = not info.get("live", False)
-            # Only a replay saved "finished" had every Shot in memory; one saved draining (a crash),
-            # stopped (a shutdown while draining) or failed resumes after its last Shot.
-            try:
-                stream = self.add_stream(
-                    request, state=state, keep_on_error=True,
-                    ingest=not (replay and info.get("state") == "finished"),
-                    resume_after=state.last_time if replay else None,
-                )
+
+    def restore_stream(self, path: str | Path) -> Stream:
+        """Restore one stream from its snapshot file (memory, standing questions, source and position).
+
+        A replay saved in any state but "finished" resumes after the last Shot its memory holds; a live
+        source reconnects. Raises (logged) when the file cannot be read or the stream not added.
+        """
+        path = Path(path)
+        try:
+            snap = StateSnapshot.load(path)
+            info = snap.meta["engine"]
+            request = msgspec.convert(info["request"], P.AddStream)
+            # A restored stream goes on with the settings it ran with (another model or other options
+            # now must not change its input halfway through); one saved by protocol 1 had none saved.
+            saved = info.get("actionshot")
+            settings = (parse_settings(saved, f"'{path}' actionshot") if saved is not None
+                        else (request.actionshot or P.ActionShotSettings()).over(PROTOCOL_1_INGEST))
+            request = msgspec.structs.replace(request, actionshot=settings)
+            state = self.model.restore(snap)
+        except Exception as exc:
+            log.error("could not restore '%s': %s", path, exc)
+            raise
+        replay = not info.get("live", False)
+        # Only a replay saved "finished" had every Shot in memory; one saved draining (a crash),
+        # stopped (a shutdown while draining) or failed resumes after its last Shot.
+        try:
+            stream = self.add_stream(
+                request, state=state, keep_on_error=True,
+                ingest=not (replay and info.get("state") == "finished"),
+                resume_after=state.last_time if replay else None,
+            )
+            with stream.lock:
                 for qid, text, period in info["standing"]:
                     stream.standing[qid] = Standing(qid, text, period, next_due=time.monotonic() + (period or 0.0))
-            except Exception as exc:  # each snapshot on its own: the others are restored all the same
-                log.exception("could not restore '%s'", path)
-                self.restore_error = f"could not restore '{path}': {exc}"
-                continue
-            log.info("stream %s restored from '%s' (%d frames)", stream.id, path, state.frames)
+        except Exception:
+            log.exception("could not restore '%s'", path)
+            raise
+        log.info("stream %s restored from '%s' (%d frames)", stream.id, path, state.frames)
+        return stream
+
+    def release_stream(self, sid: str) -> P.SavedSnapshot:
+        """Stop a stream, write its final snapshot and forget it, leaving the file for another engine to
+        `restore_stream` (a cluster's move). Raises ``RequestError(unavailable)`` when the snapshot
+        cannot be written: the stream then goes on here, nothing lost."""
+        stream = self._get(sid)
+        if not self.config.state_dir:
+            raise P.RequestError(P.ErrorCode.BAD_REQUEST, "the engine runs without a state directory")
+        snap_first = self._save(stream)
+        if snap_first is None:  # the store takes no snapshot: the stream goes on here, untouched
+            raise P.RequestError(P.ErrorCode.UNAVAILABLE,
+                                 f"I/O error: {stream.save_error or f'stream {sid!r} was removed'}")
+        if stream.pipeline is not None:
+            stream.pipeline.stop()
+            stream.pipeline.join(timeout=10.0)
+        with stream.persist_lock:
+            # The final one, after the last step; should it fail, the one above stands (a file resumes
+            # after the last Shot that one holds: nothing lost).
+            snap = self._write_snapshot(stream) or snap_first
+            stream.removed = True  # no later snapshot overwrites the one handed over
+        with self._streams_lock:
+            if self._streams.get(sid) is stream:
+                del self._streams[sid]
+        return snap
 
     # ------------------------------------------------------------------ protocol
 
@@ -766,8 +802,14 @@ class Engine:
                 return self.status(request.stream)
             case P.ListStreams():
                 return P.ListStreamsResult(streams=[self.stream_info(s) for s in self.streams()])
+            case P.AddStream(worker=str(worker)):
+                raise P.RequestError(P.ErrorCode.BAD_REQUEST,
+                                     f"no worker {worker!r}: this server runs no cluster (serve --cluster)")
             case P.AddStream():
                 return self.stream_info(self.add_stream(request))
+            case P.MoveStream():
+                raise P.RequestError(P.ErrorCode.BAD_REQUEST,
+                                     "move_stream needs a cluster (serve --cluster); this server is one engine")
             case P.RemoveStream():
                 return self.stream_info(self.remove_stream(request.stream))
             case P.AddQuestion():

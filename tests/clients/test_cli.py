@@ -80,7 +80,7 @@ def test_stream_and_question_management_round_trip(server, engine):
     added = one_json(mixmalmm(server, "streams", "add", "film", "/videos/film.mp4", "--pace", "fast", "--step", "4",
                               "--threshold", "30", "--json"))
     assert added == {"stream": "film", "uri": "/videos/film.mp4", "state": "connecting", "mode": "replay",
-                     "questions": [], "actionshot": None}
+                     "questions": [], "actionshot": None, "worker": None}
     request = engine.requests[-1]
     assert (request.mode, request.pace) == ("auto", "fast")
     # Only the options given are sent; the engine's defaults (the model's) fill in the others.

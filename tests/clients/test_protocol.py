@@ -27,6 +27,7 @@ REQUEST_EXAMPLES = {
     '"text": "Is the door open?", "period_s": 10.0}',
     "remove_question": '{"type": "remove_question", "id": "8", "stream": "cam1", "question_id": "door"}',
     "save_snapshot": '{"type": "save_snapshot", "id": "9", "stream": null}',
+    "move_stream": '{"type": "move_stream", "id": "10", "stream": "cam1", "to": "auto"}',
 }
 
 
@@ -142,6 +143,7 @@ def test_every_request_type_has_a_result_type_that_round_trips():
         p.StandingQuestion: p.StandingQuestion(stream="s", question_id="q", text="t", period_s=1.0),
         p.SaveSnapshotResult: p.SaveSnapshotResult(saved=[p.SavedSnapshot(stream="s", path="/x", size_bytes=3,
                                                                           time_s=4.0)]),
+        p.MoveStreamResult: p.MoveStreamResult(stream="s", source="w0", target="w1", pause_s=0.5, state="live"),
     }
     assert set(p.RESULT_TYPES) == set(p.REQUEST_TYPES.values())
     for result_type in set(p.RESULT_TYPES.values()):

@@ -1,0 +1,280 @@
+"""The engine on a real Ray cluster: three nodes on one machine (`ray.cluster_utils.Cluster`), each with
+an engine worker (a Ray actor holding the tiny model), the front door behind a real ZeroMQ server.
+
+Ray must run inside a network namespace that holds only loopback (outside one it resolves 127.0.0.1 to
+the machine's interface address): run outside one, this module runs itself again under `unshare -n`
+(as root) and passes when every test there passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from mixmalmm.clients import Client, EngineError, Subscriber
+from mixmalmm.clients import protocol as P
+
+from .conftest import NUM_FRAMES, wait_for
+
+ray = pytest.importorskip("ray")
+INSIDE = os.environ.get("MIXMALMM_IN_NETNS") == "1"
+EVERY_FRAME = P.ActionShotSettings(enabled=False, sample_fps=None)
+LONG = P.ActionShotSettings(enabled=False, sample_fps=2.0)  # a 30 s file paced: 2 Shots a second
+CLI = [sys.executable, "-m", "mixmalmm.clients.cli"]
+MODEL_OPTIONS = {"model": None, "malmm_checkpoint": None, "memory_bank_length": None, "visual_kv_cache": None,
+                 "device": "cpu", "dtype": None}
+
+
+@pytest.mark.skipif(INSIDE, reason="this is the run inside the namespace")
+def test_cluster_suite_in_a_loopback_namespace():
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("needs root, unshare and ip to make a loopback-only network namespace")
+    inner = (f"ip link set lo up && MIXMALMM_IN_NETNS=1 exec {sys.executable} -m pytest -x -q -p no:cacheprovider "
+             f"{__file__}")
+    run = subprocess.run(["unshare", "-n", "bash", "-c", inner], capture_output=True, text=True, timeout=600)
+    tail = (run.stdout + run.stderr)[-6000:]
+    assert run.returncode == 0, tail
+    assert "8 passed" in run.stdout, tail  # every test inside ran (none skipped)
+
+
+pytestmark_inner = pytest.mark.skipif(not INSIDE, reason="runs inside a loopback-only namespace (see above)")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from ray.cluster_utils import Cluster
+
+    from mixmalmm.streamer import cluster as C
+    from mixmalmm.streamer.engine import EngineConfig
+    from mixmalmm.streamer.server import Server
+
+    store = tmp_path_factory.mktemp("store")
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
+                                          "health_check_initial_delay_ms": 0}})
+    nodes = [c.add_node(num_cpus=1) for _ in range(3)]
+    ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
+    config = EngineConfig(state_dir=str(store), snapshot_period_s=1.0)
+    node_ids = [n["NodeID"] for n in ray.nodes() if n["Resources"].get("CPU", 0) >= 1]
+    workers = [C.start_workers(ray, [f"w{i}"], {"CPU": 1.0}, MODEL_OPTIONS, config, node=nid)[0]
+               for i, nid in enumerate(node_ids)]
+    box: list = []
+    events: list = []
+    front = C.FrontDoor(ray, workers, str(store), publish=lambda e: box[0].publish(e), max_streams=4,
+                        poll_s=0.5)
+    server = Server(front, request_endpoint="tcp://127.0.0.1:*", event_endpoint="tcp://127.0.0.1:*")
+    box.append(server)
+    server.start()
+    front.start(restore=False)
+    sub = Subscriber(server.event_address)
+    stop = threading.Event()
+
+    def collect():
+        while not stop.is_set():
+            e = sub.recv(0.2)
+            if e is not None:
+                events.append(e)
+
+    t = threading.Thread(target=collect, daemon=True)
+    t.start()
+    client = Client(server.request_address, timeout_s=120, retries=0)
+    time.sleep(0.5)  # the subscription reaches the PUB
+    grow_stop = threading.Event()
+    try:
+        yield {"cluster": c, "nodes": nodes, "front": front, "server": server, "client": client,
+               "events": events, "store": store, "config": config, "grow_stop": grow_stop}
+    finally:
+        grow_stop.set()
+        stop.set()
+        t.join(2)
+        client.close()
+        sub.close()
+        front.shutdown()
+        server.stop()
+        ray.shutdown()
+        c.shutdown()
+
+
+def _worker_of(client, sid):
+    return next(s.worker for s in client.status().streams if s.stream == sid)
+
+
+@pytestmark_inner
+def test_six_streams_spread_asked_and_standing_questions_fire(cluster, media):
+    client = cluster["client"]
+    for i in range(6):
+        client.add_stream(f"s{i}", str(media.rtsp), actionshot=LONG)  # 30 s files at their own pace
+    status = client.status()
+    per = {w.worker: w.streams for w in status.workers}
+    assert per == {"w0": 2, "w1": 2, "w2": 2}, per
+    assert {s.worker for s in status.streams} == {"w0", "w1", "w2"}
+    client.add_question("s0", "q", "what happens?", period_s=1.0)
+    wait_for(lambda: all(s.shots >= 2 for s in client.status().streams), 60, "every stream to fold Shots")
+    answer = client.ask("s1", "what is there?", max_new_tokens=3)
+    assert answer.stream == "s1" and answer.span_end_s is not None
+    cli = subprocess.run([*CLI, "ask", "s2", "what is there?", "--server", cluster["server"].request_address,
+                          "--json"], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert '"stream":"s2"' in cli.stdout.replace(" ", "")
+    wait_for(lambda: any(isinstance(e, P.AnswerEvent) and e.stream == "s0" for e in cluster["events"]), 30,
+             "a standing answer through the front door")
+    with pytest.raises(EngineError) as err:
+        client.add_stream("x", str(media.h264), worker="w9")
+    assert err.value.code == P.ErrorCode.BAD_REQUEST and "no worker 'w9'" in err.value.message
+
+
+@pytestmark_inner
+def test_a_killed_node_s_streams_answer_elsewhere_with_their_memory(cluster):
+    client, front, events = cluster["client"], cluster["front"], cluster["events"]
+    victim = _worker_of(client, "s0")
+    lost = sorted(s.stream for s in client.status().streams if s.worker == victim)
+    client.save_snapshot()
+    saved = {s.stream: s.shots for s in client.status().streams if s.stream in lost}
+    seq_before = max(e.seq for e in events if e.stream == "s0")
+    w = front.workers[victim]
+    node = next(n for n in cluster["nodes"] if n.node_id == w.node)
+    t0 = time.monotonic()
+    for pid in [w.pid, *(p.process.pid for ps in node.all_processes.values() for p in ps)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for sid in lost:
+        answer = wait_for(lambda sid=sid: _try_ask(client, sid), 90, f"{sid} answering again")
+        assert answer.span_end_s is not None
+    took = time.monotonic() - t0
+    status = client.status()
+    for s in status.streams:
+        if s.stream in lost:
+            assert s.worker != victim and s.shots >= saved[s.stream], (s, saved)
+    assert not next(x for x in status.workers if x.worker == victim).alive
+    moved = [e for e in events if isinstance(e, P.StreamStateEvent) and e.message and f"after worker {victim} died"
+             in e.message]
+    assert {e.stream for e in moved} == set(lost)
+    wait_for(lambda: any(isinstance(e, P.AnswerEvent) and e.stream == "s0" and e.seq > seq_before for e in events),
+             30, "the standing question firing again, seq still growing")
+    seqs = [e.seq for e in events if e.stream == "s0"]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    print(f"kill -> answering: {took:.1f} s")
+
+
+def _try_ask(client, sid):
+    try:
+        return client.ask(sid, "what is there?", max_new_tokens=3)
+    except EngineError:
+        return None
+
+
+@pytestmark_inner
+def test_move_stream_keeps_the_memory(cluster, media):
+    client = cluster["client"]
+    client.add_stream("m", str(media.h264), pace="fast", actionshot=EVERY_FRAME)
+    wait_for(lambda: client.status("m").streams[0].state == "finished", 60, "the file to finish")
+    before = client.ask("m", "what is there?", max_new_tokens=4)
+    source = _worker_of(client, "m")
+    moved = client.move_stream("m", "auto")
+    assert moved.source == source and moved.target != source and moved.state == "finished"
+    after = client.ask("m", "what is there?", max_new_tokens=4)
+    assert (after.answer, after.span_start_s, after.span_end_s) == (before.answer, before.span_start_s,
+                                                                    before.span_end_s)
+    assert client.status("m").streams[0].shots == NUM_FRAMES and _worker_of(client, "m") == moved.target
+    with pytest.raises(EngineError) as err:
+        client.move_stream("m", "nobody")
+    assert err.value.code == P.ErrorCode.BAD_REQUEST
+    print(f"move_stream: {moved.pause_s:.2f} s, 0 frames lost (a file resumes after its last Shot)")
+
+
+@pytestmark_inner
+def test_a_node_added_gets_the_new_streams(cluster, media):
+    from mixmalmm.streamer import cluster as C
+
+    client, front = cluster["client"], cluster["front"]
+    cluster["cluster"].add_node(num_cpus=1)
+    threading.Thread(target=C.grow_per_node, args=(front, ray, {"CPU": 1.0}, MODEL_OPTIONS, cluster["config"],
+                                                   cluster["grow_stop"], 0.5), daemon=True).start()
+    wait_for(lambda: len([w for w in front.workers.values() if w.alive]) == 3, 120, "a worker on the new node")
+    new = max(front.workers, key=lambda n: int(n[1:]))
+    info = client.add_stream("n", str(media.h264), pace="fast", actionshot=EVERY_FRAME)
+    assert info.worker == new
+
+
+@pytestmark_inner
+def test_an_unwritable_store_is_reported_and_serving_goes_on(cluster, media):
+    client, store = cluster["client"], cluster["store"]
+    wait_for(lambda: client.status("n").streams[0].state == "finished", 60, "n to finish")
+    keep = store.with_name("kept")
+    shutil.move(store, keep)
+    store.write_text("not a directory")
+    try:
+        with pytest.raises(EngineError) as err:
+            client.save_snapshot("n")
+        assert err.value.code == P.ErrorCode.UNAVAILABLE and "could not save stream 'n'" in err.value.message
+        assert "could not save" in client.status().engine.persist_error
+        assert client.ask("n", "still there?", max_new_tokens=3).span_end_s is not None
+    finally:
+        store.unlink()
+        shutil.move(keep, store)
+
+
+def test_an_unreachable_cluster_is_one_line_and_exit_2(tmp_path):
+    from .conftest import free_port
+
+    run = subprocess.run([*CLI, "serve", "--cluster", f"127.0.0.1:{free_port()}", "--state-store", str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the Ray cluster at '127.0.0.1:" in lines[0], run.stderr
+
+
+def test_a_single_serve_refuses_worker_and_move_stream(tmp_path):
+    from mixmalmm.model import MALMM
+    from mixmalmm.streamer.engine import Engine
+
+    engine = Engine(MALMM.tiny().eval())
+    for request, said in ((P.AddStream(id=1, stream="a", uri="x.mp4", worker="w0"), "no worker 'w0'"),
+                          (P.MoveStream(id=2, stream="a", to="auto"), "move_stream needs a cluster")):
+        with pytest.raises(P.RequestError) as err:
+            engine.handle(request)
+        assert err.value.code == P.ErrorCode.BAD_REQUEST and said in err.value.message
+
+
+@pytestmark_inner
+def test_a_front_door_restarted_on_the_store_restores_every_stream(cluster):
+    """The front door dies (its workers with it: they are its actors); a new one on the same store restores
+    every stream on new workers, memory included."""
+    from mixmalmm.streamer import cluster as C
+    from mixmalmm.streamer.server import Server
+
+    client, front, store = cluster["client"], cluster["front"], cluster["store"]
+    client.save_snapshot()
+    saved = {s.stream: s.shots for s in client.status().streams}
+    front._stop.set()  # the old front door stops watching (it is "dead")
+    for w in front.workers.values():
+        if w.alive:
+            ray.kill(w.actor, no_restart=True)
+    alive = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
+    workers = [C.start_workers(ray, [f"r{i}"], {"CPU": 1.0}, MODEL_OPTIONS, cluster["config"], node=nid)[0]
+               for i, nid in enumerate(alive)]
+    box: list = []
+    again = C.FrontDoor(ray, workers, str(store), publish=lambda e: box[0].publish(e), max_streams=4)
+    server = Server(again, request_endpoint="tcp://127.0.0.1:*", event_endpoint="tcp://127.0.0.1:*")
+    box.append(server)
+    server.start()
+    try:
+        again.start(restore=True)
+        with Client(server.request_address, timeout_s=120, retries=0) as c2:
+            status = c2.status()
+            shots = {s.stream: s.shots for s in status.streams}
+            assert set(shots) == set(saved)
+            assert all(shots[sid] >= saved[sid] for sid in saved), (shots, saved)
+            assert {s.worker for s in status.streams} <= {w.name for w in workers}
+            assert c2.ask("m", "what is there?", max_new_tokens=3).span_end_s is not None
+    finally:
+        again.shutdown()
+        server.stop()
