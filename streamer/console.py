@@ -16,8 +16,8 @@ Endpoints (all GET but ``/api/request``):
 * ``/api/streams/<id>/shot.jpg`` : the last Shot folded into that stream's memory, JPEG; 404 for an
   unknown stream or before its first Shot.
 
-Security: the same rule as the ZeroMQ binds (``server.check_bind_security``): a non-loopback address
-needs ``insecure=True`` (HTTP has no CURVE: there is no authentication).
+Security: the rule of the ZeroMQ binds: a non-loopback address needs ``insecure=True`` (``serve
+--insecure``); CURVE keys do not count, HTTP has no authentication (``check_console_security``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from mixmalmm.clients.protocol import (
     ok_reply,
 )
 
-from .server import Handler, ServerError, check_bind_security
+from .server import Handler, InsecureBindError, ServerError, is_local_endpoint
 
 log = logging.getLogger("mixmalmm.console")
 
@@ -74,14 +74,26 @@ def parse_http_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def check_console_security(address: str, insecure: bool) -> None:
+    """The ZeroMQ binds' rule for the console: a non-loopback address needs ``insecure`` (HTTP has no
+    CURVE, so keys do not count). Raises ``InsecureBindError``, or ValueError for a bad address."""
+    host, port = parse_http_address(address)
+    if insecure or is_local_endpoint(f"tcp://{host}:{port}"):
+        return
+    raise InsecureBindError(
+        f"refusing to serve the console on {address!r} without --insecure: it is not a loopback address and "
+        "the console has no authentication or encryption (bind 127.0.0.1 and tunnel, or pass --insecure)"
+    )
+
+
 class Console:
     """The HTTP server of the console. ``publish(event)`` fans an event out to the SSE clients; call it
     from the engine's publish callback beside ``Server.publish``."""
 
     def __init__(self, handler: Handler, engine=None, *, address: str = "127.0.0.1:8080",
                  limits: Limits = DEFAULT_LIMITS, insecure: bool = False) -> None:
+        check_console_security(address, insecure)
         host, port = parse_http_address(address)
-        check_bind_security(f"tcp://{host}:{port}", None, insecure)
         self._handler = handler
         self._engine = engine if engine is not None else handler
         self._limits = limits

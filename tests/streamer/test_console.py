@@ -164,7 +164,7 @@ def test_server_sent_events_deliver_state_changes_and_answers(served, media):
 
 def test_non_loopback_needs_insecure(model):
     engine = Engine(model)
-    with pytest.raises(InsecureBindError, match="0.0.0.0"):
+    with pytest.raises(InsecureBindError, match="0.0.0.0.*--insecure"):
         Console(engine, address="0.0.0.0:0")
     Console(engine, address="0.0.0.0:0", insecure=True)  # allowed (not started)
     with pytest.raises(ValueError, match="HOST:PORT"):
