@@ -3,7 +3,6 @@ the console, a generated video file, plain HTTP requests (urllib) and a server-s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import threading
@@ -14,37 +13,15 @@ import msgspec
 import numpy as np
 import pytest
 
-from mixmalmm.clients import Client
 from mixmalmm.clients import protocol as P
 from mixmalmm.model import MALMM
 from mixmalmm.streamer.console import Console, parse_http_address
 from mixmalmm.streamer.engine import Engine
-from mixmalmm.streamer.server import InsecureBindError, Server
+from mixmalmm.streamer.server import InsecureBindError
 
-from .conftest import wait_for
+from .conftest import console_engine, wait_for
 
 EVERY_FRAME = P.ActionShotSettings(enabled=False, sample_fps=None)
-
-
-@contextlib.contextmanager
-def console_engine(model, config=None, limits: P.Limits = P.DEFAULT_LIMITS):
-    """An engine behind a real ZeroMQ server and a console on free loopback ports: (engine, client, console)."""
-    box: list = []
-    engine = Engine(model, config, publish=lambda event: [sink.publish(event) for sink in box])
-    server = Server(engine, request_endpoint="tcp://127.0.0.1:*", event_endpoint="tcp://127.0.0.1:*")
-    console = Console(engine, address="127.0.0.1:0", limits=limits)
-    box += [server, console]
-    engine.start()
-    server.start()
-    console.start()
-    client = Client(server.request_address, timeout_s=20, retries=0)
-    try:
-        yield engine, client, console
-    finally:
-        client.close()
-        console.stop()
-        engine.shutdown(save=False)
-        server.stop()
 
 
 @pytest.fixture(scope="module")
