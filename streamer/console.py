@@ -275,8 +275,11 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         limit = self.console._limits.max_message_bytes
         try:
             length = int(self.headers.get("Content-Length", ""))
+            if length < 0:
+                raise ValueError
         except ValueError:
-            self._error(411, ErrorCode.BAD_REQUEST, "a request needs a Content-Length header")
+            self.close_connection = True
+            self._error(411, ErrorCode.BAD_REQUEST, "a request needs a Content-Length header (a byte count)")
             return
         if length > limit:
             self.close_connection = True  # the body is not read

@@ -92,6 +92,10 @@ def test_bad_requests_get_clear_errors(model):
         assert status == 404 and reply["error"]["code"] == "unknown_stream" and "nope" in reply["error"]["message"]
         status, reply = post(console, json.dumps({"id": 4, "type": "status", "stream": "x" * 4000}).encode())
         assert status == 413 and reply["error"]["code"] == "too_large" and "2048" in reply["error"]["message"]
+        host, port = parse_http_address(console.url[len("http://"):].rstrip("/"))
+        with socket.create_connection((host, port), timeout=10) as sock:  # a length that is no byte count
+            sock.sendall(b"POST /api/request HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n{}")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 411 ")
         status, _kind, body = get(console, "api/streams/nope/shot.jpg")
         assert status == 404 and b"nope" in body
         status, _kind, body = get(console, "api/nothing")
