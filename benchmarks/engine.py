@@ -10,23 +10,34 @@
    questions answered per second (waiting questions share one batched `generate`).
 5. Resident memory at the start and during a long replay (default 100,000 frames, ActionShot on):
    it must stay flat.
+6. With --console: end-to-end Shots/s with the web console off and on (an SSE client reading the events
+   and a poller doing what an open page does: status, list_streams and the latest Shot's JPEG every
+   second), a standing question publishing answers in both; runs interleaved, the median of each.
 
     python benchmarks/engine.py                  # full run (the long replay takes a few minutes)
     python benchmarks/engine.py --quick          # 10,000 frames, fewer questions
     python benchmarks/engine.py --questions-only # sections 3 and 4
+    python benchmarks/engine.py --console        # adds section 6 (--console-only: section 6 alone)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import socket
+import statistics
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import torch
 
 from mixmalmm.clients import Client
 from mixmalmm.clients import protocol as P
 from mixmalmm.model import MALMM
+from mixmalmm.streamer.console import Console
 from mixmalmm.streamer.engine import Engine, EngineConfig
 from mixmalmm.streamer.preprocess import preprocess
 from mixmalmm.streamer.server import Server
@@ -85,6 +96,61 @@ def engine_rate(model: MALMM, shots: int) -> float:
         engine.shutdown(save=False)
 
 
+def console_rate(model: MALMM, shots: int, on: bool) -> tuple[float, int, int]:
+    """engine_rate with a standing question answering every 1 s, and with `on` the console serving an
+    SSE client and a page-like poller. Returns (Shots/s, events the SSE client read, page polls)."""
+    box: list = []
+    engine = Engine(model, EngineConfig(), publish=lambda event: [sink.publish(event) for sink in box]).start()
+    stop = threading.Event()
+    counts = {"events": 0, "polls": 0}
+    threads = []
+    console = None
+    try:
+        if on:
+            console = Console(engine, address="127.0.0.1:0").start()
+            box.append(console)
+            host, port = console.url[len("http://"):].rstrip("/").rsplit(":", 1)
+
+            def sse() -> None:
+                with socket.create_connection((host, int(port)), timeout=5) as sock:
+                    sock.sendall(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
+                    while not stop.is_set():
+                        with contextlib.suppress(TimeoutError):
+                            counts["events"] += sock.recv(65536).count(b"data: ")
+
+            def page() -> None:
+                while not stop.wait(1.0):
+                    for body in (b'{"id": 1, "type": "status"}', b'{"id": 2, "type": "list_streams"}'):
+                        with urllib.request.urlopen(urllib.request.Request(console.url + "api/request", data=body)) as r:
+                            json.loads(r.read())
+                    try:
+                        with urllib.request.urlopen(console.url + "api/streams/e2e/shot.jpg") as r:
+                            r.read()
+                    except urllib.error.HTTPError:  # before the first Shot
+                        pass
+                    counts["polls"] += 1
+
+            threads = [threading.Thread(target=f, daemon=True) for f in (sse, page)]
+            for t in threads:
+                t.start()
+            wait(lambda: console.clients == 1, 10)
+        t0 = time.perf_counter()
+        add(engine, "e2e", synthetic(shots), EVERY_FRAME)
+        engine.add_question(P.AddQuestion(id=0, stream="e2e", question_id="q", text="what is happening?",
+                                          period_s=1.0))
+        stream = engine._get("e2e")
+        wait(lambda: stream.state.frames == shots, 600)
+        rate = shots / (time.perf_counter() - t0)
+    finally:
+        stop.set()
+        engine.shutdown(save=False)
+        if console is not None:
+            console.stop()
+        for t in threads:
+            t.join(5)
+    return rate, counts["events"], counts["polls"]
+
+
 def latencies(engine: Engine, sid: str, count: int) -> list[float]:
     out = []
     for i in range(count):
@@ -136,6 +202,9 @@ def main() -> None:
     ap.add_argument("--long-frames", type=int, default=None, help="frames in the long replay (default 100000)")
     ap.add_argument("--questions-only", action="store_true", help="only the question latency sections")
     ap.add_argument("--questions", type=int, default=None, help="questions per latency row (default 50)")
+    ap.add_argument("--console", action="store_true", help="also section 6: the web console's cost")
+    ap.add_argument("--console-only", action="store_true", help="only section 6")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each arm in section 6 (default 3)")
     args = ap.parse_args()
     shots = 300 if args.quick else 1000
     questions = args.questions or (20 if args.quick else 50)
@@ -143,6 +212,24 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = MALMM.tiny().eval()
     rows: list[tuple[str, str]] = []
+
+    if args.console or args.console_only:
+        runs = {False: [], True: []}
+        for _ in range(args.repeats):
+            for on in (False, True):
+                runs[on].append(console_rate(model, shots, on))
+        off = statistics.median(r[0] for r in runs[False])
+        on = statistics.median(r[0] for r in runs[True])
+        rows += [(f"console off, Shots/s (median of {args.repeats}; a standing question every 1 s)",
+                  " / ".join(f"{r[0]:.0f}" for r in runs[False]) + f" -> {off:.0f}"),
+                 ("console on, SSE client + page polls every 1 s, Shots/s",
+                  " / ".join(f"{r[0]:.0f}" for r in runs[True]) + f" -> {on:.0f}"),
+                 ("console cost (1 - on / off)", f"{100 * (1 - on / off):+.1f} %"),
+                 ("events read by the SSE client / page polls, per run",
+                  ", ".join(f"{r[1]} / {r[2]}" for r in runs[True]))]
+        if args.console_only:
+            print_table(rows)
+            return
 
     if not args.questions_only:
         base = model_rate(model, shots)

@@ -61,7 +61,11 @@ def add_serve_parser(commands) -> None:
     g.add_argument("--events", default="tcp://127.0.0.1:5556", help="event (PUB) endpoint")
     g.add_argument("--curve-secret", metavar="FILE", help="the server's CURVE key pair (from `mixmalmm keys`)")
     g.add_argument("--curve-clients", metavar="DIR", help="directory of allowed client public keys")
-    g.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without CURVE")
+    g.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback bind without CURVE (and a non-loopback --http address)")
+    g.add_argument("--http", metavar="HOST:PORT",
+                   help="serve the web console (a page and an HTTP/JSON layer) here, e.g. 127.0.0.1:8080; "
+                        "a non-loopback address needs --insecure (HTTP has no authentication)")
     g.add_argument("--state-dir", metavar="DIR", help="snapshot streams here and restore them on start")
     g.add_argument("--snapshot-period", type=float, default=30.0, metavar="S", help="seconds between snapshots")
     g.add_argument("--max-batch", type=int, default=8, help="streams per vision-encoder batch")
@@ -87,6 +91,7 @@ def add_serve_parser(commands) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from mixmalmm.clients import protocol as P
 
+    from .console import Console, check_console_security
     from .engine import Engine, EngineConfig
     from .server import CurveKeys, Server, ServerError, check_bind_security
 
@@ -115,7 +120,9 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         for endpoint in (args.bind, args.events):
             check_bind_security(endpoint, curve, args.insecure)
-    except ServerError as exc:
+        if args.http:
+            check_console_security(args.http, args.insecure)
+    except (ServerError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     if args.cluster:
         return run_cluster_serve(args, config, curve)
@@ -123,21 +130,26 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UserError("--workers, --worker-resources and --state-store need --cluster")
     model, name = load_model(args)
     stopping = threading.Event()
-    server_box: list = []
-    engine = Engine(model, config, publish=lambda event: server_box and server_box[0].publish(event),
-                    model_name=name)
+    sinks: list = []  # the ZeroMQ server, then the console: each gets every event
+    engine = Engine(model, config, publish=lambda event: [sink.publish(event) for sink in sinks], model_name=name)
     try:
         limits = P.Limits(max_message_bytes=args.max_message_bytes, max_question_chars=args.max_question_chars)
         server = Server(engine, request_endpoint=args.bind, event_endpoint=args.events, curve=curve,
                         insecure=args.insecure, limits=limits, ask_workers=args.max_questions)
+        console = Console(engine, address=args.http, limits=limits, insecure=args.insecure) if args.http else None
     except (ServerError, ValueError) as exc:
         raise UserError(str(exc)) from exc
-    server_box.append(server)
+    sinks.append(server)
     engine.start()
     try:
         server.start()
+        if console is not None:
+            console.start()
+            sinks.append(console)
+            log.info("console on %s", console.url)
     except ServerError as exc:
         engine.shutdown(save=False)
+        server.stop()
         raise UserError(str(exc)) from exc
     try:
         for i, text in enumerate(args.sources):
@@ -156,6 +168,8 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown(save=True)
         server.stop()
+        if console is not None:
+            console.stop()
     log.info("stopped")
     return EXIT_OK
 

@@ -51,6 +51,7 @@ DURING_AT = (0.4, 0.75)
 DEFAULT_REQUESTS = "tcp://127.0.0.1:5555"
 DEFAULT_EVENTS = "tcp://127.0.0.1:5556"
 FREE_PORT = "tcp://127.0.0.1:*"
+DEFAULT_CONSOLE = "127.0.0.1:8080"  # demo --console, when free
 
 
 @dataclass
@@ -166,6 +167,9 @@ def add_parser(commands) -> None:
                    help="where the video, answers.json and contact_sheet.png go (default ./mixmalmm-demo)")
     p.add_argument("--keep-serving", action="store_true",
                    help="afterwards keep serving the stream until Ctrl-C (try mixmalmm ask / status / watch)")
+    p.add_argument("--console", nargs="?", const=DEFAULT_CONSOLE, metavar="HOST:PORT",
+                   help=f"serve the web console too (default {DEFAULT_CONSOLE} if free, else a free loopback port; "
+                        "loopback only); its URL is printed first, and after the demo it keeps serving until Ctrl-C")
     p.add_argument("--bind", metavar="ADDR",
                    help=f"request endpoint (default {DEFAULT_REQUESTS} if free, else a free loopback port)")
     p.add_argument("--events", metavar="ADDR",
@@ -191,6 +195,21 @@ def _start(engine, bind: str | None, events: str | None):
         except (ServerError, ValueError) as exc:
             if i == len(tries) - 1:
                 raise UserError(f"cannot serve on {requests} / {published}: {exc}") from exc
+    raise AssertionError("unreachable")
+
+
+def _start_console(engine, address: str):
+    """A started Console in front of `engine` on `address` (loopback), else, for the default, a free port."""
+    from .console import Console
+    from .server import ServerError
+
+    tries = [address] + ([address.rpartition(":")[0] + ":0"] if address == DEFAULT_CONSOLE else [])
+    for i, where in enumerate(tries):
+        try:
+            return Console(engine, address=where).start()
+        except (ServerError, ValueError) as exc:
+            if i == len(tries) - 1:
+                raise UserError(f"--console {address}: {exc}") from exc
     raise AssertionError("unreachable")
 
 
@@ -246,6 +265,15 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.console is not None:
+        from .console import parse_http_address
+
+        try:
+            host, port = parse_http_address(args.console)
+        except ValueError as exc:
+            raise UserError(str(exc).replace("--http", "--console")) from exc
+        if not is_local_endpoint(f"tcp://{host}:{port}"):
+            raise UserError(f"--console {args.console!r}: the demo serves on loopback only (e.g. 127.0.0.1:8080)")
     for option, endpoint in (("--bind", args.bind), ("--events", args.events)):
         if endpoint is not None and not is_local_endpoint(endpoint):
             raise UserError(f"{option} {endpoint!r}: the demo serves on loopback only (e.g. tcp://127.0.0.1:5555, "
@@ -269,28 +297,37 @@ def run_demo(args: argparse.Namespace) -> int:
     say(f"mixmalmm demo: model {name} on {model.device}; memory {model.config.memory_bank_length} entries per bank")
     say(f"sample video: {sample.path} ({sample.frames} frames, {format_time(sample.duration)} at {sample.fps:g} fps; "
         f"{sample.world}); {len(log.shots)} Shots")
-    box: list = []
+    box: list = []  # the ZeroMQ server, then the console: each gets every event
     engine = Engine(model, EngineConfig(max_new_tokens=args.max_new_tokens),
-                    publish=lambda event: box and box[0].publish(event), model_name=name)
+                    publish=lambda event: [sink.publish(event) for sink in box], model_name=name)
     engine.start()
+    console = None
     try:
         server = _start(engine, args.bind, args.events)
+        box.append(server)
+        if args.console is not None:
+            console = _start_console(engine, args.console)
+            box.append(console)
+            say(f"console: {console.url}")
     except UserError:
         engine.shutdown(save=False)
+        if box:
+            box[0].stop()
         raise
-    box.append(server)
     try:
         try:
             status = _play(args, sample, log, engine, server, started)
         except ClientError as exc:  # the engine refused or did not answer: say so in one line
             print(f"mixmalmm demo: {type(exc).__name__}: {exc}", file=sys.stderr)
             return EXIT_ERROR
-        if status == EXIT_OK and args.keep_serving:
-            _serve_until_stopped(server, sample.final[-1][0])
+        if status == EXIT_OK and (args.keep_serving or console is not None):
+            _serve_until_stopped(server, sample.final[-1][0], console)
         return status
     finally:
         engine.shutdown(save=False)
         server.stop()
+        if console is not None:
+            console.stop()
 
 
 def _play(args, sample: SampleVideo, log: ShotLog, engine, server, started: float) -> int:
@@ -371,12 +408,13 @@ def _play(args, sample: SampleVideo, log: ShotLog, engine, server, started: floa
     return EXIT_OK
 
 
-def _serve_until_stopped(server, question: str) -> None:
+def _serve_until_stopped(server, question: str, console=None) -> None:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         say(f"still serving (Ctrl-C to stop); try: mixmalmm ask --server {server.request_address} {STREAM} "
-            f"\"{question}\"   or   mixmalmm status --server {server.request_address}")
+            f"\"{question}\"   or   mixmalmm status --server {server.request_address}"
+            + (f"   or   the console: {console.url}" if console is not None else ""))
         while not stop.wait(0.5):
             pass
     finally:

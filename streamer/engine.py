@@ -147,6 +147,7 @@ class Stream:
         self.removed = False
         self.refused = False  # add_stream refused it after its pipeline was made: it publishes nothing
         self.save_error: str | None = None  # why its last snapshot write failed (None: it succeeded)
+        self.latest_shot = None  # the last Shot folded into memory (the console's thumbnail); None before it
 
     @property
     def state_name(self) -> str:
@@ -476,8 +477,9 @@ class Engine:
             for s in locks:
                 s.lock.release()
         now = time.time()
-        for s in streams:
+        for s, shot in batch:
             s.out_times.append(now)
+            s.latest_shot = shot  # a reference: the Shot is not copied
 
     # ------------------------------------------------------------------ questions
 

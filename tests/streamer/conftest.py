@@ -144,6 +144,33 @@ def serving_engine(model, config=None, events: list | None = None, timeout_s: fl
         server.stop()
 
 
+@contextlib.contextmanager
+def console_engine(model, config=None, limits=None):
+    """An engine behind a real ZeroMQ server and a console on free loopback ports: (engine, client, console)."""
+    from mixmalmm.clients import Client
+    from mixmalmm.clients import protocol as P
+    from mixmalmm.streamer.console import Console
+    from mixmalmm.streamer.engine import Engine
+    from mixmalmm.streamer.server import Server
+
+    box: list = []
+    engine = Engine(model, config, publish=lambda event: [sink.publish(event) for sink in box])
+    server = Server(engine, request_endpoint="tcp://127.0.0.1:*", event_endpoint="tcp://127.0.0.1:*")
+    console = Console(engine, address="127.0.0.1:0", limits=limits or P.DEFAULT_LIMITS)
+    box += [server, console]
+    engine.start()
+    server.start()
+    console.start()
+    client = Client(server.request_address, timeout_s=20, retries=0)
+    try:
+        yield engine, client, console
+    finally:
+        client.close()
+        console.stop()
+        engine.shutdown(save=False)
+        server.stop()
+
+
 def wait_for(predicate, timeout: float, what: str):
     """predicate()'s first true value, polled every 50 ms; fails the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -315,3 +342,27 @@ def not_found_server():
     finally:
         server.shutdown()
         server.server_close()
+
+
+#: Debian's Chromium, headless, as this machine needs it (without the background-networking flags it
+#: stalls on refused connections).
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage")
+
+
+@contextlib.contextmanager
+def chromium(user_data_dir: Path, width: int = 1280, height: int = 800):
+    """A Selenium WebDriver on Debian's headless Chromium and chromedriver, with a fresh profile."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}", f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    try:
+        yield driver
+    finally:
+        driver.quit()

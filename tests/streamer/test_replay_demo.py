@@ -286,3 +286,47 @@ def test_fallback_sample_video_and_its_shots(tmp_path):
     assert [s.start for s in log.shots] == pytest.approx([float(i) for i in range(8)])
     assert [s.frames for s in log.shots] == [10] * 8
     assert sample.duration == 8.0 and sample.expected_at(sample.final[0][0], 4.0) is None
+
+
+def test_demo_refuses_a_non_loopback_console(tmp_path):
+    proc = run(["demo", "--out", str(tmp_path / "demo"), "--console", "0.0.0.0:8080"], tmp_path, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "mixmalmm demo: --console '0.0.0.0:8080': the demo serves on loopback only (e.g. 127.0.0.1:8080)"]
+
+
+def test_demo_console_prints_its_url_and_serves_until_ctrl_c(tmp_path):
+    """`demo --console`: the URL first; the page and the JSON layer on the demo's engine while it plays
+    and after it, until SIGINT."""
+    import urllib.request
+
+    log_path = tmp_path / "demo.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [*CLI, "demo", "--out", str(tmp_path / "demo"), "--console", "127.0.0.1:0", "--bind", "tcp://127.0.0.1:*",
+             "--events", "tcp://127.0.0.1:*"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            started = time.monotonic()
+            while "still serving" not in log_path.read_text():
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() - started < 150, f"demo not done: {log_path.read_text()}"
+                time.sleep(0.2)
+            text = log_path.read_text()
+            url = next(line.split("console: ", 1)[1] for line in text.splitlines() if line.startswith("console: "))
+            assert url.startswith("http://127.0.0.1:") and f"the console: {url}" in text
+            with urllib.request.urlopen(url, timeout=10) as r:
+                assert b"mixmalmm console" in r.read()
+            request = urllib.request.Request(url + "api/request", data=b'{"id": 1, "type": "status", "stream": "demo"}')
+            with urllib.request.urlopen(request, timeout=10) as r:
+                status = json.loads(r.read())["result"]["streams"][0]
+            report = json.loads((tmp_path / "demo" / "answers.json").read_text())
+            assert status["state"] == "finished" and status["shots"] == len(report["shots"])
+            with urllib.request.urlopen(url + "api/streams/demo/shot.jpg", timeout=10) as r:
+                assert r.headers["Content-Type"] == "image/jpeg" and r.read()[:2] == b"\xff\xd8"
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert log_path.read_text().rstrip().endswith("stopped")

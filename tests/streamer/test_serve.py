@@ -154,12 +154,38 @@ def test_serve_user_errors_are_one_line(tmp_path):
         (["--threshold", "300"], "ActionShot"),
         (["--max-questions", "0"], "--max-questions"),
         (["--max-batch", "0"], "--max-batch"),  # was no error: a batch without bound
+        (["--http", "0.0.0.0:8080"], "--insecure"),  # the console's bind follows the ZeroMQ binds' rule
+        (["--http", "8080"], "HOST:PORT"),
     ]
     for args, needle in cases:
         run = subprocess.run([sys.executable, "-m", "mixmalmm.clients.cli", "serve", *args],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2, (args, run.stdout, run.stderr)
         assert needle in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
+
+
+def test_serve_http_serves_the_console(tmp_path, media):
+    """`serve --http`: the page and the JSON layer on the given port, beside ZeroMQ, on the same engine."""
+    import json
+    import urllib.request
+
+    port = free_port()
+    serve = Serve(tmp_path, f"cam={media.h264}", "--http", f"127.0.0.1:{port}", "--pace", "fast")
+    try:
+        serve.wait_ready()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+            assert r.status == 200 and b"mixmalmm console" in r.read()
+        with serve.client() as c:
+            wait_status(c, "cam", lambda s: s.state == "finished", 60, "the file finished")
+            shots = c.status("cam").streams[0].shots
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/request", method="POST",
+                                         data=b'{"id": 1, "type": "status", "stream": "cam"}')
+        with urllib.request.urlopen(request, timeout=10) as r:
+            reply = json.loads(r.read())
+        assert reply["ok"] and reply["result"]["streams"][0]["shots"] == shots > 0
+        assert f"console on http://127.0.0.1:{port}/" in serve.output()
+    finally:
+        serve.stop()
 
 
 def test_serve_loads_the_model_without_a_progress_bar(tmp_path):

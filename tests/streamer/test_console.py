@@ -1,0 +1,152 @@
+"""The console's HTTP/JSON layer over real sockets: the engine (tiny model) behind the ZeroMQ server and
+the console, a generated video file, plain HTTP requests (urllib) and a server-sent events reader."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+import msgspec
+import numpy as np
+import pytest
+
+from mixmalmm.clients import protocol as P
+from mixmalmm.model import MALMM
+from mixmalmm.streamer.console import Console, parse_http_address
+from mixmalmm.streamer.engine import Engine
+from mixmalmm.streamer.server import InsecureBindError
+
+from .conftest import console_engine, wait_for
+
+EVERY_FRAME = P.ActionShotSettings(enabled=False, sample_fps=None)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return MALMM.tiny().eval()
+
+
+@pytest.fixture
+def served(model):
+    with console_engine(model) as s:
+        yield s
+
+
+def post(console, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(console.url + "api/request", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def get(console, path: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(console.url + path, timeout=30) as r:
+            return r.status, r.headers["Content-Type"], r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+def test_requests_answer_as_over_zeromq(served, media):
+    engine, client, console = served
+    client.add_stream("file", str(media.h264), actionshot=EVERY_FRAME)
+    wait_for(lambda: client.status("file").streams[0].state == "finished", 60, "the file finished")
+    over_zmq = client.ask("file", "what colour is the square?", max_new_tokens=5)
+    status, reply = post(console, b'{"id": 7, "type": "ask", "stream": "file", '
+                                  b'"question": "what colour is the square?", "max_new_tokens": 5}')
+    assert status == 200 and reply["id"] == 7 and reply["ok"] is True
+    result = msgspec.convert(reply["result"], P.AskResult)
+    assert (result.answer, result.span_start_s, result.span_end_s) == (
+        over_zmq.answer, over_zmq.span_start_s, over_zmq.span_end_s)
+    status, reply = post(console, b'{"id": "s", "type": "status"}')
+    assert status == 200 and [s["stream"] for s in reply["result"]["streams"]] == ["file"]
+    assert reply["result"]["streams"][0]["shots"] == client.status("file").streams[0].shots
+
+    status, kind, jpeg = get(console, "api/streams/file/shot.jpg")
+    assert status == 200 and kind == "image/jpeg" and jpeg[:2] == b"\xff\xd8"
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    shot = engine._get("file").latest_shot.image
+    assert image.shape == shot.shape
+    assert np.abs(image[:, :, ::-1].astype(int) - shot).mean() < 8  # the same picture, JPEG-compressed
+
+    status, kind, page = get(console, "")
+    assert status == 200 and kind.startswith("text/html") and b"/api/events" in page
+
+
+def test_bad_requests_get_clear_errors(model):
+    with console_engine(model, limits=P.Limits(max_message_bytes=2048)) as (_engine, _client, console):
+        status, reply = post(console, b'{"id": 1, "type": "ask", "stream": ')
+        assert status == 400 and reply["ok"] is False and reply["error"]["code"] == "bad_request"
+        assert "JSON" in reply["error"]["message"]
+        status, reply = post(console, b'{"id": 2, "type": "fly"}')
+        assert status == 400 and reply["error"]["code"] == "unknown_type" and reply["id"] == 2
+        status, reply = post(console, b'{"id": 3, "type": "ask", "stream": "nope", "question": "hi?"}')
+        assert status == 404 and reply["error"]["code"] == "unknown_stream" and "nope" in reply["error"]["message"]
+        status, reply = post(console, json.dumps({"id": 4, "type": "status", "stream": "x" * 4000}).encode())
+        assert status == 413 and reply["error"]["code"] == "too_large" and "2048" in reply["error"]["message"]
+        host, port = parse_http_address(console.url[len("http://"):].rstrip("/"))
+        with socket.create_connection((host, port), timeout=10) as sock:  # a length that is no byte count
+            sock.sendall(b"POST /api/request HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n{}")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 411 ")
+        status, _kind, body = get(console, "api/streams/nope/shot.jpg")
+        assert status == 404 and b"nope" in body
+        status, _kind, body = get(console, "api/nothing")
+        assert status == 404 and b"/api/nothing" in body
+        # the console still serves after all that
+        status, reply = post(console, b'{"id": 5, "type": "ping"}')
+        assert status == 200 and reply["ok"] is True
+
+
+def read_events(console, count: int, seen: list, connected: threading.Event) -> None:
+    host, port = parse_http_address(console.url[len("http://"):].rstrip("/"))
+    with socket.create_connection((host, port), timeout=30) as sock:
+        sock.sendall(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while len(seen) < count:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+            if b": connected" in data:
+                connected.set()
+            while b"\n\n" in data:
+                block, data = data.split(b"\n\n", 1)
+                for line in block.split(b"\n"):
+                    if line.startswith(b"data: "):
+                        seen.append(json.loads(line[6:]))
+
+
+def test_server_sent_events_deliver_state_changes_and_answers(served, media):
+    engine, client, console = served
+    seen: list = []
+    connected = threading.Event()
+    reader = threading.Thread(target=read_events, args=(console, 6, seen, connected), daemon=True)
+    reader.start()
+    assert connected.wait(10)
+    wait_for(lambda: console.clients == 1, 5, "the SSE client registered")
+    client.add_stream("cam", str(media.h264), pace="realtime", actionshot=EVERY_FRAME)
+    client.add_question("cam", "what", "what is happening?", period_s=0.3)
+    wait_for(lambda: any(e["type"] == "answer" for e in seen), 60, "an answer event")
+    assert (seen[0]["type"], seen[0]["state"], seen[0]["previous"]) == ("stream_state", "connecting", None)
+    answer = next(e for e in seen if e["type"] == "answer")
+    assert answer["stream"] == "cam" and answer["question_id"] == "what" and answer["question"] == "what is happening?"
+    assert answer["span_start_s"] == 0.0 and answer["span_end_s"] > 0
+    seqs = [e["seq"] for e in seen]
+    assert seqs == list(range(1, len(seen) + 1))  # per-stream sequence numbers, all of stream cam
+
+
+def test_non_loopback_needs_insecure(model):
+    engine = Engine(model)
+    with pytest.raises(InsecureBindError, match="0.0.0.0.*--insecure"):
+        Console(engine, address="0.0.0.0:0")
+    Console(engine, address="0.0.0.0:0", insecure=True)  # allowed (not started)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_http_address("8080")
