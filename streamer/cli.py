@@ -62,6 +62,9 @@ def add_serve_parser(commands) -> None:
     g.add_argument("--curve-secret", metavar="FILE", help="the server's CURVE key pair (from `mixmalmm keys`)")
     g.add_argument("--curve-clients", metavar="DIR", help="directory of allowed client public keys")
     g.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without CURVE")
+    g.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9108); a non-loopback address "
+                        "needs --insecure (CURVE does not cover HTTP)")
     g.add_argument("--state-dir", metavar="DIR", help="snapshot streams here and restore them on start")
     g.add_argument("--snapshot-period", type=float, default=30.0, metavar="S", help="seconds between snapshots")
     g.add_argument("--max-batch", type=int, default=8, help="streams per vision-encoder batch")
@@ -80,7 +83,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from mixmalmm.clients import protocol as P
 
     from .engine import Engine, EngineConfig
-    from .server import CurveKeys, Server, ServerError, check_bind_security
+    from .server import CurveKeys, Server, ServerError, check_bind_security, is_local_endpoint
 
     settings = actionshot_settings(args)
     try:  # checked before the model loads: cheap mistakes first
@@ -109,6 +112,18 @@ def run_serve(args: argparse.Namespace) -> int:
             check_bind_security(endpoint, curve, args.insecure)
     except ServerError as exc:
         raise UserError(str(exc)) from exc
+    metrics_address = None
+    if args.metrics:
+        from .metrics import parse_address
+
+        try:
+            metrics_address = parse_address(args.metrics)
+            # Plain HTTP: CURVE keys protect the ZeroMQ sockets only, so off loopback it takes --insecure.
+            if not (args.insecure or is_local_endpoint(f"tcp://[{metrics_address[0]}]:{metrics_address[1]}")):
+                raise ValueError(f"--metrics {args.metrics}: refusing to serve metrics (plain HTTP) on a "
+                                 "non-loopback address without --insecure")
+        except (ValueError, ServerError) as exc:
+            raise UserError(str(exc)) from exc
     model, name = load_model(args)
     stopping = threading.Event()
     server_box: list = []
@@ -121,11 +136,23 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ServerError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     server_box.append(server)
+    metrics = None
+    if metrics_address is not None:
+        from .metrics import EngineMetrics
+
+        metrics = EngineMetrics(engine, server)
+        try:
+            host, port = metrics.serve(*metrics_address)
+        except OSError as exc:
+            raise UserError(f"--metrics {args.metrics}: {exc}") from exc
+        log.info("metrics on http://%s:%d/metrics", host, port)
     engine.start()
     try:
         server.start()
     except ServerError as exc:
         engine.shutdown(save=False)
+        if metrics is not None:
+            metrics.stop()
         raise UserError(str(exc)) from exc
     try:
         for i, text in enumerate(args.sources):
@@ -144,6 +171,8 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown(save=True)
         server.stop()
+        if metrics is not None:
+            metrics.stop()
     log.info("stopped")
     return EXIT_OK
 
