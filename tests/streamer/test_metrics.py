@@ -120,3 +120,26 @@ def test_serve_refuses_a_bad_metrics_bind_before_loading_the_model(address, mess
     code = main(["serve", "--metrics", address, "--model", str(tmp_path / "none")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0] and err[0].startswith("mixmalmm serve: --metrics")
+
+
+def test_serve_process_serves_metrics_that_match_status(media, tmp_path):
+    from .conftest import free_port
+    from .test_serve import Serve, wait_status
+
+    port = free_port()
+    serve = Serve(tmp_path, f"f={media.h264}", "--metrics", f"127.0.0.1:{port}", "--no-actionshot",
+                  "--sample-fps", "all", "--pace", "fast", "--mode", "replay")
+    try:
+        serve.wait_ready()
+        with serve.client(timeout_s=30.0) as c:
+            status = wait_status(c, "f", lambda s: s.state == "finished", 60, "the file to finish")
+            c.ask("f", "what colour is the square?", max_new_tokens=3)
+        got = scrape(("127.0.0.1", port))
+        f = (("stream", "f"),)
+        assert got["mixmalmm_stream_shots_total"][f] == status.shots == NUM_FRAMES
+        assert got["mixmalmm_stream_frames_total"][f] == status.frames
+        assert got["mixmalmm_question_latency_seconds_count"][()] == 1
+        assert got["mixmalmm_model_step_seconds_count"][()] >= NUM_FRAMES / 8
+        assert "metrics on http://127.0.0.1:" in serve.output()
+    finally:
+        serve.stop()
