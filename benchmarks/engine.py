@@ -18,6 +18,7 @@
     python benchmarks/engine.py --quick          # 10,000 frames, fewer questions
     python benchmarks/engine.py --questions-only # sections 3 and 4
     python benchmarks/engine.py --console        # adds section 6 (--console-only: section 6 alone)
+    python benchmarks/engine.py --metrics-cost   # only (2) with `serve --metrics` on vs off (scraped every 1 s)
 """
 
 from __future__ import annotations
@@ -84,8 +85,25 @@ def add(engine: Engine, sid: str, uri: str, actionshot=None) -> None:
     engine.add_stream(P.AddStream(id=0, stream=sid, uri=uri, pace="fast", actionshot=actionshot))
 
 
-def engine_rate(model: MALMM, shots: int) -> float:
-    engine = Engine(model, EngineConfig()).start()
+def engine_rate(model: MALMM, shots: int, metrics: bool = False) -> float:
+    """Section 2's Shots/s; metrics: with the Prometheus endpoint on and scraped every second meanwhile."""
+    engine = Engine(model, EngineConfig())
+    endpoint, scraping = None, threading.Event()
+    if metrics:
+        import urllib.request
+
+        from mixmalmm.streamer.metrics import EngineMetrics
+
+        endpoint = EngineMetrics(engine)
+        host, port = endpoint.serve("127.0.0.1", 0)
+
+        def scrape() -> None:
+            while not scraping.wait(1.0):
+                with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as reply:
+                    reply.read()
+
+        threading.Thread(target=scrape, daemon=True).start()
+    engine.start()
     try:
         t0 = time.perf_counter()
         add(engine, "e2e", synthetic(shots), EVERY_FRAME)
@@ -93,7 +111,26 @@ def engine_rate(model: MALMM, shots: int) -> float:
         wait(lambda: stream.state.frames == shots, 600)
         return shots / (time.perf_counter() - t0)
     finally:
+        scraping.set()
         engine.shutdown(save=False)
+        if endpoint is not None:
+            endpoint.stop()
+
+
+def metrics_cost(model: MALMM, shots: int, runs: int) -> list[tuple[str, str]]:
+    """Engine Shots/s with metrics off and on, runs alternated (off, on, off, on...): medians."""
+    import statistics
+
+    engine_rate(model, min(shots, 100))  # warm-up
+    off, on = [], []
+    for _ in range(runs):
+        off.append(engine_rate(model, shots))
+        on.append(engine_rate(model, shots, metrics=True))
+    a, b = statistics.median(off), statistics.median(on)
+    return [(f"engine Shots/s, metrics off (median of {runs} runs of {shots} Shots)", f"{a:.0f}"),
+            ("engine Shots/s, metrics on, scraped every 1 s (median)", f"{b:.0f}"),
+            ("throughput cost of metrics, %", f"{100 * (a - b) / a:+.1f}"),
+            ("spread of the off runs (max - min) / median, %", f"{100 * (max(off) - min(off)) / a:.1f}")]
 
 
 def console_rate(model: MALMM, shots: int, on: bool) -> tuple[float, int, int]:
@@ -205,6 +242,8 @@ def main() -> None:
     ap.add_argument("--console", action="store_true", help="also section 6: the web console's cost")
     ap.add_argument("--console-only", action="store_true", help="only section 6")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each arm in section 6 (default 3)")
+    ap.add_argument("--metrics-cost", action="store_true", help="only section 2, metrics on vs off")
+    ap.add_argument("--runs", type=int, default=5, help="runs of each side for --metrics-cost (default 5)")
     args = ap.parse_args()
     shots = 300 if args.quick else 1000
     questions = args.questions or (20 if args.quick else 50)
@@ -212,6 +251,9 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = MALMM.tiny().eval()
     rows: list[tuple[str, str]] = []
+    if args.metrics_cost:
+        print_table(metrics_cost(model, shots, args.runs))
+        return
 
     if args.console or args.console_only:
         runs = {False: [], True: []}

@@ -66,6 +66,9 @@ def add_serve_parser(commands) -> None:
     g.add_argument("--http", metavar="HOST:PORT",
                    help="serve the web console (a page and an HTTP/JSON layer) here, e.g. 127.0.0.1:8080; "
                         "a non-loopback address needs --insecure (HTTP has no authentication)")
+    g.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9108); a non-loopback address "
+                        "needs --insecure (CURVE does not cover HTTP)")
     g.add_argument("--state-dir", metavar="DIR", help="snapshot streams here and restore them on start")
     g.add_argument("--snapshot-period", type=float, default=30.0, metavar="S", help="seconds between snapshots")
     g.add_argument("--max-batch", type=int, default=8, help="streams per vision-encoder batch")
@@ -93,7 +96,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from .console import Console, check_console_security
     from .engine import Engine, EngineConfig
-    from .server import CurveKeys, Server, ServerError, check_bind_security
+    from .server import CurveKeys, Server, ServerError, check_bind_security, is_local_endpoint
 
     settings = actionshot_settings(args)
     try:  # checked before the model loads: cheap mistakes first
@@ -124,10 +127,25 @@ def run_serve(args: argparse.Namespace) -> int:
             check_console_security(args.http, args.insecure)
     except (ServerError, ValueError) as exc:
         raise UserError(str(exc)) from exc
+    if args.cluster and (args.metrics or args.http):
+        raise UserError("--metrics and --http are not yet available with --cluster (they read one engine; "
+                        "the cluster's engines are in its workers)")
     if args.cluster:
         return run_cluster_serve(args, config, curve)
     if args.workers or args.worker_resources or args.state_store:
         raise UserError("--workers, --worker-resources and --state-store need --cluster")
+    metrics_address = None
+    if args.metrics:
+        from .metrics import parse_address
+
+        try:
+            metrics_address = parse_address(args.metrics)
+            # Plain HTTP: CURVE keys protect the ZeroMQ sockets only, so off loopback it takes --insecure.
+            if not (args.insecure or is_local_endpoint(f"tcp://[{metrics_address[0]}]:{metrics_address[1]}")):
+                raise ValueError(f"--metrics {args.metrics}: refusing to serve metrics (plain HTTP) on a "
+                                 "non-loopback address without --insecure")
+        except (ValueError, ServerError) as exc:
+            raise UserError(str(exc)) from exc
     model, name = load_model(args)
     stopping = threading.Event()
     sinks: list = []  # the ZeroMQ server, then the console: each gets every event
@@ -140,6 +158,16 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ServerError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     sinks.append(server)
+    metrics = None
+    if metrics_address is not None:
+        from .metrics import EngineMetrics
+
+        metrics = EngineMetrics(engine, server)
+        try:
+            host, port = metrics.serve(*metrics_address)
+        except OSError as exc:
+            raise UserError(f"--metrics {args.metrics}: {exc}") from exc
+        log.info("metrics on http://%s:%d/metrics", host, port)
     engine.start()
     try:
         server.start()
@@ -150,6 +178,8 @@ def run_serve(args: argparse.Namespace) -> int:
     except ServerError as exc:
         engine.shutdown(save=False)
         server.stop()
+        if metrics is not None:
+            metrics.stop()
         raise UserError(str(exc)) from exc
     try:
         for i, text in enumerate(args.sources):
@@ -170,6 +200,8 @@ def run_serve(args: argparse.Namespace) -> int:
         server.stop()
         if console is not None:
             console.stop()
+        if metrics is not None:
+            metrics.stop()
     log.info("stopped")
     return EXIT_OK
 

@@ -184,6 +184,11 @@ class Engine:
         self._latencies: collections.deque[float] = collections.deque(maxlen=2048)
         self._answered = 0
         self._stats_lock = threading.Lock()
+        #: Set by `mixmalmm.streamer.metrics.EngineMetrics`: told each question's latency and model step's time.
+        self.metrics = None
+        self.snapshots_written = 0  # snapshot files written (each stream's is one)
+        self.snapshot_failures = 0  # snapshot writes that failed
+        self.last_snapshot_time: float | None = None  # time.time() of the last good snapshot write
         self._threads: list[threading.Thread] = []
         self.restore_error: str | None = None  # the last snapshot that could not be restored at start
         self._image_processor = model.processor.image_processor
@@ -463,6 +468,7 @@ class Engine:
                 q.question_id = next((s.question_id for s in stream.standing.values() if s.text == q.text), None)
 
     def _step(self, batch) -> None:
+        began = time.perf_counter()
         proc = self._image_processor
         pixels = preprocess([shot.image for _, shot in batch], self.model.image_size, proc.image_mean,
                             proc.image_std, device=self.model.device)
@@ -480,6 +486,9 @@ class Engine:
         for s, shot in batch:
             s.out_times.append(now)
             s.latest_shot = shot  # a reference: the Shot is not copied
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.observe_step(time.perf_counter() - began)
 
     # ------------------------------------------------------------------ questions
 
@@ -507,6 +516,9 @@ class Engine:
         with self._stats_lock:  # several server workers answer at once
             self._latencies.append(latency)
             self._answered += 1
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.observe_question(latency)
         span = waiting.span
         return P.AskResult(
             stream=waiting.stream.id, question=waiting.text, answer=text, empty=not text, standing=waiting.standing,
@@ -691,11 +703,16 @@ class Engine:
             os.replace(tmp, path)  # readers see the old file or the new one, never half of one
         except OSError as exc:
             stream.save_error = f"could not save stream {stream.id!r} to '{path}': {exc}"
+            with self._stats_lock:
+                self.snapshot_failures += 1
             log.error("%s", stream.save_error)
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             return None
         stream.save_error = None
+        with self._stats_lock:
+            self.snapshots_written += 1
+            self.last_snapshot_time = time.time()
         return P.SavedSnapshot(stream=stream.id, path=str(path), size_bytes=path.stat().st_size, time_s=time.time())
 
     @property
