@@ -6,7 +6,7 @@
 Writes a tiny MSVD-QA-format dataset to a temporary folder (generated 160x120 H.264 videos at 10 fps,
 their extracted frame%06d.jpg folders, qa_test.json), then times the whole loop (frames read and
 resized, the clip algorithm, beam or greedy decoding, scoring left out) from frame folders and from
-the videos, per batch size. Prints a markdown table: seconds and questions per second (one run each,
+the videos, per batch size, and the streaming engine path (`predict_stream`, `eval --mode stream`). Prints a markdown table: seconds and questions per second (one run each,
 after a warm-up batch).
 """
 
@@ -25,7 +25,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mixmalmm.model.datasets import DATASETS, read_items  # noqa: E402
-from mixmalmm.streamer.evaluate import configure, predict  # noqa: E402
+from mixmalmm.streamer.evaluate import configure, predict, predict_stream  # noqa: E402
 from mixmalmm.streamer.options import builtin_model  # noqa: E402
 from mixmalmm.streamer.synthetic import synthetic_rgb, write_video  # noqa: E402
 
@@ -72,13 +72,19 @@ def main() -> None:
                 predict(model, items[:batch], **kw)  # warm-up
                 t = time.perf_counter()
                 predict(model, items, **kw)
-                rows.append((source, batch, beams, time.perf_counter() - t))
+                rows.append(("clip", source, batch, beams, time.perf_counter() - t))
+        for batch, beams in ((8, 5), (8, 1)):  # the engine path (eval --mode stream), frames from folders
+            kw = {"frames": root / "frames", "batch_size": batch, "num_beams": beams}
+            predict_stream(model, items[:batch], **kw)  # warm-up
+            t = time.perf_counter()
+            predict_stream(model, items, **kw)
+            rows.append(("stream", "frames", batch, beams, time.perf_counter() - t))
     print(f"{len(items)} questions about {args.videos} videos, {args.frames} frames each, "
           f"M={model.config.memory_bank_length}, {torch.get_num_threads()} threads\n")
-    print("| frames from | batch | beams | seconds | questions/s |")
-    print("|---|---:|---:|---:|---:|")
-    for source, batch, beams, seconds in rows:
-        print(f"| {source} | {batch} | {beams} | {seconds:.2f} | {len(items) / seconds:.1f} |")
+    print("| mode | frames from | batch | beams | seconds | questions/s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for mode, source, batch, beams, seconds in rows:
+        print(f"| {mode} | {source} | {batch} | {beams} | {seconds:.2f} | {len(items) / seconds:.1f} |")
 
 
 if __name__ == "__main__":
