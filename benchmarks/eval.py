@@ -11,7 +11,7 @@ the videos, per batch size. Prints a markdown table: seconds and questions per s
 after a warm-up batch). --captions: an MSRVTT-caption-format dataset instead (20 captions a video,
 MA-LMM's caption settings: 80 frames, M = 40, 5 beams, up to 50 tokens), the clips captioned per second
 from frame folders, then the seconds pycocoevalcap's metrics take on those captions, with Java (PTB
-tokenizer, METEOR) and without.
+tokenizer, METEOR) and without. Also the streaming engine path (`predict_stream`, `eval --mode stream`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mixmalmm.model.datasets import DATASETS, read_items  # noqa: E402
-from mixmalmm.streamer.evaluate import configure, predict  # noqa: E402
+from mixmalmm.streamer.evaluate import configure, predict, predict_stream  # noqa: E402
 from mixmalmm.streamer.options import builtin_model  # noqa: E402
 from mixmalmm.streamer.synthetic import synthetic_rgb, write_video  # noqa: E402
 
@@ -137,13 +137,19 @@ def main() -> None:
                 predict(model, items[:batch], **kw)  # warm-up
                 t = time.perf_counter()
                 predict(model, items, **kw)
-                rows.append((source, batch, beams, time.perf_counter() - t))
+                rows.append(("clip", source, batch, beams, time.perf_counter() - t))
+        for batch, beams in ((8, 5), (8, 1)):  # the engine path (eval --mode stream), frames from folders
+            kw = {"frames": root / "frames", "batch_size": batch, "num_beams": beams}
+            predict_stream(model, items[:batch], **kw)  # warm-up
+            t = time.perf_counter()
+            predict_stream(model, items, **kw)
+            rows.append(("stream", "frames", batch, beams, time.perf_counter() - t))
     print(f"{len(items)} questions about {args.videos} videos, {args.frames} frames each, "
           f"M={model.config.memory_bank_length}, {torch.get_num_threads()} threads\n")
-    print("| frames from | batch | beams | seconds | questions/s |")
-    print("|---|---:|---:|---:|---:|")
-    for source, batch, beams, seconds in rows:
-        print(f"| {source} | {batch} | {beams} | {seconds:.2f} | {len(items) / seconds:.1f} |")
+    print("| mode | frames from | batch | beams | seconds | questions/s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for mode, source, batch, beams, seconds in rows:
+        print(f"| {mode} | {source} | {batch} | {beams} | {seconds:.2f} | {len(items) / seconds:.1f} |")
 
 
 if __name__ == "__main__":

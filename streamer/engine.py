@@ -39,6 +39,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +53,7 @@ from .pipeline import StreamPipeline, rate
 from .preprocess import preprocess
 from .redact import redact_uri
 from .shotqueue import ShotQueue
-from .sources import SourceError
+from .sources import Source, SourceError
 
 log = logging.getLogger("mixmalmm.engine")
 
@@ -243,6 +244,8 @@ class Engine:
         keep_on_error: bool = False,
         resume_after: float | None = None,
         ingest: bool = True,
+        source: Source | None = None,
+        questions: Sequence[tuple[str, str]] = (),
     ) -> Stream:
         """Open the stream's source and start ingesting it.
 
@@ -250,8 +253,17 @@ class Engine:
         bad_request error, unless keep_on_error (restoring a saved stream): then the stream is kept,
         answerable from its restored memory, in state "failed". resume_after: a file resumes after this
         time (seconds), where its restored memory ends. ingest=False keeps the memory only (a replay
-        that had finished).
+        that had finished). source: a `Source` already open (in-process, e.g. `FramesSource`: `mixmalmm
+        eval`'s stream mode) read instead of opening the request's URI. questions: standing questions
+        (question id, text) registered before the first frame is read, so that each one's query banks
+        hold every frame (exact MA-LMM); more than `max_standing` are refused with nothing added.
         """
+        if len(questions) > self.config.max_standing:
+            raise P.RequestError(
+                P.ErrorCode.UNAVAILABLE,
+                f"{len(questions)} standing questions for stream {request.stream!r}, more than its limit "
+                f"{self.config.max_standing} (serve --max-standing)",
+            )
         sid = request.stream
         with self._streams_lock:
             self._check_room(sid, restoring=keep_on_error)
@@ -271,7 +283,7 @@ class Engine:
                     actionshot=actionshot,
                     queue=queue, network_options=self.config.network_options,
                     on_state=lambda old, new, msg: self._on_state(ref(), old, new, msg),
-                    resume_after=resume_after,
+                    resume_after=resume_after, source=source,
                 )
             except Exception as exc:
                 if not keep_on_error:
@@ -296,6 +308,12 @@ class Engine:
                 stream.pipeline.stop()
             raise refusal
         self._publish(P.StreamStateEvent(stream=sid, state=stream.state_name, previous=None))
+        try:
+            for qid, text in questions:  # before the first frame (the pipeline has not started)
+                self.add_question(P.AddQuestion(id=0, stream=sid, question_id=qid, text=text))
+        except Exception:  # (a question id given twice): the stream is not kept half set up
+            self.remove_stream(sid)
+            raise
         if stream.pipeline is not None:
             stream.pipeline.start()
             log.info("stream %s added: %s (%s)", sid, stream.uri, "live" if stream.pipeline.live else "replay")

@@ -7,6 +7,10 @@ per question), scores the answers (`mixmalmm.model.metrics`), prints a table bes
 numbers and writes every prediction to a JSON file. Classification also scores top-5 (5 beams
 returned, as MA-LMM); captioning generates one caption per clip and scores BLEU-4, METEOR, ROUGE-L
 and CIDEr against the COCO ground truth.
+
+`--mode stream` answers the same items by the streaming engine path instead (`predict_stream`): each
+clip's sampled frames go through a real `Engine` as a stream, frame by frame, with one standing
+question per item; `--mode both` runs both and reports their distance.
 """
 
 from __future__ import annotations
@@ -15,13 +19,28 @@ import argparse
 import json
 import logging
 import os
+import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .options import EXIT_OK, UserError, add_model_arguments, load_model
+import msgspec
+
+from .options import (
+    EXIT_OK,
+    UserError,
+    actionshot_settings,
+    add_actionshot_arguments,
+    add_model_arguments,
+    load_model,
+)
 
 log = logging.getLogger("mixmalmm")
+
+MODES = ("clip", "stream", "both")
+#: How stream mode ingests a clip unless told otherwise: every frame MA-LMM's sampling picks is one Shot
+#: (no further sampling, no ActionShot); the fields left out come from the model, as for `serve`.
+STREAM_INGEST = {"enabled": False, "step": 1, "sample_fps": None}
 
 
 def add_parser(commands) -> None:
@@ -64,8 +83,16 @@ def add_parser(commands) -> None:
     r.add_argument("--resize", choices=["malmm", "antialias"], default="malmm",
                    help="malmm (default): MA-LMM's evaluation resize, bicubic without antialiasing, truncated; "
                         "antialias: the engine's, as InstructBLIP's image processor")
+    r.add_argument("--mode", choices=MODES, default="clip",
+                   help="clip (default): MA-LMM's clip algorithm; stream: the engine's streaming path, each clip a "
+                        "stream fed frame by frame, each question a standing question; both: both, with the "
+                        "distance between them (answer agreement, query outputs' relative difference)")
+    r.add_argument("--max-standing", type=int, default=8, metavar="N",
+                   help="stream mode: standing questions per stream (serve's --max-standing, default 8); a clip "
+                        "asked more questions is ingested by several streams")
     r.add_argument("--out", metavar="FILE", help="the results as JSON (default: ./eval-<dataset>-<split>.json)")
     r.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_actionshot_arguments(p)  # stream mode's ingest; the defaults keep MA-LMM's frames (STREAM_INGEST)
     p.set_defaults(run=run_eval)
 
 
@@ -76,6 +103,10 @@ def _check(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_standing < 1:
+        raise UserError(f"--max-standing must be at least 1, got {args.max_standing}")
+    if args.mode == "clip" and actionshot_settings(args).given():
+        raise UserError("the ActionShot options (--actionshot, --step, --sample-fps, ...) are for --mode stream or both")
     if args.memory_bank_length is not None and args.memory_bank_length < 0:
         raise UserError(f"--memory-bank-length must be >= 0, got {args.memory_bank_length}")
     if args.frames is None and args.videos is None:
@@ -100,6 +131,9 @@ def run_eval(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     references = None
+    if spec.family == "captioning" and args.mode != "clip":
+        raise UserError(f"--mode {args.mode} is for the QA and classification datasets: {spec.name} is scored "
+                        "with --mode clip")
     if spec.family == "captioning":
         items = clip_items(items)  # one caption per clip, as MA-LMM keeps one result per image_id
     if args.limit:
@@ -118,6 +152,9 @@ def run_eval(args: argparse.Namespace) -> int:
         distributed.init_from_env(args.device)
     except (ValueError, RuntimeError) as exc:
         raise UserError(f"torch.distributed: {exc}") from exc
+    if args.mode != "clip" and distributed.is_distributed():
+        distributed.finish()
+        raise UserError(f"--mode {args.mode} runs in one process: under torchrun only --mode clip is sharded")
     args.device = distributed.local_device(args.device)
     model, name = load_model(args)
     M = configure(model, spec, args.memory_bank_length)
@@ -132,29 +169,50 @@ def run_eval(args: argparse.Namespace) -> int:
     settings.update(decoding)
     # MA-LMM's classification returns every beam (num_captions = num_beams) and scores top-5 on them.
     candidates = settings["num_beams"] if spec.family == "classification" else 1
-    started = time.perf_counter()
-    try:
-        predictions = predict_sharded(model, items, frames=args.frames, videos=args.videos,
-                                      batch_size=args.batch_size, max_new_tokens=settings["max_new_tokens"],
-                                      num_beams=settings["num_beams"], resize=args.resize,
-                                      candidates=candidates, **decoding,
-                                      progress=lambda done, total: log.info("%s: %d/%d items", spec.name, done, total))
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
-    finally:
-        distributed.finish()
-    if predictions is None:  # not rank 0: its answers went to rank 0
-        return EXIT_OK
-    seconds = time.perf_counter() - started
-    if spec.family == "captioning":
-        report = _caption_report(spec, args, name, settings, items, predictions, references, seconds)
+    if args.mode == "clip":
+        started = time.perf_counter()
+        try:
+            predictions = predict_sharded(model, items, frames=args.frames, videos=args.videos,
+                                          batch_size=args.batch_size, max_new_tokens=settings["max_new_tokens"],
+                                          num_beams=settings["num_beams"], resize=args.resize,
+                                          candidates=candidates, **decoding,
+                                          progress=lambda done, total: log.info("%s: %d/%d items", spec.name, done, total))
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        finally:
+            distributed.finish()
+        if predictions is None:  # not rank 0: its answers went to rank 0
+            return EXIT_OK
+        seconds = time.perf_counter() - started
+        if spec.family == "captioning":
+            report = _caption_report(spec, args, name, settings, items, predictions, references, seconds)
+        else:
+            report = _report(spec, args, name, settings, items, predictions, seconds)
+        report["mode"] = "clip"
     else:
-        report = _report(spec, args, name, settings, items, predictions, seconds)
+        distributed.finish()  # one process (refused under torchrun above)
+        try:
+            ingest = stream_ingest(model, actionshot_settings(args))
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        settings["ingest"] = msgspec.to_builtins(ingest)
+        started = time.perf_counter()
+        try:
+            runs = run_modes(model, items, args.mode, frames=args.frames, videos=args.videos,
+                             batch_size=args.batch_size, max_new_tokens=settings["max_new_tokens"],
+                             num_beams=settings["num_beams"], resize=args.resize, actionshot=ingest,
+                             max_standing=args.max_standing,
+                             progress=lambda done, total: log.info("%s: %d/%d items", spec.name, done, total))
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        report = _modes_report(spec, args, name, settings, items, runs, time.perf_counter() - started)
     try:
         out.write_text(json.dumps(report, indent=2) + "\n")
     except OSError as exc:
         raise UserError(f"cannot write the results to '{out}': {exc.strerror or exc}") from exc
     print(format_table(report))
+    if report["mode"] != "clip":
+        print(format_modes(report))
     print(f"results: {out}")
     return EXIT_OK
 
@@ -213,7 +271,8 @@ def _check_sources(items, args) -> None:
 
 def predict(model, items, *, frames=None, videos=None, batch_size: int = 8, max_new_tokens: int = 10,
             num_beams: int = 5, resize: str = "malmm", progress=None, candidates: int = 1,
-            min_new_tokens: int | None = None, length_penalty: float | None = None) -> list:
+            min_new_tokens: int | None = None, length_penalty: float | None = None,
+            outputs: list | None = None) -> list:
     """The model's answer to every item (`mixmalmm.model.datasets.Item`) by the clip algorithm, batch by
     batch; the items of a batch that share a clip (same video, same frames) share its vision pass and
     visual memory. frames / videos: the folders of extracted frames / videos (`clip_frames`). resize:
@@ -222,7 +281,8 @@ def predict(model, items, *, frames=None, videos=None, batch_size: int = 8, max_
     progress(done, total) is called after each batch. ValueError when an item's frames cannot be read.
     candidates > 1: each item's list of that many beams' texts, best first (its first is the answer
     given with candidates 1), instead of one text. min_new_tokens, length_penalty: over the model's
-    decoding (None: the model's)."""
+    decoding (None: the model's). outputs: when a list, each item's query outputs (the LLM's visual
+    input, [Q, C_q] float32 on the CPU) are appended to it."""
     import torch
 
     from mixmalmm.model.datasets import clip_frames, malmm_resize
@@ -256,6 +316,8 @@ def predict(model, items, *, frames=None, videos=None, batch_size: int = 8, max_
                                               num_beams=num_beams, min_new_tokens=min_new_tokens,
                                               length_penalty=length_penalty)
         answers.extend([text for _, text in c] if candidates > 1 else c[0][1] for c in found)
+        if outputs is not None:
+            outputs.extend(row.float().cpu() for row in output)
         if progress is not None:
             progress(len(answers), len(items))
     return answers
@@ -271,6 +333,235 @@ def predict_sharded(model, items, *, batch_size: int = 8, **kw) -> list[str] | N
     mine = [i for batch in distributed.shard(len(items), batch_size) for i in batch]
     answers = predict(model, [items[i] for i in mine], batch_size=batch_size, **kw)
     return distributed.gather_shards(mine, answers)
+
+
+def stream_ingest(model, given=None):
+    """The ingest settings stream mode runs with, every field set: `given` (a partial
+    `ActionShotSettings`, the command line's) over `STREAM_INGEST` over the model's own (as `serve`
+    resolves them). ValueError when the model's are bad."""
+    from mixmalmm.clients import protocol as P
+
+    from .ingest import model_settings
+
+    base = P.ActionShotSettings(**STREAM_INGEST).over(model_settings(model))
+    return given.over(base) if given is not None else base
+
+
+class _StreamEnds:
+    """The engine's `publish`: remembers how each stream ended (finished, failed, stopped) for `wait`."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._ends: dict[str, tuple[str, str | None]] = {}
+
+    def __call__(self, event) -> None:
+        state = getattr(event, "state", None)
+        if state in ("finished", "failed", "stopped") and getattr(event, "question_id", None) is None:
+            with self._cond:
+                self._ends[event.stream] = (state, event.message)
+                self._cond.notify_all()
+
+    def wait(self, sids) -> dict[str, tuple[str, str | None]]:
+        with self._cond:
+            self._cond.wait_for(lambda: all(s in self._ends for s in sids))
+            return {s: self._ends.pop(s) for s in sids}
+
+
+def predict_stream(model, items, *, frames=None, videos=None, batch_size: int = 8, max_new_tokens: int = 10,
+                   num_beams: int = 5, resize: str = "malmm", actionshot=None, max_standing: int = 8,
+                   progress=None, outputs: list | None = None) -> list[str]:
+    """The model's answer to every item by the streaming engine path, as `serve` answers a standing question.
+
+    A real `Engine` runs around the model. Batch by batch (`batch_size` items), each clip (video, frames)
+    becomes a stream: its frames, sampled as `predict` samples them (MA-LMM's evaluation indices, read
+    and resized alike; resize "antialias" leaves the resize to the engine's preprocessing), are replayed
+    by a `FramesSource` with their times on the 10 fps timeline (index / 10 s) through the engine's
+    pipeline (decode thread, `actionshot` ingest settings, queue, model thread: vision encoder batched
+    across streams, `MALMM.step`), and each distinct question about the clip is a standing question
+    registered before its first frame (at most `max_standing` per stream: a clip asked more is ingested
+    by as many streams as needed). Once every stream has finished, every question is asked at once
+    (`Engine.ask` from as many threads, as the server's workers ask: one batched generation) and
+    answered from its standing question's own output. actionshot: complete `ActionShotSettings`
+    (default: `stream_ingest(model)`, every sampled frame one Shot). outputs: as for `predict` (each
+    item's standing query outputs [Q, C_q]). ValueError when an item's frames cannot be read or the
+    engine could not fold them in.
+    """
+    import concurrent.futures
+
+    import torch
+
+    from mixmalmm.clients import protocol as P
+    from mixmalmm.model.datasets import FPS, clip_frames, malmm_resize
+
+    from .engine import Engine, EngineConfig
+    from .sources import FramesSource
+
+    if resize not in ("malmm", "antialias"):
+        raise ValueError(f"resize must be 'malmm' or 'antialias', got {resize!r}")
+    if max_standing < 1:
+        raise ValueError(f"max_standing must be >= 1, got {max_standing}")
+    settings = actionshot if actionshot is not None else stream_ingest(model)
+    ends = _StreamEnds()
+    engine = Engine(model, EngineConfig(max_batch=8, max_streams=batch_size, max_standing=max_standing,
+                                        max_questions=max(batch_size, 1)), publish=ends, model_name="eval")
+    engine.start(restore=False)
+    answers: list[str] = []
+    made = 0  # streams made so far: each gets a new id
+    try:
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            clips: dict[tuple, list] = {}  # (video, frames) -> its items
+            for it in batch:
+                clips.setdefault((it.video, it.frames), []).append(it)
+            where: list[tuple[str, str]] = [("", "")] * len(batch)  # item -> (stream id, question)
+            position = {id(it): i for i, it in enumerate(batch)}
+            streams = {}
+            for (video, indices), about in clips.items():
+                try:
+                    rgb = clip_frames(about[0], frames=frames, videos=videos)
+                except ValueError as exc:
+                    raise ValueError(f"item {about[0].id!r}: {exc}") from exc
+                if resize == "malmm":  # then the engine's preprocessing only normalises
+                    rgb = malmm_resize(rgb, model.image_size)
+                texts = list(dict.fromkeys(it.question for it in about))
+                for k in range(0, len(texts), max_standing):
+                    sid, made = f"clip{made}", made + 1
+                    group = texts[k : k + max_standing]
+                    request = P.AddStream(id=0, stream=sid, uri=f"frames:{video}", mode="replay", pace="fast",
+                                          actionshot=settings)
+                    source = FramesSource(rgb, [i / FPS for i in indices], uri=f"frames:{video}")
+                    streams[sid] = engine.add_stream(request, source=source,
+                                                     questions=[(f"q{j}", q) for j, q in enumerate(group)])
+                    for it in about:
+                        if it.question in group:
+                            where[position[id(it)]] = (sid, it.question)
+            for sid, (state, message) in ends.wait(list(streams)).items():
+                if state != "finished":
+                    item = next(it for it, (s, _) in zip(batch, where, strict=True) if s == sid)
+                    raise ValueError(f"item {item.id!r}: the engine did not fold in its frames ({state}: {message})")
+            with concurrent.futures.ThreadPoolExecutor(max_workers=len(batch)) as pool:
+                results = list(pool.map(lambda w: engine.ask(w[0], w[1], max_new_tokens, num_beams), where))
+            for (sid, question), result in zip(where, results, strict=True):
+                if not result.standing:  # every question is a standing one that has seen every frame
+                    raise RuntimeError(f"stream {sid}: {question!r} was not answered as a standing question")
+                answers.append(result.answer)
+                if outputs is not None:
+                    stream = streams[sid]
+                    with stream.lock, torch.inference_mode():
+                        output, _ = model.query_outputs(stream.state, [question])[0]
+                    outputs.append(output[0].float().cpu())
+            for sid in streams:
+                engine.remove_stream(sid)
+            if progress is not None:
+                progress(len(answers), len(items))
+    finally:
+        engine.shutdown(save=False)
+    return answers
+
+
+@dataclass
+class ModeRuns:
+    """What `run_modes` gives: each mode's answers (None when not run) and seconds; per item, the
+    relative difference between the two modes' query outputs (both modes only; None where their shapes
+    differ)."""
+
+    clip: list[str] | None
+    stream: list[str] | None
+    seconds: dict[str, float]
+    differences: list[float | None] | None
+
+
+def relative_difference(clip, stream) -> float | None:
+    """||stream - clip|| / ||clip|| (Frobenius) of two query outputs [Q, C_q]; None when the shapes differ
+    (memoryless_clip "every_frame" gives the clip T*Q rows)."""
+    if clip.shape != stream.shape:
+        return None
+    norm = float(clip.norm())
+    diff = float((stream - clip).norm())
+    return diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def run_modes(model, items, mode: str, *, batch_size: int = 8, progress=None, actionshot=None,
+              max_standing: int = 8, **run) -> ModeRuns:
+    """Stream mode (`predict_stream`), or both modes batch by batch (`predict` then `predict_stream` on
+    the same `batch_size` items, so only one batch's query outputs are held) with each item's relative
+    difference. run: frames, videos, max_new_tokens, num_beams, resize."""
+    import time as clock
+
+    if mode not in ("stream", "both"):
+        raise ValueError(f"mode must be 'stream' or 'both', got {mode!r}")
+    stream_kw = {"actionshot": actionshot, "max_standing": max_standing, **run}
+    if mode == "stream":
+        started = clock.perf_counter()
+        answers = predict_stream(model, items, batch_size=batch_size, progress=progress, **stream_kw)
+        return ModeRuns(None, answers, {"stream": clock.perf_counter() - started}, None)
+    clip, stream, differences = [], [], []
+    seconds = {"clip": 0.0, "stream": 0.0}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        clip_out, stream_out = [], []
+        started = clock.perf_counter()
+        clip += predict(model, chunk, batch_size=batch_size, outputs=clip_out, **run)
+        seconds["clip"] += clock.perf_counter() - started
+        started = clock.perf_counter()
+        stream += predict_stream(model, chunk, batch_size=batch_size, outputs=stream_out, **stream_kw)
+        seconds["stream"] += clock.perf_counter() - started
+        differences += [relative_difference(c, s) for c, s in zip(clip_out, stream_out, strict=True)]
+        if progress is not None:
+            progress(len(stream), len(items))
+    return ModeRuns(clip, stream, seconds, differences)
+
+
+#: Report fields that say what ran, not how well: shared by the modes (kept once, at the top).
+_RUN_FIELDS = ("dataset", "split", "model", "settings", "items", "paper_top1", "predictions")
+
+
+def _modes_report(spec, args, name, settings, items, runs: ModeRuns, seconds: float) -> dict:
+    """The report of stream or both modes: the first mode's report at the top (clip's in both modes),
+    each mode's scores under "modes", and for both modes the "distance" and each prediction's stream
+    answer beside the clip's."""
+    reports = {m: _report(spec, args, name, settings, items, answers, runs.seconds[m])
+               for m, answers in (("clip", runs.clip), ("stream", runs.stream)) if answers is not None}
+    report = dict(reports.get("clip") or reports["stream"])
+    report["seconds"] = round(seconds, 3)
+    report["mode"] = args.mode
+    report["modes"] = {m: {k: v for k, v in r.items() if k not in _RUN_FIELDS} | {
+                           "questions_per_s": round(len(items) / max(runs.seconds[m], 1e-9), 3)}
+                       for m, r in reports.items()}
+    if runs.clip is not None:
+        agree = sum(a == b for a, b in zip(runs.clip, runs.stream, strict=True))
+        known = [d for d in runs.differences if d is not None]
+        report["distance"] = {
+            "answer_agreement": 100.0 * agree / len(items), "answers_equal": agree, "items": len(items),
+            "query_output_rel_diff_max": max(known) if known else None,
+            "query_output_rel_diff_mean": sum(known) / len(known) if known else None,
+            "measure": "per item, ||stream - clip|| / ||clip|| of the Q-Former query outputs the LLM reads "
+                       "([Q, C_q], Frobenius norm)",
+        }
+        stream_predictions = reports["stream"]["predictions"]
+        report["predictions"] = [
+            p | {"stream_prediction": s["prediction"], "stream_correct": s["correct"], "query_output_rel_diff": d}
+            for p, s, d in zip(report["predictions"], stream_predictions, runs.differences, strict=True)
+        ]
+    return report
+
+
+def format_modes(report: dict) -> str:
+    """Each mode's top-1 accuracy and speed side by side, then (both modes) their distance."""
+    head = ("mode", "items", "top-1 %", "seconds", "questions/s")
+    rows = [(m, report["items"], f"{r['top1']:.1f}", f"{r['seconds']:.1f}", f"{r['questions_per_s']:.2f}")
+            for m, r in report["modes"].items()]
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    line = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    out = [line.format(*head), *(line.format(*map(str, r)) for r in rows)]
+    d = report.get("distance")
+    if d is not None:
+        diff = ("not comparable (the clip's query outputs have another shape)"
+                if d["query_output_rel_diff_max"] is None else
+                f"max {d['query_output_rel_diff_max']:.2e}, mean {d['query_output_rel_diff_mean']:.2e}")
+        out.append(f"stream vs clip: {d['answer_agreement']:.1f} % identical answers ({d['answers_equal']} of "
+                   f"{d['items']}); query outputs' relative difference {diff}")
+    return "\n".join(out)
 
 
 def _report(spec, args, name, settings, items, predictions, seconds) -> dict:

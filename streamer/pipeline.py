@@ -30,7 +30,7 @@ from mixmalmm.clients import protocol as P
 
 from .ingest import make_accumulator
 from .shotqueue import ShotQueue
-from .sources import NETWORK_SCHEMES, FileSource, NetworkSource, SourceState, open_source
+from .sources import NETWORK_SCHEMES, FileSource, NetworkSource, Source, SourceState, open_source
 
 log = logging.getLogger("mixmalmm.pipeline")
 
@@ -54,7 +54,9 @@ class StreamPipeline:
     "auto" picks live for network and camera sources, replay for files (an HTTP link to a file becomes
     one at its first connection: `NetworkSource`'s `live`). pace: for replay, "realtime"
     follows the file's timestamps, "fast" decodes as fast as the model takes Shots. actionshot: the
-    complete settings the stream runs with (`ingest.make_accumulator`).
+    complete settings the stream runs with (`ingest.make_accumulator`). source: a `Source` already
+    open (an in-process one such as `FramesSource`) read instead of opening `uri` (then a label only);
+    the pipeline owns it from now on.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class StreamPipeline:
         on_state: StateCallback,
         network_options: dict | None = None,
         resume_after: float | None = None,
+        source: Source | None = None,
     ):
         self.stream_id = stream_id
         self.uri = uri
@@ -80,8 +83,8 @@ class StreamPipeline:
         options = {"realtime": pace == "realtime", "queue_size": 8}
         if urlsplit(uri).scheme.lower() in NETWORK_SCHEMES:
             options.update(network_options or {})
-        self.source = open_source(uri, **options)
-        if resume_after is not None and isinstance(self.source, (FileSource, NetworkSource)):
+        self.source = source if source is not None else open_source(uri, **options)
+        if source is None and resume_after is not None and isinstance(self.source, (FileSource, NetworkSource)):
             # A replay restored from a snapshot goes on after the last frame its memory holds (a live
             # network stream ignores `start`).
             self.source.close()

@@ -1147,6 +1147,57 @@ class SyntheticSource(Source):
         return synthetic_rgb(payload, self._width, self._height, self._scene_length)
 
 
+class FramesSource(Source):
+    """Frames already decoded and chosen, replayed as a file is (nothing dropped; it ends).
+
+    For evaluation on MA-LMM's datasets: MA-LMM's frame sampling decides which frames a stream sees,
+    and the engine ingests them as it ingests any file (`Engine.add_stream(..., source=...)`). No URI
+    opens it.
+
+    Args:
+        frames: RGB uint8 [T, H, W, 3] (or T arrays [H, W, 3]).
+        times: T timestamps in seconds, non-decreasing (equal ones, a frame sampled twice, are moved
+            1 µs apart by the clock as any source's are).
+        uri: how messages name it.
+        stride, target_fps, realtime, queue_size: as for `FileSource`.
+    """
+
+    live = False
+
+    def __init__(
+        self,
+        frames,
+        times,
+        *,
+        uri: str = "frames:",
+        realtime: bool = False,
+        stride: int = 1,
+        target_fps: float | None = None,
+        queue_size: int = 0,
+    ):
+        super().__init__(uri, stride=stride, target_fps=target_fps, realtime=realtime, queue_size=queue_size)
+        frames, times = list(frames), [float(t) for t in times]
+        if not frames or len(frames) != len(times):
+            raise ValueError(f"'{uri}': need one time per frame and at least one frame, got {len(frames)} "
+                             f"frames and {len(times)} times")
+        for i, rgb in enumerate(frames):
+            if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3):
+                raise ValueError(f"'{uri}': frame {i} is not an [H, W, 3] uint8 RGB image "
+                                 f"(got {getattr(rgb, 'dtype', type(rgb).__name__)} {getattr(rgb, 'shape', '')})")
+        if any(not math.isfinite(t) for t in times) or any(b < a for a, b in zip(times, times[1:], strict=False)):
+            raise ValueError(f"'{uri}': frame times must be finite seconds, never going back, got {times}")
+        self._frames, self._times = frames, times
+        if len(times) > 1 and times[-1] > times[0]:
+            self._nominal_fps = (len(times) - 1) / (times[-1] - times[0])
+        self._set_state(SourceState.LIVE)
+
+    def _produce(self):
+        yield from ((t, i) for i, t in enumerate(self._times))
+
+    def _to_rgb(self, payload: int) -> np.ndarray:
+        return self._frames[payload]
+
+
 # ------------------------------------------------------------------------------------------------
 
 
