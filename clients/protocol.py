@@ -209,7 +209,7 @@ class ShownActionShotSettings(ActionShotSettings, forbid_unknown_fields=False):
     does not break an older client."""
 
 
-class AddStream(Request, tag="add_stream"):
+class AddStream(Request, tag="add_stream", omit_defaults=True):  # an older server knows no `worker`
     """Start ingesting a source.
 
     uri: a file path, ``rtsp://``, ``http(s)://`` (HLS) URL, or ``webcam:N``.

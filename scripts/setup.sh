@@ -16,8 +16,10 @@ if [ "$want_test" = 1 ]; then
     /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0")' 2>/dev/null || need_apt=1
     { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || need_chromium=1
     command -v java >/dev/null 2>&1 || need_java=1
+    need_ip=0  # iproute2: the cluster tests' loopback-only network namespace
+    command -v ip >/dev/null 2>&1 || need_ip=1
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    if [ "$need_apt" = 1 ] || [ "$need_chromium" = 1 ] || [ "$need_java" = 1 ]; then
+    if [ "$need_apt" = 1 ] || [ "$need_chromium" = 1 ] || [ "$need_java" = 1 ] || [ "$need_ip" = 1 ]; then
         $SUDO apt-get update -qq
     fi
     if [ "$need_apt" = 1 ]; then
@@ -30,6 +32,10 @@ if [ "$want_test" = 1 ]; then
         # pycocoevalcap's PTB tokenizer and METEOR (mixmalmm eval's captioning metrics) run on Java.
         echo "setup: installing Java for the captioning metrics (apt-get)"
         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends default-jre-headless >/dev/null
+    fi
+    if [ "$need_ip" = 1 ]; then
+        echo "setup: installing iproute2 for the cluster tests (apt-get)"
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends iproute2 >/dev/null
     fi
     if [ "$need_chromium" = 1 ]; then
         echo "setup: installing Chromium and chromedriver for the console's browser tests (apt-get)"

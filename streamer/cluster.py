@@ -230,7 +230,9 @@ class FrontDoor:
 
     def _monitor(self) -> None:
         while not self._stop.wait(self.poll_s):
-            for w in [w for w in self.workers.values() if w.alive]:
+            with self._lock:  # add_worker inserts from other threads
+                alive = [w for w in self.workers.values() if w.alive]
+            for w in alive:
                 try:
                     w.streams, w.shots_per_s = self.ray.get(w.actor.load.remote(), timeout=max(1.0, self.poll_s * 4))
                     w.last_seen = time.monotonic()
@@ -334,7 +336,8 @@ class FrontDoor:
             time.sleep(0.05)
 
     def _alive(self) -> list[Worker]:
-        return [w for w in self.workers.values() if w.alive]
+        with self._lock:
+            return [w for w in self.workers.values() if w.alive]
 
     def _all(self, request, result_type) -> list[tuple[Worker, object]]:
         refs = [(w, w.actor.handle.remote(P.encode(request))) for w in self._alive()]

@@ -16,7 +16,9 @@ Endpoints (all GET but ``/api/request``):
 * ``/api/streams/<id>/shot.jpg`` : the last Shot folded into that stream's memory, JPEG; 404 for an
   unknown stream or before its first Shot.
 
-Security: the rule of the ZeroMQ binds: a non-loopback address needs ``insecure=True`` (``serve
+Security: requests another web site could make are refused (a non-loopback ``Host`` while bound to
+loopback, against DNS rebinding; a foreign ``Origin``; a POST not declared ``application/json``). And
+the rule of the ZeroMQ binds: a non-loopback address needs ``insecure=True`` (``serve
 --insecure``); CURVE keys do not count, HTTP has no authentication (``check_console_security``).
 """
 
@@ -98,6 +100,7 @@ class Console:
         self._engine = engine if engine is not None else handler
         self._limits = limits
         self._host, self._port = host, port
+        self._loopback = is_local_endpoint(f"tcp://{host}:{port}")  # then only loopback Host names are answered
         self._clients: set[queue.Queue] = set()
         self._clients_lock = threading.Lock()
         self._seq: dict[str, int] = {}
@@ -228,6 +231,16 @@ class Console:
         return bytes(data) if ok else None
 
 
+def _loopback_name(name: str) -> bool:
+    """A ``Host`` header's name (no port, no brackets) is localhost or a loopback address."""
+    if name == "localhost":
+        return True
+    try:
+        return bool(name) and ";" not in name and is_local_endpoint(f"tcp://{name}:1")
+    except ServerError:
+        return False
+
+
 class _RequestHandler(http.server.BaseHTTPRequestHandler):
     console: Console
     protocol_version = "HTTP/1.1"
@@ -247,7 +260,32 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     def _error(self, status: int, code: ErrorCode, message: str) -> None:
         self._send(status, error_reply(None, code, message))
 
+    def _refused(self, post: bool = False) -> bool:
+        """Answers 403 (or 415) and returns True for a request another web site could have made: a ``Host``
+        that is not a loopback name while the console is bound to loopback (DNS rebinding), an ``Origin``
+        that is not the console's own, or a POST whose body is not declared JSON (a cross-site form or
+        ``text/plain`` fetch, which browsers send without asking first)."""
+        host = self.headers.get("Host", "")
+        name = host.rpartition(":")[0] if host.rpartition(":")[2].isdigit() else host
+        name = name.strip("[]").lower()
+        if self.console._loopback and not _loopback_name(name):
+            self._error(403, ErrorCode.BAD_REQUEST, f"refused: Host {host!r} is not a loopback name (the console "
+                                                    "answers only pages it serves itself)")
+            return True
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.rstrip("/").lower() != f"http://{host}".lower():
+            self._error(403, ErrorCode.BAD_REQUEST, f"refused: a request from another site ({origin!r})")
+            return True
+        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if post and ctype != "application/json":
+            self.close_connection = True
+            self._error(415, ErrorCode.BAD_REQUEST, "a request's body must be sent as Content-Type: application/json")
+            return True
+        return False
+
     def do_GET(self) -> None:
+        if self._refused():
+            return
         path = unquote(urlsplit(self.path).path)
         if path in ("/", "/index.html"):
             self._send(200, self.console._page, "text/html; charset=utf-8")
@@ -271,6 +309,8 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         if path != "/api/request":
             self._error(404, ErrorCode.BAD_REQUEST, f"no such endpoint {path!r}: POST requests go to /api/request")
+            return
+        if self._refused(post=True):
             return
         limit = self.console._limits.max_message_bytes
         try:

@@ -257,12 +257,17 @@ class RtspServer:
         self.process.send_signal(signal.SIGCONT)
 
 
+def skip_unless_ci(message: str) -> None:
+    """Skip a test whose system packages are missing, except under CI (``CI`` set): CI installs them
+    (scripts/setup.sh --test), so a skip there would hide a broken set-up."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def _server(path: Path, auth: str | None = None, udp_only: bool = False):
     if not _gst_rtsp_available():
-        message = "needs Debian's GStreamer RTSP server for /usr/bin/python3 (bash scripts/setup.sh --test)"
-        if os.environ.get("CI"):  # CI installs it: a skip there would hide a broken set-up
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_unless_ci("needs Debian's GStreamer RTSP server for /usr/bin/python3 (bash scripts/setup.sh --test)")
     server = RtspServer(path, free_port(), auth, udp_only)
     server.start()
     try:

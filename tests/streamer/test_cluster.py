@@ -22,7 +22,7 @@ import pytest
 from mixmalmm.clients import Client, EngineError, Subscriber
 from mixmalmm.clients import protocol as P
 
-from .conftest import NUM_FRAMES, wait_for
+from .conftest import NUM_FRAMES, skip_unless_ci, wait_for
 
 ray = pytest.importorskip("ray")
 INSIDE = os.environ.get("MIXMALMM_IN_NETNS") == "1"
@@ -36,7 +36,7 @@ MODEL_OPTIONS = {"model": None, "malmm_checkpoint": None, "memory_bank_length": 
 @pytest.mark.skipif(INSIDE, reason="this is the run inside the namespace")
 def test_cluster_suite_in_a_loopback_namespace():
     if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
-        pytest.skip("needs root, unshare and ip to make a loopback-only network namespace")
+        skip_unless_ci("needs root, unshare and ip (iproute2) to make a loopback-only network namespace")
     inner = (f"ip link set lo up && MIXMALMM_IN_NETNS=1 exec {sys.executable} -m pytest -x -q -p no:cacheprovider "
              f"{__file__}")
     run = subprocess.run(["unshare", "-n", "bash", "-c", inner], capture_output=True, text=True, timeout=600)

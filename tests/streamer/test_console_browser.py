@@ -6,21 +6,18 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import pytest
 
 from mixmalmm.clients import protocol as P
 from mixmalmm.model import MALMM
 
-from .conftest import chromium, console_engine, wait_for
+from .conftest import chromium, console_engine, skip_unless_ci, wait_for
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("chromium") is None or shutil.which("chromedriver") is None,
-    reason="needs Debian's chromium and chromium-driver (bash scripts/setup.sh --test installs them)",
-)
 EVERY_FRAME = P.ActionShotSettings(enabled=False, sample_fps=None)
 
 
 def test_the_page_shows_streams_answers_and_events(media, tmp_path):
+    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+        skip_unless_ci("needs Debian's chromium and chromium-driver (bash scripts/setup.sh --test installs them)")
     from selenium.webdriver.common.by import By
 
     with console_engine(MALMM.tiny().eval()) as (engine, client, console), chromium(tmp_path / "profile") as browser:
