@@ -150,7 +150,7 @@ def console_rate(model: MALMM, shots: int, on: bool) -> tuple[float, int, int]:
 
             def sse() -> None:
                 with socket.create_connection((host, int(port)), timeout=5) as sock:
-                    sock.sendall(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
+                    sock.sendall(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                     while not stop.is_set():
                         with contextlib.suppress(TimeoutError):
                             counts["events"] += sock.recv(65536).count(b"data: ")
@@ -158,7 +158,8 @@ def console_rate(model: MALMM, shots: int, on: bool) -> tuple[float, int, int]:
             def page() -> None:
                 while not stop.wait(1.0):
                     for body in (b'{"id": 1, "type": "status"}', b'{"id": 2, "type": "list_streams"}'):
-                        with urllib.request.urlopen(urllib.request.Request(console.url + "api/request", data=body)) as r:
+                        with urllib.request.urlopen(urllib.request.Request(
+                                console.url + "api/request", data=body, headers={"Content-Type": "application/json"})) as r:
                             json.loads(r.read())
                     try:
                         with urllib.request.urlopen(console.url + "api/streams/e2e/shot.jpg") as r:

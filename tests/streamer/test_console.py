@@ -94,7 +94,7 @@ def test_bad_requests_get_clear_errors(model):
         assert status == 413 and reply["error"]["code"] == "too_large" and "2048" in reply["error"]["message"]
         host, port = parse_http_address(console.url[len("http://"):].rstrip("/"))
         with socket.create_connection((host, port), timeout=10) as sock:  # a length that is no byte count
-            sock.sendall(b"POST /api/request HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n{}")
+            sock.sendall(b"POST /api/request HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: -5\r\n\r\n{}")
             assert sock.recv(65536).startswith(b"HTTP/1.1 411 ")
         status, _kind, body = get(console, "api/streams/nope/shot.jpg")
         assert status == 404 and b"nope" in body
@@ -105,10 +105,32 @@ def test_bad_requests_get_clear_errors(model):
         assert status == 200 and reply["ok"] is True
 
 
+def test_requests_another_site_could_make_are_refused(model):
+    with console_engine(model) as (_engine, _client, console):
+        ping = b'{"id": 1, "type": "ping"}'
+        # a cross-site form or text/plain fetch: browsers send these without a preflight
+        status, reply = post(console, ping, {"Content-Type": "text/plain"})
+        assert status == 415 and "application/json" in reply["error"]["message"]
+        status, reply = post(console, ping, {"Origin": "http://evil.example"})
+        assert status == 403 and "evil.example" in reply["error"]["message"]
+        # DNS rebinding: a foreign name that resolves to 127.0.0.1
+        status, reply = post(console, ping, {"Host": "evil.example:8080"})
+        assert status == 403 and "evil.example" in reply["error"]["message"]
+        host, port = parse_http_address(console.url[len("http://"):].rstrip("/"))
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(b"GET /api/streams/x/shot.jpg HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 403 ")
+        # the console's own page: its origin, and localhost, are answered
+        status, reply = post(console, ping, {"Origin": console.url.rstrip("/")})
+        assert status == 200 and reply["ok"] is True
+        status, reply = post(console, ping, {"Host": f"localhost:{port}"})
+        assert status == 200 and reply["ok"] is True
+
+
 def read_events(console, count: int, seen: list, connected: threading.Event) -> None:
     host, port = parse_http_address(console.url[len("http://"):].rstrip("/"))
     with socket.create_connection((host, port), timeout=30) as sock:
-        sock.sendall(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         data = b""
         while len(seen) < count:
             chunk = sock.recv(65536)

@@ -316,7 +316,8 @@ def test_demo_console_prints_its_url_and_serves_until_ctrl_c(tmp_path):
             assert url.startswith("http://127.0.0.1:") and f"the console: {url}" in text
             with urllib.request.urlopen(url, timeout=10) as r:
                 assert b"mixmalmm console" in r.read()
-            request = urllib.request.Request(url + "api/request", data=b'{"id": 1, "type": "status", "stream": "demo"}')
+            request = urllib.request.Request(url + "api/request", data=b'{"id": 1, "type": "status", "stream": "demo"}',
+                                             headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=10) as r:
                 status = json.loads(r.read())["result"]["streams"][0]
             report = json.loads((tmp_path / "demo" / "answers.json").read_text())
