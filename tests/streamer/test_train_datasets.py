@@ -212,3 +212,27 @@ def test_lvu_training_clips_sample_inside_their_window(tmp_path):
             clips.set_epoch(epoch)
             idx = clips.indices(i)  # segments [0, 2), [2, 5), [5, 8), [8, 11) of the window
             assert [lo <= k - first < hi for k, (lo, hi) in zip(idx, [(0, 2), (2, 5), (5, 8), (8, 11)], strict=True)] == [True] * 4
+
+
+def test_train_a_captioning_dataset_then_eval_it(media, tmp_path):  # noqa: F811
+    """Captioning trains on every reference caption (one item each) and its run folder captions clips."""
+    from .test_eval import CAPTIONS, write_captions
+
+    annotations, _ = write_captions(tmp_path, "msrvtt-cap", split="train")
+    write_captions(tmp_path, "msrvtt-cap", split="test")
+    out = tmp_path / "run"
+    done = run(["train", "msrvtt-cap", "--annotations", str(annotations), "--frames", str(media / "frames"),
+                "--out", str(out), *TINY_RUN], tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == len(CAPTIONS) // 2 and all(np.isfinite(summary["losses"]))  # every caption an item
+    config = json.loads((out / "model" / "malmm_config.json").read_text())
+    assert config["prompt_template"] == DATASETS["msrvtt-cap"].prompt_template
+    report_path = tmp_path / "report.json"
+    done = run(["eval", "msrvtt-cap", "--annotations", str(annotations), "--frames", str(media / "frames"),
+                "--model", str(out / "model"), "--num-frames", "4", "--num-beams", "1", "--max-new-tokens", "5",
+                "--device", "cpu", "--out", str(report_path)], tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(report_path.read_text())
+    assert report["model"] == str(out / "model") and report["items"] == len({c for c, _ in CAPTIONS})
+    assert set(report["metrics"]) >= {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
