@@ -107,6 +107,11 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--max-standing must be at least 1, got {args.max_standing}")
     if args.mode == "clip" and actionshot_settings(args).given():
         raise UserError("the ActionShot options (--actionshot, --step, --sample-fps, ...) are for --mode stream or both")
+    check_data_arguments(args)
+
+
+def check_data_arguments(args: argparse.Namespace) -> None:
+    """What `eval` and `train` share: the memory bank length, the frame source folders, LVU's options."""
     if args.memory_bank_length is not None and args.memory_bank_length < 0:
         raise UserError(f"--memory-bank-length must be >= 0, got {args.memory_bank_length}")
     if args.frames is None and args.videos is None:

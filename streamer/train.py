@@ -104,17 +104,9 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not value >= 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    if args.memory_bank_length is not None and args.memory_bank_length < 0:
-        raise UserError(f"--memory-bank-length must be >= 0, got {args.memory_bank_length}")
-    if args.frames is None and args.videos is None:
-        raise UserError("give --videos DIR (the videos) or --frames DIR (their extracted frames)")
-    for option, folder in (("--frames", args.frames), ("--videos", args.videos)):
-        if folder is not None and not Path(folder).is_dir():
-            raise UserError(f"{option} '{folder}' is not a folder")
-    from mixmalmm.model.datasets import LVU_HISTORY_S, LVU_STRIDE_S
+    from .evaluate import check_data_arguments
 
-    if args.dataset != "lvu" and (args.task or args.history != LVU_HISTORY_S or args.stride != LVU_STRIDE_S):
-        raise UserError("--task, --history and --stride are for lvu only")
+    check_data_arguments(args)
     if args.resume and not Path(args.resume).is_file():
         raise UserError(f"--resume '{args.resume}': no such checkpoint file")
 
