@@ -328,13 +328,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not result.streams:
         _out("no streams (add one with `mixmalmm streams add ID URI`)")
         return EXIT_OK
+    if result.workers:  # a cluster (serve --cluster): each worker's load, and each stream's worker
+        _out()
+        _out(_table(["WORKER", "NODE", "ALIVE", "STREAMS", "SHOTS/S"],
+                    [[w.worker, w.node[:12], "yes" if w.alive else "no", f"{w.streams}/{w.max_streams}",
+                      f"{w.shots_per_s:.1f}"] for w in result.workers], right=frozenset({3, 4})))
     headers = ["STREAM", "STATE", "FPS IN", "FPS OUT", "FRAMES", "SHOTS", "DROPS", "RECONNECTS", "QUEUE",
                "MEMORY", "SPAN", "URI"]
     rows = [[s.stream, s.state, f"{s.fps_in:.1f}", f"{s.fps_out:.1f}", str(s.frames), str(s.shots), str(s.drops),
              str(s.reconnects), str(s.queue_depth), f"{s.memory_entries}/{s.memory_capacity}",
              _fmt_span(s.span_start_s, s.span_end_s), s.uri] for s in result.streams]
+    if result.workers:
+        headers.insert(2, "WORKER")
+        for row, s in zip(rows, result.streams, strict=True):
+            row.insert(2, s.worker or "-")
     _out()
-    _out(_table(headers, rows, right=frozenset(range(2, 10))))
+    _out(_table(headers, rows, right=frozenset(range(3 if result.workers else 2, 11 if result.workers else 10))))
     for s in result.streams:
         if s.last_error:
             _out(f"{s.stream}: last error: {s.last_error}")

@@ -124,6 +124,14 @@ def test_six_streams_spread_asked_and_standing_questions_fire(cluster, media):
                           "--json"], capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
     assert '"stream":"s2"' in cli.stdout.replace(" ", "")
+    shown = subprocess.run([*CLI, "status", "--server", cluster["server"].request_address],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert any(line.split()[:1] == ["WORKER"] for line in lines)  # the workers' table, with their load
+    assert sum(line.split()[:1] in (["w0"], ["w1"], ["w2"]) and "2/4" in line for line in lines) == 3
+    rows = {line.split()[0]: line.split()[2] for line in lines if line.startswith("s") and len(line.split()) > 2}
+    assert rows == {s.stream: s.worker for s in client.status().streams}  # each stream's WORKER column
     wait_for(lambda: any(isinstance(e, P.AnswerEvent) and e.stream == "s0" for e in cluster["events"]), 30,
              "a standing answer through the front door")
     with pytest.raises(EngineError) as err:
