@@ -179,7 +179,8 @@ def test_serve_http_serves_the_console(tmp_path, media):
             wait_status(c, "cam", lambda s: s.state == "finished", 60, "the file finished")
             shots = c.status("cam").streams[0].shots
         request = urllib.request.Request(f"http://127.0.0.1:{port}/api/request", method="POST",
-                                         data=b'{"id": 1, "type": "status", "stream": "cam"}')
+                                         data=b'{"id": 1, "type": "status", "stream": "cam"}',
+                                         headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as r:
             reply = json.loads(r.read())
         assert reply["ok"] and reply["result"]["streams"][0]["shots"] == shots > 0
