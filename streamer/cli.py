@@ -44,6 +44,19 @@ def parse_source(text: str, index: int) -> tuple[str, str]:
     return f"s{index}", text
 
 
+def add_sources(args: argparse.Namespace, add) -> None:
+    """The command line's sources, each through ``add(AddStream)`` (the engine's, or a cluster's front
+    door); one that is refused is logged and the others go on."""
+    from mixmalmm.clients import protocol as P
+
+    for i, text in enumerate(args.sources):
+        sid, uri = parse_source(text, i)
+        try:
+            add(P.AddStream(id=0, stream=sid, uri=uri, mode=args.mode, pace=args.pace))
+        except P.RequestError as exc:
+            log.error("source %s (%s) not added: %s", sid, redact_uri(uri), exc.message)
+
+
 def add_serve_parser(commands) -> None:
     p = commands.add_parser("serve", help="run the engine: ingest sources, answer questions over ZeroMQ",
                             description="Run the engine on one or more sources and serve the ZeroMQ protocol.")
@@ -182,12 +195,7 @@ def run_serve(args: argparse.Namespace) -> int:
             metrics.stop()
         raise UserError(str(exc)) from exc
     try:
-        for i, text in enumerate(args.sources):
-            sid, uri = parse_source(text, i)
-            try:
-                engine.add_stream(P.AddStream(id=0, stream=sid, uri=uri, mode=args.mode, pace=args.pace))
-            except P.RequestError as exc:
-                log.error("source %s (%s) not added: %s", sid, redact_uri(uri), exc.message)
+        add_sources(args, engine.add_stream)
         log.info("serving %d stream(s) on %s (events on %s), model %s on %s", len(engine.streams()), server.request_address,
                  server.event_address, name, model.device)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -276,12 +284,7 @@ def run_cluster_serve(args: argparse.Namespace, config, curve) -> int:
         if per_node:
             threading.Thread(target=C.grow_per_node, args=(front, ray, resources, model_options, config, stopping),
                              daemon=True).start()
-        for i, text in enumerate(args.sources):
-            sid, uri = parse_source(text, i)
-            try:
-                front.handle(P.AddStream(id=0, stream=sid, uri=uri, mode=args.mode, pace=args.pace))
-            except P.RequestError as exc:
-                log.error("source %s (%s) not added: %s", sid, redact_uri(uri), exc.message)
+        add_sources(args, front.handle)
         log.info("serving %d worker(s) on %s (events on %s)", len(workers), server.request_address, server.event_address)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stopping.set())
