@@ -135,14 +135,15 @@ def _int_in(low: int, high: int | None) -> Callable[[str], int]:
     return parse
 
 
-def _seconds(low_exclusive: float, high: float | None = None) -> Callable[[str], float]:
+def _seconds(low: float, high: float | None = None, *, zero: bool = False) -> Callable[[str], float]:
+    """A number of seconds above ``low`` (from ``low`` on with ``zero``) and at most ``high``."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-        if not math.isfinite(value) or value <= low_exclusive or (high is not None and value > high):
-            bound = f"more than {low_exclusive:g}" + ("" if high is None else f" and at most {high:g}")
+        if not math.isfinite(value) or value < low or (value == low and not zero) or (high is not None and value > high):
+            bound = f"{'at least' if zero else 'more than'} {low:g}" + ("" if high is None else f" and at most {high:g}")
             raise argparse.ArgumentTypeError(f"{text} is out of range: must be {bound} seconds")
         return value
 
@@ -363,8 +364,10 @@ def _cmd_streams_list(args: argparse.Namespace) -> int:
     questions = [q for s in result.streams for q in s.questions]
     if questions:
         _out()
-        rows = [[q.stream, q.question_id, _fmt_period(q.period_s), q.text] for q in questions]
-        _out(_table(["STREAM", "QUESTION", "ANSWERED", "TEXT"], rows))
+        rows = [[q.stream, q.question_id, _fmt_period(q.period_s),
+                 (f"{_fmt_alert_rule(q)} ({q.alerts} sent, {q.suppressed} held off)" if _fmt_alert_rule(q) else "-"),
+                 q.text] for q in questions]
+        _out(_table(["STREAM", "QUESTION", "ANSWERED", "ALERT", "TEXT"], rows))
     return EXIT_OK
 
 
@@ -459,15 +462,33 @@ def _cmd_streams_move(args: argparse.Namespace) -> int:
 
 
 def _cmd_questions_add(args: argparse.Namespace) -> int:
+    try:  # checked here first: an alert without --period is the user's mistake, not the server's
+        p.AddQuestion(id=0, stream=args.stream, question_id=args.question_id, text=args.text, period_s=args.period,
+                      alert_when=args.alert_when, alert_on_change=args.alert_on_change, hold_off_s=args.hold_off)
+    except ValueError as exc:
+        raise CommandError(str(exc).replace("alert_when", "--alert-when").replace("alert_on_change", "--alert-on-change")
+                           .replace("hold_off_s", "--hold-off").replace("period_s", "--period")) from None
     result: p.StandingQuestion = _request(
-        args, lambda c: c.add_question(args.stream, args.question_id, args.text, period_s=args.period)
+        args, lambda c: c.add_question(args.stream, args.question_id, args.text, period_s=args.period,
+                                       alert_when=args.alert_when, alert_on_change=args.alert_on_change,
+                                       hold_off_s=args.hold_off)
     )
     if args.json:
         _out(_json(result))
     else:
-        _out(f"added question {result.question_id} on {result.stream} ({_fmt_period(result.period_s)}): "
-             f"{result.text}")
+        alert = _fmt_alert_rule(result)
+        _out(f"added question {result.question_id} on {result.stream} ({_fmt_period(result.period_s)}"
+             f"{'; ' + alert if alert else ''}): {result.text}")
     return EXIT_OK
+
+
+def _fmt_alert_rule(q: p.StandingQuestion) -> str:
+    """A standing question's alert condition as text ("" without one)."""
+    when = [f"answer is {q.alert_when!r}"] if q.alert_when is not None else []
+    when += ["answer changes"] if q.alert_on_change else []
+    if not when:
+        return ""
+    return f"alert when {' or '.join(when)}, hold-off {q.hold_off_s:g} s"
 
 
 def _cmd_questions_remove(args: argparse.Namespace) -> int:
@@ -580,6 +601,21 @@ def _fmt_event(event: p.AnyEvent) -> str:
         text = EMPTY_ANSWER if event.empty else event.answer
         return (f"{head}  answer {event.question_id} ({event.question}): {text}  "
                 f"[{_fmt_span(event.span_start_s, event.span_end_s)}]")
+    if isinstance(event, p.AlertEvent):
+        text = EMPTY_ANSWER if event.empty else event.answer
+        why = (f"answer matches {event.alert_when!r}" if event.reason == "match"
+               else f"answer changed from {event.previous!r}")
+        pictures = []
+        if event.evidence_jpeg is not None:
+            pictures.append(f"last Shot {_fmt_span(event.shot_start_s, event.shot_end_s)}, "
+                            f"{len(event.evidence_jpeg) * 3 // 4 // 1024} KiB JPEG")
+        if event.strip_jpeg is not None:
+            pictures.append("memory strip")
+        files = ", ".join(f for f in (event.evidence_path, event.strip_path) if f)
+        evidence = ("; ".join(pictures) or "no picture") + (f"; saved {files}" if files else "") + (
+            f"; {event.evidence_error}" if event.evidence_error else "")
+        return (f"{head}  ALERT {event.question_id} ({event.question}): {text}  ({why})  "
+                f"[{_fmt_span(event.span_start_s, event.span_end_s)}]  evidence: {evidence}")
     return f"{head}  {_json(event)}"
 
 
@@ -767,6 +803,13 @@ def build_parser() -> argparse.ArgumentParser:
     qadd.add_argument("text", metavar="TEXT")
     qadd.add_argument("--period", type=_seconds(0.0, 86_400.0), metavar="S",
                       help="answer it every S seconds and publish the answer (default: only when asked)")
+    qadd.add_argument("--alert-when", metavar="ANSWER",
+                      help="publish an alert (with the last Shot as evidence) when the answer comes to be ANSWER "
+                           "(case and punctuation ignored; 'yes' also matches 'yes, it is'); needs --period")
+    qadd.add_argument("--alert-on-change", action="store_true",
+                      help="publish an alert when the answer differs from the one before; needs --period")
+    qadd.add_argument("--hold-off", type=_seconds(0.0, 86_400.0, zero=True), metavar="S",
+                      help=f"no second alert from this question within S seconds (default {p.DEFAULT_HOLD_OFF_S:g})")
     _add_connection(qadd)
     qadd.set_defaults(run=_cmd_questions_add)
     qremove = questions_actions.add_parser("remove", help="unregister a standing question")

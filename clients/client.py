@@ -223,11 +223,17 @@ class _Requests:
         text: str,
         *,
         period_s: float | None = None,
+        alert_when: str | None = None,
+        alert_on_change: bool = False,
+        hold_off_s: float | None = None,
         timeout_s: float | None = None,
     ) -> StandingQuestion:
         """Register a standing question; ``period_s``: answer (and publish) it every so many seconds,
-        ``None``: only when asked."""
-        request = AddQuestion(id=_new_id(), stream=stream, question_id=question_id, text=text, period_s=period_s)
+        ``None``: only when asked. ``alert_when`` / ``alert_on_change`` / ``hold_off_s``: publish an
+        ``alert`` event (with its evidence) when an answer matches / changes (``AddQuestion``); ValueError
+        for an alert without ``period_s``."""
+        request = AddQuestion(id=_new_id(), stream=stream, question_id=question_id, text=text, period_s=period_s,
+                              alert_when=alert_when, alert_on_change=alert_on_change, hold_off_s=hold_off_s)
         return self._call(request, timeout_s)
 
     def remove_question(self, stream: str, question_id: str, *, timeout_s: float | None = None) -> StandingQuestion:

@@ -236,17 +236,54 @@ class RemoveStream(Request, tag="remove_stream"):
     stream: Name
 
 
-class AddQuestion(Request, tag="add_question"):
+#: Seconds after an alert during which the same standing question sends no other (AddQuestion.hold_off_s).
+DEFAULT_HOLD_OFF_S = 30.0
+#: Longest ``alert_when`` answer, in characters.
+MAX_ALERT_ANSWER_CHARS = 200
+
+
+def normalize_answer(text: str) -> str:
+    """An answer as alerts compare it: lower case, every run of characters other than letters and digits
+    one space, no space at either end (``"Yes."`` -> ``"yes"``, ``"a red  car!"`` -> ``"a red car"``)."""
+    return " ".join("".join(c if c.isalnum() else " " for c in text.casefold()).split())
+
+
+def answer_matches(answer: str, expected: str) -> bool:
+    """Whether ``answer`` matches an ``alert_when``: equal after `normalize_answer`, or starting with it as
+    whole words (``"yes, it is open"`` matches ``"yes"``; ``"yesterday"`` does not)."""
+    a, e = normalize_answer(answer), normalize_answer(expected)
+    return bool(e) and (a == e or a.startswith(e + " "))
+
+
+class AddQuestion(Request, tag="add_question", omit_defaults=True):  # an older server knows no alert_*
     """Register a standing question on a stream, with its own query memory.
 
     period_s: answer it every ``period_s`` seconds (wall clock) and publish each answer as an
       ``answer`` event; ``null`` means only on request (an ``ask`` with the same text).
+    alert_when: publish an ``alert`` event when an answer comes to match this one (`answer_matches`)
+      after one that did not (or as the first answer).
+    alert_on_change: publish an ``alert`` event when an answer differs (`normalize_answer`) from the
+      one before it.
+    hold_off_s: after an alert, none from this question for this many seconds (the answers that would
+      have fired are counted, not sent); ``null``: `DEFAULT_HOLD_OFF_S`. Alerts need ``period_s``.
     """
 
     stream: Name
     question_id: Name
     text: Text
     period_s: Annotated[float, msgspec.Meta(gt=0.0, le=86_400.0)] | None = None
+    alert_when: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ALERT_ANSWER_CHARS)] | None = None
+    alert_on_change: bool = False
+    hold_off_s: Annotated[float, msgspec.Meta(ge=0.0, le=86_400.0)] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.alert_when is not None or self.alert_on_change) and self.period_s is None:
+            raise ValueError("an alert (alert_when, alert_on_change) needs period_s: alerts come from the "
+                             "periodic answers")
+        if self.alert_when is not None and not normalize_answer(self.alert_when):
+            raise ValueError("alert_when has no letter or digit to match")
+        if self.hold_off_s is not None and self.alert_when is None and not self.alert_on_change:
+            raise ValueError("hold_off_s needs alert_when or alert_on_change")
 
 
 class RemoveQuestion(Request, tag="remove_question"):
@@ -326,12 +363,19 @@ class AskResult(msgspec.Struct, kw_only=True):
 
 
 class StandingQuestion(msgspec.Struct, kw_only=True):
-    """A registered standing question; period_s in seconds (``null``: on request only)."""
+    """A registered standing question; period_s in seconds (``null``: on request only); alert_when,
+    alert_on_change and hold_off_s as in ``AddQuestion`` (hold_off_s: the one in force, ``null``
+    without an alert); alerts: alert events it sent, suppressed: those the hold-off kept back."""
 
     stream: str
     question_id: str
     text: str
     period_s: float | None = None
+    alert_when: str | None = None
+    alert_on_change: bool = False
+    hold_off_s: float | None = None
+    alerts: int = 0
+    suppressed: int = 0
 
 
 class StreamInfo(msgspec.Struct, kw_only=True):
@@ -523,7 +567,46 @@ class AnswerEvent(Event, tag="answer"):
     span_end_s: float | None = None
 
 
-AnyEvent = StreamStateEvent | AnswerEvent
+class AlertEvent(Event, tag="alert", kw_only=True):
+    """A standing question's answer met its alert condition (``AddQuestion.alert_when`` / ``alert_on_change``).
+
+    reason: ``"match"`` (the answer came to match ``alert_when``) or ``"change"`` (it differs from
+      ``previous``, the answer before it; ``null`` for the first). answer, empty, span_*_s: as in
+      ``AnswerEvent`` (the answer that fired).
+    shot_start_s / shot_end_s: the stream-time span (seconds) of the evidence: the last Shot the memory
+      took in before the answer. evidence_jpeg: that Shot's composite as a base64 JPEG, scaled down if
+      needed to at most `MAX_EVIDENCE_BYTES`; strip_jpeg: a base64 JPEG strip of thumbnails of Shots in
+      memory, evenly sampled over its span (same bound); ``null`` when there is no picture (a restored
+      stream before its next Shot). evidence_path / strip_path: where the server wrote them (``serve
+      --evidence-dir``), ``null`` without a directory or when the write failed (then evidence_error says why).
+    """
+
+    question_id: str
+    question: str
+    answer: str
+    empty: bool = False
+    reason: Literal["match", "change"]
+    previous: str | None = None
+    alert_when: str | None = None
+    span_start_s: float | None = None
+    span_end_s: float | None = None
+    shot_start_s: float | None = None
+    shot_end_s: float | None = None
+    evidence_jpeg: str | None = None
+    strip_jpeg: str | None = None
+    evidence_path: str | None = None
+    strip_path: str | None = None
+    evidence_error: str | None = None
+
+
+#: Largest evidence picture (each of AlertEvent.evidence_jpeg and strip_jpeg), in bytes before base64:
+#: two of them in base64 keep an alert event under the default 1 MiB message size.
+MAX_EVIDENCE_BYTES = 256 * 1024
+
+AnyEvent = StreamStateEvent | AnswerEvent | AlertEvent
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__struct_config__.tag: cls for cls in (StreamStateEvent, AnswerEvent, AlertEvent)  # type: ignore[misc]
+}
 
 # ----------------------------------------------------------------------------------------------------
 # Encoding and decoding

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import demo, evaluate, replay
+from .alerts import DEFAULT_EVIDENCE_KEEP
 from .options import (
     EXIT_OK,
     EXIT_USAGE,
@@ -92,6 +93,13 @@ def add_serve_parser(commands) -> None:
     g.add_argument("--max-streams", type=int, default=32, metavar="N", help="most streams at once (default 32)")
     g.add_argument("--max-standing", type=int, default=8, metavar="N",
                    help="most standing questions per stream; each slows its stream's steps (default 8)")
+    a = p.add_argument_group("alerts (README: Alerts; `mixmalmm questions add ... --alert-when ANSWER`)")
+    a.add_argument("--evidence-dir", metavar="DIR",
+                   help="write each alert's pictures (the last Shot, the memory strip) and event here")
+    a.add_argument("--evidence-keep", type=int, default=DEFAULT_EVIDENCE_KEEP, metavar="N",
+                   help=f"the newest N alerts kept in --evidence-dir, older ones deleted (default {DEFAULT_EVIDENCE_KEEP})")
+    a.add_argument("--alert-webhook", metavar="URL",
+                   help="POST every alert event (JSON) to this http(s) URL, retried with backoff")
     c = p.add_argument_group("cluster (README: Scaling out; needs pip install 'mixmalmm[cluster]')")
     c.add_argument("--cluster", metavar="auto|local:N|ADDRESS",
                    help="run the engine on a Ray cluster: auto (the running one), local:N (a local Ray with N "
@@ -115,9 +123,19 @@ def run_serve(args: argparse.Namespace) -> int:
     try:  # checked before the model loads: cheap mistakes first
         config = EngineConfig(max_batch=args.max_batch, max_questions=args.max_questions, state_dir=args.state_dir,
                               snapshot_period_s=args.snapshot_period, default_actionshot=settings,
-                              max_streams=args.max_streams, max_standing=args.max_standing)
+                              max_streams=args.max_streams, max_standing=args.max_standing,
+                              evidence_dir=args.evidence_dir, evidence_keep=args.evidence_keep)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+    webhook = alert_webhook(args)
+    if args.evidence_dir:  # checked before the model loads: cheap mistakes first
+        try:
+            Path(args.evidence_dir).mkdir(parents=True, exist_ok=True)
+            probe = Path(args.evidence_dir) / ".mixmalmm-write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"--evidence-dir {args.evidence_dir}: {exc}") from exc
     if args.max_message_bytes < 1024 or args.max_question_chars < 1:
         raise UserError("--max-message-bytes must be >= 1024 and --max-question-chars >= 1")
     curve = None
@@ -144,7 +162,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UserError("--metrics and --http are not yet available with --cluster (they read one engine; "
                         "the cluster's engines are in its workers)")
     if args.cluster:
-        return run_cluster_serve(args, config, curve)
+        return run_cluster_serve(args, config, curve, webhook)
     if args.workers or args.worker_resources or args.state_store:
         raise UserError("--workers, --worker-resources and --state-store need --cluster")
     metrics_address = None
@@ -161,7 +179,7 @@ def run_serve(args: argparse.Namespace) -> int:
             raise UserError(str(exc)) from exc
     model, name = load_model(args)
     stopping = threading.Event()
-    sinks: list = []  # the ZeroMQ server, then the console: each gets every event
+    sinks: list = []  # the ZeroMQ server, then the console and the webhook: each gets every event
     engine = Engine(model, config, publish=lambda event: [sink.publish(event) for sink in sinks], model_name=name)
     try:
         limits = P.Limits(max_message_bytes=args.max_message_bytes, max_question_chars=args.max_question_chars)
@@ -171,11 +189,13 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ServerError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     sinks.append(server)
+    if webhook is not None:
+        sinks.append(webhook.start())
     metrics = None
     if metrics_address is not None:
         from .metrics import EngineMetrics
 
-        metrics = EngineMetrics(engine, server)
+        metrics = EngineMetrics(engine, server, webhook)
         try:
             host, port = metrics.serve(*metrics_address)
         except OSError as exc:
@@ -210,11 +230,25 @@ def run_serve(args: argparse.Namespace) -> int:
             console.stop()
         if metrics is not None:
             metrics.stop()
+        if webhook is not None:
+            webhook.stop()
     log.info("stopped")
     return EXIT_OK
 
 
-def run_cluster_serve(args: argparse.Namespace, config, curve) -> int:
+def alert_webhook(args: argparse.Namespace):
+    """``--alert-webhook``'s `alerts.Webhook` (not started), None without one; UserError for a bad URL."""
+    if not args.alert_webhook:
+        return None
+    from .alerts import Webhook
+
+    try:
+        return Webhook(args.alert_webhook)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def run_cluster_serve(args: argparse.Namespace, config, curve, webhook=None) -> int:
     """``serve --cluster``: engine workers as Ray actors behind a front door (``mixmalmm.streamer.cluster``)."""
     import dataclasses
 
@@ -266,8 +300,8 @@ def run_cluster_serve(args: argparse.Namespace, config, curve) -> int:
     except C.ClusterError as exc:
         ray.shutdown()
         raise UserError(str(exc)) from exc
-    box: list = []
-    front = C.FrontDoor(ray, workers, config.state_dir, publish=lambda event: box and box[0].publish(event),
+    box: list = []  # the ZeroMQ server, then the webhook: each gets every event
+    front = C.FrontDoor(ray, workers, config.state_dir, publish=lambda event: [sink.publish(event) for sink in box],
                         max_streams=config.max_streams)
     try:
         limits = P.Limits(max_message_bytes=args.max_message_bytes, max_question_chars=args.max_question_chars)
@@ -275,6 +309,8 @@ def run_cluster_serve(args: argparse.Namespace, config, curve) -> int:
                         insecure=args.insecure, limits=limits, ask_workers=args.max_questions)
         box.append(server)
         server.start()
+        if webhook is not None:
+            box.append(webhook.start())
     except (ServerError, ValueError) as exc:
         front.shutdown()
         ray.shutdown()
@@ -295,6 +331,8 @@ def run_cluster_serve(args: argparse.Namespace, config, curve) -> int:
         stopping.set()
         front.shutdown()
         server.stop()
+        if webhook is not None:
+            webhook.stop()
         ray.shutdown()
     return EXIT_OK
 

@@ -15,6 +15,8 @@ Endpoints (all GET but ``/api/request``):
   ``stream_state``, ``answer`` and whatever types the engine publishes later, e.g. ``alert``).
 * ``/api/streams/<id>/shot.jpg`` : the last Shot folded into that stream's memory, JPEG; 404 for an
   unknown stream or before its first Shot.
+* ``/api/streams/<id>/memory.jpg`` : that stream's memory contact sheet (`Engine.memory_sheet`: thumbnails
+  of Shots it holds, evenly spread over its span, each with its span and held share), JPEG; 404 likewise.
 
 Security: requests another web site could make are refused (a non-loopback ``Host`` while bound to
 loopback, against DNS rebinding; a foreign ``Origin``; a POST not declared ``application/json``). And
@@ -230,6 +232,13 @@ class Console:
         ok, data = cv2.imencode(".jpg", shot.image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 80])
         return bytes(data) if ok else None
 
+    def memory_jpeg(self, sid: str) -> bytes | None:
+        """The stream's memory contact sheet as JPEG; None before its first Shot. RequestError: unknown stream."""
+        from .alerts import encode_jpeg
+
+        sheet = self._engine.memory_sheet(sid)
+        return None if sheet is None else encode_jpeg(sheet, max_bytes=1 << 22)
+
 
 def _loopback_name(name: str) -> bool:
     """A ``Host`` header's name (no port, no brackets) is localhost or a loopback address."""
@@ -291,10 +300,10 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
             self._send(200, self.console._page, "text/html; charset=utf-8")
         elif path == "/api/events":
             self._events()
-        elif path.startswith("/api/streams/") and path.endswith("/shot.jpg"):
-            sid = path[len("/api/streams/"):-len("/shot.jpg")]
+        elif path.startswith("/api/streams/") and path.endswith(("/shot.jpg", "/memory.jpg")):
+            sid, _, picture = path[len("/api/streams/"):].rpartition("/")
             try:
-                data = self.console.shot_jpeg(sid)
+                data = self.console.shot_jpeg(sid) if picture == "shot.jpg" else self.console.memory_jpeg(sid)
             except RequestError as exc:
                 self._error(HTTP_STATUS.get(exc.code, 404), exc.code, exc.message)
                 return

@@ -150,15 +150,18 @@ def thumbnail_height(frame_width: int, frame_height: int, thumb_width: int = THU
 
 @dataclass(frozen=True)
 class SheetLayout:
-    """Where everything lies on a contact sheet of `count` thumbnails of thumb_width x thumb_height px."""
+    """Where everything lies on a contact sheet of `count` thumbnails of thumb_width x thumb_height px,
+    `per_row` to a row, with the whole-video strip under them when `strip`."""
 
     count: int
     thumb_width: int
     thumb_height: int
+    per_row: int = COLUMNS
+    strip: bool = True
 
     @property
     def columns(self) -> int:
-        return max(1, min(self.count, COLUMNS))
+        return max(1, min(self.count, self.per_row))
 
     @property
     def rows(self) -> int:
@@ -180,7 +183,7 @@ class SheetLayout:
     @property
     def height(self) -> int:
         grid = self.rows * self.cell_height + (self.rows - 1) * GAP
-        return MARGIN + HEADER + grid + STRIP_BLOCK + MARGIN
+        return MARGIN + HEADER + grid + (STRIP_BLOCK if self.strip else 0) + MARGIN
 
     def thumb_origin(self, k: int) -> tuple[int, int]:
         """(x, y) pixels of the top-left corner of the k-th thumbnail's picture (inside its border)."""
@@ -306,19 +309,7 @@ def draw_contact_sheet(
     _put(img, f"{what}; {shown}", MARGIN, MARGIN + 2 * LINE, _DIM, width=inner)
     _put(img, "held = share of token columns where the Shot is still its own memory entry (green border: all); "
               "merge = mean Shots per entry holding it", MARGIN, MARGIN + 3 * LINE, _DIM, scale=0.38, width=inner)
-    for k, i in enumerate(chosen):
-        x, y = layout.thumb_origin(k)
-        colour = _mix(_FORGOTTEN, _HELD, cover.held[i]) if i < len(cover.held) else _FORGOTTEN
-        cv2.rectangle(img, (x - BORDER, y - BORDER), (x + layout.thumb_width + BORDER - 1, y + th + BORDER - 1),
-                      colour, thickness=-1)
-        img[y : y + th, x : x + layout.thumb_width] = thumbnails.images[i]
-        s = shots[i]
-        ty = y + th + BORDER + LINE - 2
-        _put(img, f"#{i} {format_time(s.start)}-{format_time(s.end)} ({s.frames}f)", x - BORDER, ty,
-             width=layout.cell_width)
-        held = cover.held[i] if i < len(cover.held) else 0.0
-        merge = cover.mean_merge[i] if i < len(cover.mean_merge) else 0.0
-        _put(img, f"held {held:.0%}  merge {merge:.1f}", x - BORDER, ty + LINE, _DIM, width=layout.cell_width)
+    _draw_thumbnails(img, layout, [(shots[i], thumbnails.images[i]) for i in chosen], cover)
     x0, y0, x1, y1 = layout.strip_box()
     _put(img, "memory over the whole video: one bar per Shot, as tall as its held share", x0, y0 - 5, _DIM,
          width=inner)
@@ -326,6 +317,90 @@ def draw_contact_sheet(
     heights = strip_heights(shots, cover.held, x1 - x0)
     for x in np.nonzero(heights)[0]:
         img[y1 - heights[x] : y1, x0 + x] = _HELD
+    return img
+
+
+def _draw_thumbnails(img: np.ndarray, layout: SheetLayout, items: Sequence[tuple[ShotRecord, np.ndarray]],
+                     cover: MemoryCover | None) -> None:
+    """Each (Shot, thumbnail) in its cell, framed by its held share, captioned with its span, frames, held
+    share and mean merge count (those two left out without a `cover`)."""
+    import cv2
+
+    th = layout.thumb_height
+    for k, (s, image) in enumerate(items):
+        i = s.index
+        x, y = layout.thumb_origin(k)
+        held = cover.held[i] if cover is not None and i < len(cover.held) else 0.0
+        cv2.rectangle(img, (x - BORDER, y - BORDER), (x + layout.thumb_width + BORDER - 1, y + th + BORDER - 1),
+                      _mix(_FORGOTTEN, _HELD, held), thickness=-1)
+        img[y : y + th, x : x + layout.thumb_width] = image
+        ty = y + th + BORDER + LINE - 2
+        _put(img, f"#{i} {format_time(s.start)}-{format_time(s.end)} ({s.frames}f)", x - BORDER, ty,
+             width=layout.cell_width)
+        if cover is not None:
+            merge = cover.mean_merge[i] if i < len(cover.mean_merge) else 0.0
+            _put(img, f"held {held:.0%}  merge {merge:.1f}", x - BORDER, ty + LINE, _DIM, width=layout.cell_width)
+
+
+#: Thumbnails the engine keeps of each stream's memory (alerts' strip, the console's memory sheet).
+MEMORY_THUMBNAILS = 12
+MEMORY_THUMB_WIDTH = 128
+
+
+class MemoryThumbnails:
+    """What a stream keeps to draw its memory: thumbnails of at most `limit` of the Shots it took in,
+    evenly spread over all of them (a `ThumbnailSampler`, O(limit) memory however long the stream), and
+    each one's `ShotRecord`. Index = the Shot's place among all Shots in the memory, restored ones
+    included. `offer` is called by the model thread, `items` by any other: a lock of its own."""
+
+    def __init__(self, limit: int = MEMORY_THUMBNAILS, thumb_width: int = MEMORY_THUMB_WIDTH):
+        import threading
+
+        self.sampler = ThumbnailSampler(limit, thumb_width)
+        self.records: dict[int, ShotRecord] = {}
+        self._lock = threading.Lock()
+
+    def offer(self, index: int, shot) -> None:
+        """Consider a Shot just folded into the memory as its `index`-th."""
+        if self.sampler.thumb_height is not None and index % self.sampler.stride:
+            return  # the common case, without the lock
+        with self._lock:
+            self.sampler.offer(index, shot.image)
+            if index in self.sampler.images:
+                self.records[index] = ShotRecord(index, float(shot.start), float(shot.end), int(shot.count))
+                if len(self.records) > len(self.sampler.images):
+                    self.records = {i: r for i, r in self.records.items() if i in self.sampler.images}
+
+    def items(self) -> list[tuple[ShotRecord, np.ndarray]]:
+        """The Shots to show, in order, with their thumbnails (at most `limit`)."""
+        with self._lock:
+            return [(self.records[i], self.sampler.images[i]) for i in self.sampler.chosen()]
+
+
+def draw_memory_sheet(items: Sequence[tuple[ShotRecord, np.ndarray]], cover: MemoryCover | None, *, title: str,
+                      per_row: int = COLUMNS) -> np.ndarray | None:
+    """A stream's memory as [H, W, 3] uint8 RGB: its kept thumbnails (`MemoryThumbnails.items`) `per_row` to
+    a row (all in one: the strip of an alert), each with its span and, given a `cover`, its held share.
+    None without a thumbnail."""
+    if not items:
+        return None
+    th, tw = items[0][1].shape[:2]
+    layout = SheetLayout(len(items), tw, th, per_row=per_row, strip=False)
+    img = np.empty((layout.height, layout.width, 3), dtype=np.uint8)
+    img[:] = _BACKGROUND
+    inner = layout.width - 2 * MARGIN
+    _put(img, title, MARGIN, MARGIN + LINE - 3, scale=0.5, width=inner)
+    if cover is not None:
+        held = cover.held.size
+        what = (f"{held} Shots in memory, {cover.entries} entries in each of {cover.columns} token columns; "
+                f"showing {len(items)}, evenly sampled")
+    else:
+        what = f"showing {len(items)} Shots, evenly sampled"
+    _put(img, what, MARGIN, MARGIN + 2 * LINE, _DIM, width=inner)
+    if cover is not None:
+        _put(img, "held = share of token columns where the Shot is still its own memory entry (green border: all)",
+             MARGIN, MARGIN + 3 * LINE, _DIM, scale=0.38, width=inner)
+    _draw_thumbnails(img, layout, items, cover)
     return img
 
 

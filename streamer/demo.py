@@ -52,6 +52,8 @@ DEFAULT_REQUESTS = "tcp://127.0.0.1:5555"
 DEFAULT_EVENTS = "tcp://127.0.0.1:5556"
 FREE_PORT = "tcp://127.0.0.1:*"
 DEFAULT_CONSOLE = "127.0.0.1:8080"  # demo --console, when free
+#: Alerts whose evidence the demo keeps in OUT/evidence (older runs' included).
+DEMO_EVIDENCE_KEEP = 50
 
 
 @dataclass
@@ -298,7 +300,8 @@ def run_demo(args: argparse.Namespace) -> int:
     say(f"sample video: {sample.path} ({sample.frames} frames, {format_time(sample.duration)} at {sample.fps:g} fps; "
         f"{sample.world}); {len(log.shots)} Shots")
     box: list = []  # the ZeroMQ server, then the console: each gets every event
-    engine = Engine(model, EngineConfig(max_new_tokens=args.max_new_tokens),
+    engine = Engine(model, EngineConfig(max_new_tokens=args.max_new_tokens, evidence_dir=str(out / "evidence"),
+                                        evidence_keep=DEMO_EVIDENCE_KEEP),
                     publish=lambda event: [sink.publish(event) for sink in box], model_name=name)
     engine.start()
     console = None
@@ -338,13 +341,16 @@ def _play(args, sample: SampleVideo, log: ShotLog, engine, server, started: floa
     requests, events = server.request_address, server.event_address
     say(f"engine serving on {requests} (events on {events})")
     records: list[dict] = []
+    alerts: list = []  # the alert events, without their pictures (written into the evidence folder)
     with Client(requests, timeout_s=60.0, retries=0) as client, Subscriber(events, [STREAM]) as sub:
         time.sleep(0.2)  # a SUB socket misses what is published before it has joined
         info = client.add_stream(STREAM, str(sample.path), mode="replay", pace="realtime",
                                  actionshot=sample.actionshot if sample.actionshot.given() else None)
-        client.add_question(STREAM, STANDING_ID, sample.standing, period_s=STANDING_PERIOD_S)
+        client.add_question(STREAM, STANDING_ID, sample.standing, period_s=STANDING_PERIOD_S, alert_on_change=True,
+                            hold_off_s=0.0)
         say(f"stream '{STREAM}' added (played at its own pace); standing question '{STANDING_ID}': "
-            f"{sample.standing!r}, answered every {STANDING_PERIOD_S:g} s as events")
+            f"{sample.standing!r}, answered every {STANDING_PERIOD_S:g} s as events, with an alert (and its "
+            "evidence) when the answer changes")
         say("while it plays:")
         during = [(sample.duration * f, q) for f, q in zip(DURING_AT, sample.during, strict=False)]
         limit_s = 4 * sample.duration + 60.0
@@ -355,6 +361,12 @@ def _play(args, sample: SampleVideo, log: ShotLog, engine, server, started: floa
                 record = _event_record(event, sample.expected_at(event.question, event.span_end_s or 0.0))
                 records.append(record)
                 say("  event " + answer_line(record, record["expected"]))
+            elif isinstance(event, P.AlertEvent):
+                alerts.append(msgspec.structs.replace(event, evidence_jpeg=None, strip_jpeg=None))
+                files = f"; evidence in {Path(event.evidence_path).parent}" if event.evidence_path else ""
+                say(f"  alert [{format_time(event.span_end_s)}] {event.question_id}: {event.previous!r} -> "
+                    f"{event.answer!r} (the last Shot, {format_span((event.shot_start_s, event.shot_end_s))}, and "
+                    f"a strip of the memory{files})")
             status = client.status(STREAM).streams[0]
             if during and status.span_end_s is not None and status.span_end_s >= during[0][0]:
                 _, question = during.pop(0)
@@ -400,6 +412,7 @@ def _play(args, sample: SampleVideo, log: ShotLog, engine, server, started: floa
         "actionshot": msgspec.to_builtins(info.actionshot),
         "memory_bank_length": engine.model.config.memory_bank_length,
         "answers": records,
+        "alerts": [msgspec.to_builtins(a) for a in alerts],
         **memory_report(log, cover, sheet),
         "wall_s": round(time.perf_counter() - started, 2),
     }

@@ -48,6 +48,8 @@ import msgspec
 from mixmalmm.clients import protocol as P
 from mixmalmm.model import MALMM, StateSnapshot, StreamState
 
+from .alerts import DEFAULT_EVIDENCE_KEEP, AlertRule, EvidenceStore, b64, evidence_pictures
+from .contact_sheet import MemoryThumbnails, draw_memory_sheet, memory_cover
 from .ingest import PROTOCOL_1_INGEST, model_settings, parse_settings
 from .pipeline import StreamPipeline, rate
 from .preprocess import preprocess
@@ -74,6 +76,8 @@ class EngineConfig:
     max_streams: most streams the engine runs at once; max_standing: most standing questions one
     stream holds (each adds a Q-Former pass to every step of its stream: README, Performance).
     Requests beyond either are refused with `unavailable`; streams restored on start are not refused.
+    evidence_dir: where alerts' pictures and events are written (None: in the events only);
+    evidence_keep: the newest alerts it keeps (`alerts.EvidenceStore`).
     """
 
     max_batch: int = 8
@@ -87,13 +91,15 @@ class EngineConfig:
     max_standing: int = 8
     default_actionshot: P.ActionShotSettings = field(default_factory=P.ActionShotSettings)
     network_options: dict = field(default_factory=dict)
+    evidence_dir: str | None = None
+    evidence_keep: int = DEFAULT_EVIDENCE_KEEP
 
     def __post_init__(self) -> None:
         # (field, serve's option, least value): one place checks them all.
         for name, option, least in (("max_batch", "--max-batch", 1), ("queue_shots", None, 1),
                                     ("max_questions", "--max-questions", 1), ("max_streams", "--max-streams", 1),
                                     ("max_standing", "--max-standing", 0), ("max_new_tokens", None, 1),
-                                    ("num_beams", None, 1)):
+                                    ("num_beams", None, 1), ("evidence_keep", "--evidence-keep", 1)):
             value = getattr(self, name)
             if value is None and name in ("max_new_tokens", "num_beams"):  # the model's decoding
                 continue
@@ -116,6 +122,7 @@ class Question:
     standing: bool = False
     question_id: str | None = None
     span: tuple[float, float] | None = None
+    shot: object = None  # the last Shot in the memory it was answered from (an alert's evidence)
 
 
 @dataclass
@@ -124,6 +131,14 @@ class Standing:
     text: str
     period_s: float | None
     next_due: float = 0.0
+    alert: AlertRule | None = None
+
+    def info(self, sid: str) -> P.StandingQuestion:
+        a = self.alert
+        return P.StandingQuestion(stream=sid, question_id=self.question_id, text=self.text, period_s=self.period_s,
+                                  alert_when=a.alert_when if a else None, alert_on_change=bool(a and a.alert_on_change),
+                                  hold_off_s=a.hold_off_s if a else None, alerts=a.alerts if a else 0,
+                                  suppressed=a.suppressed if a else 0)
 
 
 class Stream:
@@ -149,6 +164,7 @@ class Stream:
         self.refused = False  # add_stream refused it after its pipeline was made: it publishes nothing
         self.save_error: str | None = None  # why its last snapshot write failed (None: it succeeded)
         self.latest_shot = None  # the last Shot folded into memory (the console's thumbnail); None before it
+        self.thumbnails = MemoryThumbnails()  # a few Shots of the memory, for alerts and the console
 
     @property
     def state_name(self) -> str:
@@ -197,6 +213,9 @@ class Engine:
         self.default_actionshot = self.config.default_actionshot.over(model_settings(model))
         if self.config.state_dir:
             Path(self.config.state_dir).mkdir(parents=True, exist_ok=True)
+        self.evidence = (EvidenceStore(self.config.evidence_dir, self.config.evidence_keep)
+                         if self.config.evidence_dir else None)
+        self.alerts_sent = 0  # alert events published
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -482,7 +501,7 @@ class Engine:
             outputs = self.model.query_outputs(stream.state, [q.text for q in questions])
             span = stream.state.time_span()
             for q, (output, mode) in zip(questions, outputs, strict=True):
-                q.output, q.standing, q.span = output, mode == "standing", span
+                q.output, q.standing, q.span, q.shot = output, mode == "standing", span, stream.latest_shot
                 q.question_id = next((s.question_id for s in stream.standing.values() if s.text == q.text), None)
 
     def _step(self, batch) -> None:
@@ -497,13 +516,15 @@ class Engine:
             s.lock.acquire()
         try:
             self.model.step([s.state for s in streams], features, [(shot.start, shot.end) for _, shot in batch])
+            for s, shot in batch:  # with the memory: a question sees the Shot its memory ends with
+                s.latest_shot = shot  # a reference: the Shot is not copied
         finally:
             for s in locks:
                 s.lock.release()
         now = time.time()
         for s, shot in batch:
             s.out_times.append(now)
-            s.latest_shot = shot  # a reference: the Shot is not copied
+            s.thumbnails.offer(s.state.frames - 1, shot)
         metrics = self.metrics
         if metrics is not None:
             metrics.observe_step(time.perf_counter() - began)
@@ -559,12 +580,11 @@ class Engine:
                     "(serve --max-standing; each slows every step of the stream); remove one first",
                 )
             self.model.register_question(stream.state, request.text)
-            stream.standing[request.question_id] = Standing(
+            q = stream.standing[request.question_id] = Standing(
                 request.question_id, request.text, request.period_s,
-                next_due=time.monotonic() + (request.period_s or 0.0),
+                next_due=time.monotonic() + (request.period_s or 0.0), alert=AlertRule.from_request(request),
             )
-        return P.StandingQuestion(stream=request.stream, question_id=request.question_id, text=request.text,
-                                  period_s=request.period_s)
+        return q.info(request.stream)
 
     def remove_question(self, sid: str, qid: str) -> P.StandingQuestion:
         stream = self._get(sid)
@@ -574,7 +594,7 @@ class Engine:
                 raise P.RequestError(P.ErrorCode.UNKNOWN_QUESTION, f"stream {sid!r} has no standing question {qid!r}")
             if not any(other.text == q.text for other in stream.standing.values()):
                 self.model.remove_question(stream.state, q.text)
-        return P.StandingQuestion(stream=sid, question_id=qid, text=q.text, period_s=q.period_s)
+        return q.info(sid)
 
     def _scheduler_loop(self) -> None:
         """Answers standing questions that have a period, and takes periodic snapshots."""
@@ -611,11 +631,11 @@ class Engine:
         submitted = []
         for stream, q in due:
             try:
-                submitted.append((q, self._submit(stream, q.text), time.perf_counter()))
+                submitted.append((stream, q, self._submit(stream, q.text), time.perf_counter()))
             except P.RequestError:  # removed meanwhile, or the engine stopping
-                submitted.append((q, None, 0.0))
+                submitted.append((stream, q, None, 0.0))
         events: list[P.AnswerEvent | None] = []
-        for q, waiting, arrived in submitted:
+        for stream, q, waiting, arrived in submitted:
             event = None
             if waiting is not None:
                 try:
@@ -630,8 +650,56 @@ class Engine:
                                           span_start_s=result.span_start_s,
                                           span_end_s=result.span_end_s)
                     self._publish(event)
+                    if q.alert is not None:
+                        self._check_alert(stream, q, event, waiting.shot)
             events.append(event)
         return events
+
+    def _check_alert(self, stream: Stream, q: Standing, answer: P.AnswerEvent, shot) -> P.AlertEvent | None:
+        """Publish an alert when the answer meets the question's condition, with its evidence (`alerts`)."""
+        fired = q.alert.decide(answer.answer, time.monotonic())
+        if fired is None:
+            return None
+        reason, previous = fired
+        try:
+            evidence, strip = evidence_pictures(shot, self.memory_sheet(stream, per_row=0))
+        except Exception as exc:  # a picture that cannot be made must not cost the alert
+            log.exception("the evidence of an alert of %s/%s could not be made", stream.id, q.question_id)
+            evidence = strip = None
+            error = f"no evidence: {exc}"
+        else:
+            error = ("no Shot in memory since the stream was restored" if shot is None
+                     else None if evidence is not None
+                     else f"the Shot's picture does not fit in {P.MAX_EVIDENCE_BYTES} bytes as a JPEG")
+        event = P.AlertEvent(
+            stream=stream.id, question_id=q.question_id, question=q.text, answer=answer.answer, empty=answer.empty,
+            reason=reason, previous=previous, alert_when=q.alert.alert_when,
+            span_start_s=answer.span_start_s, span_end_s=answer.span_end_s,
+            shot_start_s=float(shot.start) if shot is not None else None,
+            shot_end_s=float(shot.end) if shot is not None else None,
+            evidence_jpeg=b64(evidence), strip_jpeg=b64(strip), evidence_error=error,
+        )
+        if self.evidence is not None:
+            event = self.evidence.write(event, evidence, strip)
+        with self._stats_lock:
+            self.alerts_sent += 1
+        log.info("alert %s/%s (%s): %s", stream.id, q.question_id, reason, answer.answer)
+        self._publish(event)
+        return event
+
+    def memory_sheet(self, stream: Stream | str, per_row: int = 4):
+        """The stream's memory drawn (`contact_sheet.draw_memory_sheet`): its kept thumbnails with their spans
+        and held shares, `per_row` to a row (0: one row, an alert's strip); None before its first Shot here."""
+        stream = self._get(stream) if isinstance(stream, str) else stream
+        items = stream.thumbnails.items()
+        if not items:
+            return None
+        with stream.lock:
+            try:
+                cover = memory_cover(stream.state, stream.state.frames)
+            except ValueError:  # a model whose state keeps no visual bank count
+                cover = None
+        return draw_memory_sheet(items, cover, title=f"{stream.id}: memory", per_row=per_row or len(items))
 
     # ------------------------------------------------------------------ status
 
@@ -678,8 +746,7 @@ class Engine:
         return P.StreamInfo(
             stream=stream.id, uri=stream.uri, state=stream.state_name,
             mode="live" if stream.live else "replay",
-            questions=[P.StandingQuestion(stream=stream.id, question_id=q.question_id, text=q.text,
-                                          period_s=q.period_s) for q in standing],
+            questions=[q.info(stream.id) for q in standing],
             actionshot=stream.actionshot,
         )
 
@@ -704,7 +771,8 @@ class Engine:
             snap.meta["engine"] = {
                 "request": msgspec.to_builtins(stream.request),
                 "actionshot": msgspec.to_builtins(stream.actionshot),  # what it runs with, every field set
-                "standing": [[q.question_id, q.text, q.period_s] for q in stream.standing.values()],
+                "standing": [[q.question_id, q.text, q.period_s, q.alert.settings() if q.alert else None]
+                             for q in stream.standing.values()],
                 "state": stream.state_name,
                 "live": stream.live,
             }
@@ -793,8 +861,9 @@ class Engine:
                 resume_after=state.last_time if replay else None,
             )
             with stream.lock:
-                for qid, text, period in info["standing"]:
-                    stream.standing[qid] = Standing(qid, text, period, next_due=time.monotonic() + (period or 0.0))
+                for qid, text, period, *alert in info["standing"]:  # saved before alerts: three fields
+                    stream.standing[qid] = Standing(qid, text, period, next_due=time.monotonic() + (period or 0.0),
+                                                    alert=AlertRule.from_settings(alert[0] if alert else None))
         except Exception:
             log.exception("could not restore '%s'", path)
             raise

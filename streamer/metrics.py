@@ -43,9 +43,10 @@ def rss_bytes() -> float:
 class EngineCollector:
     """Reads an engine's (and optionally its server's) figures when Prometheus scrapes."""
 
-    def __init__(self, engine, server=None):
+    def __init__(self, engine, server=None, webhook=None):
         self.engine = engine
         self.server = server
+        self.webhook = webhook
 
     def describe(self):
         return []  # no samples at registration: status is read at scrape time only
@@ -81,8 +82,23 @@ class EngineCollector:
             span.add_metric(sid, covered)
             for name in STATES if s.state in STATES else (*STATES, s.state):
                 state.add_metric([s.stream, name], 1.0 if name == s.state else 0.0)
-        yield from (frames, shots, drops, reconnects, fps_in, fps_out, depth, entries, span, state)
+        alerts = CounterMetricFamily("mixmalmm_alerts", "Alert events sent by standing questions",
+                                     labels=["stream", "question"])
+        held_off = CounterMetricFamily("mixmalmm_alerts_suppressed", "Alerts kept back by a hold-off",
+                                       labels=["stream", "question"])
+        for stream in self.engine.streams():
+            for q in list(stream.standing.values()):
+                if q.alert is not None:
+                    alerts.add_metric([stream.id, q.question_id], q.alert.alerts)
+                    held_off.add_metric([stream.id, q.question_id], q.alert.suppressed)
+        yield from (frames, shots, drops, reconnects, fps_in, fps_out, depth, entries, span, state, alerts, held_off)
         e = self.engine
+        if self.webhook is not None:
+            w = self.webhook.stats
+            for name, what, value in (("sent", "Alerts the webhook accepted", w.sent),
+                                      ("failed", "Alerts not delivered after every attempt", w.failed),
+                                      ("dropped", "Alerts dropped from a full webhook queue", w.dropped)):
+                yield CounterMetricFamily(f"mixmalmm_webhook_{name}", what, value=value)
         yield GaugeMetricFamily("mixmalmm_streams", "Streams in the engine", value=len(status.streams))
         yield CounterMetricFamily("mixmalmm_questions_answered", "Questions answered",
                                   value=status.engine.questions_answered)
@@ -109,14 +125,14 @@ class EngineMetrics:
     detaches it from the engine.
     """
 
-    def __init__(self, engine, server=None):
+    def __init__(self, engine, server=None, webhook=None):
         self.registry = CollectorRegistry(auto_describe=False)
         self.question_latency = Histogram(
             "mixmalmm_question_latency_seconds", "Seconds from a question's arrival to its answer",
             buckets=LATENCY_BUCKETS, registry=self.registry)
         self.step_time = Histogram("mixmalmm_model_step_seconds", "Seconds per model step (a batch of Shots)",
                                    buckets=STEP_BUCKETS, registry=self.registry)
-        self.registry.register(EngineCollector(engine, server))
+        self.registry.register(EngineCollector(engine, server, webhook))
         self.engine = engine
         self._httpd = None
         self._thread = None

@@ -52,7 +52,11 @@ class StoreEngine:
         if isinstance(r, p.ListStreams):
             return p.ListStreamsResult(streams=list(self.streams.values()))
         if isinstance(r, p.AddQuestion):
-            question = p.StandingQuestion(stream=r.stream, question_id=r.question_id, text=r.text, period_s=r.period_s)
+            alert = r.alert_when is not None or r.alert_on_change
+            question = p.StandingQuestion(
+                stream=r.stream, question_id=r.question_id, text=r.text, period_s=r.period_s,
+                alert_when=r.alert_when, alert_on_change=r.alert_on_change,
+                hold_off_s=(p.DEFAULT_HOLD_OFF_S if r.hold_off_s is None else r.hold_off_s) if alert else None)
             self._stream(r.stream).questions.append(question)
             return question
         if isinstance(r, p.RemoveQuestion):

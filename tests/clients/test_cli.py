@@ -91,7 +91,21 @@ def test_stream_and_question_management_round_trip(server, engine):
     out = ok(mixmalmm(server, "questions", "add", "cam1", "q1", "what is happening?", "--period", "10"))
     assert out == "added question q1 on cam1 (every 10 s): what is happening?\n"
     assert one_json(mixmalmm(server, "questions", "add", "film", "who", "who is there?", "--json")) == {
-        "stream": "film", "question_id": "who", "text": "who is there?", "period_s": None}
+        "stream": "film", "question_id": "who", "text": "who is there?", "period_s": None, "alert_when": None,
+        "alert_on_change": False, "hold_off_s": None, "alerts": 0, "suppressed": 0}
+    out = ok(mixmalmm(server, "questions", "add", "cam1", "door", "is the door open?", "--period", "5",
+                      "--alert-when", "Yes", "--hold-off", "0"))
+    assert out == "added question door on cam1 (every 5 s; alert when answer is 'Yes', hold-off 0 s): is the door open?\n"
+    request = engine.requests[-1]
+    assert (request.alert_when, request.alert_on_change, request.hold_off_s) == ("Yes", False, 0.0)
+    # Only what is given goes on the wire (an older server refuses fields it does not know).
+    assert "alert" not in msgspec.json.encode(p.AddQuestion(id=1, stream="s", question_id="q", text="t")).decode()
+    # An alert without --period is refused before anything is sent.
+    sent = len(engine.requests)
+    refused = mixmalmm(server, "questions", "add", "cam1", "d2", "is it?", "--alert-on-change")
+    assert refused.returncode == 2 and "--period" in refused.stderr and "Traceback" not in refused.stderr
+    assert len(engine.requests) == sent
+    ok(mixmalmm(server, "questions", "remove", "cam1", "door"))
 
     lines = ok(mixmalmm(server, "streams", "list")).splitlines()
     assert lines[0].split() == ["STREAM", "STATE", "MODE", "QUESTIONS", "URI"]
@@ -99,9 +113,9 @@ def test_stream_and_question_management_round_trip(server, engine):
     assert lines[2].split() == ["film", "connecting", "replay", "1", "/videos/film.mp4"]
     assert lines[0].index("URI") == lines[1].index("rtsp") == lines[2].index("/videos")  # aligned columns
     assert lines[3] == ""
-    assert lines[4].split() == ["STREAM", "QUESTION", "ANSWERED", "TEXT"]
-    assert lines[5].split() == ["cam1", "q1", "every", "10", "s", "what", "is", "happening?"]
-    assert lines[6].split() == ["film", "who", "on", "request", "who", "is", "there?"]
+    assert lines[4].split() == ["STREAM", "QUESTION", "ANSWERED", "ALERT", "TEXT"]
+    assert lines[5].split() == ["cam1", "q1", "every", "10", "s", "-", "what", "is", "happening?"]
+    assert lines[6].split() == ["film", "who", "on", "request", "-", "who", "is", "there?"]
     listed = one_json(mixmalmm(server, "streams", "list", "--json"))
     assert [s["stream"] for s in listed["streams"]] == ["cam1", "film"]
     assert listed["streams"][0]["questions"][0]["period_s"] == 10.0

@@ -21,7 +21,7 @@ from mixmalmm.streamer.server import Server
 
 DOC = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
-EVENT_TYPES = {cls.__struct_config__.tag: cls for cls in (p.StreamStateEvent, p.AnswerEvent)}
+EVENT_TYPES = p.EVENT_TYPES
 
 
 def blocks(language: str) -> list[tuple[list[str], str]]:

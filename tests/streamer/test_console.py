@@ -77,6 +77,18 @@ def test_requests_answer_as_over_zeromq(served, media):
     assert image.shape == shot.shape
     assert np.abs(image[:, :, ::-1].astype(int) - shot).mean() < 8  # the same picture, JPEG-compressed
 
+    # the memory contact sheet: the thumbnails the stream keeps, evenly over every Shot in memory
+    status, kind, jpeg = get(console, "api/streams/file/memory.jpg")
+    assert status == 200 and kind == "image/jpeg"
+    sheet = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    items = engine._get("file").thumbnails.items()
+    shots = client.status("file").streams[0].shots
+    assert 2 <= len(items) <= 12 and items[0][0].index == 0 and items[-1][0].index <= shots - 1
+    assert [r.index for r, _ in items] == sorted({r.index for r, _ in items})  # in order, once each
+    rows = -(-len(items) // 4)
+    assert sheet.shape[0] > rows * items[0][1].shape[0] and sheet.shape[1] >= 4 * items[0][1].shape[1]
+    assert sheet.std() > 10
+
     status, kind, page = get(console, "")
     assert status == 200 and kind.startswith("text/html") and b"/api/events" in page
 
@@ -96,8 +108,9 @@ def test_bad_requests_get_clear_errors(model):
         with socket.create_connection((host, port), timeout=10) as sock:  # a length that is no byte count
             sock.sendall(b"POST /api/request HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: -5\r\n\r\n{}")
             assert sock.recv(65536).startswith(b"HTTP/1.1 411 ")
-        status, _kind, body = get(console, "api/streams/nope/shot.jpg")
-        assert status == 404 and b"nope" in body
+        for picture in ("shot.jpg", "memory.jpg"):
+            status, _kind, body = get(console, f"api/streams/nope/{picture}")
+            assert status == 404 and b"nope" in body
         status, _kind, body = get(console, "api/nothing")
         assert status == 404 and b"/api/nothing" in body
         # the console still serves after all that

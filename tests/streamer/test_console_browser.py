@@ -63,6 +63,31 @@ def test_the_page_shows_streams_answers_and_events(media, tmp_path):
         span = browser.find_element(By.CSS_SELECTOR, "#answer .span").text
         assert span.startswith(f"span {want.span_start_s:.1f} s - {want.span_end_s:.1f} s")
 
+        # the memory contact sheet of the selected stream, loaded
+        wait_for(lambda: browser.execute_script(
+            "const i = document.getElementById('memory'); return i.complete && i.naturalWidth > 0"), 30,
+            "the memory sheet")
+
+        # an alert: a second standing question with the same text (so the same answers, the memory being
+        # whole) that fires when the answer is the one the model gives; its first answer fires it
+        wait_for(lambda: client.ask("file", "what is happening?").standing, 10, "a standing answer")
+        expected = client.ask("file", "what is happening?").answer
+        assert expected, "the tiny model said nothing: no answer to match"
+        client.add_question("file", "same", "what is happening?", period_s=0.3, alert_when=expected, hold_off_s=600)
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#timeline li.alert"), 30, "an alert on the timeline")
+        alert = browser.find_element(By.CSS_SELECTOR, "#timeline li.alert")
+        assert f"ALERT: {expected}" in alert.text and f'the answer matches "{expected}"' in alert.text
+        wait_for(lambda: browser.execute_script(
+            "const i = document.querySelector('#timeline li.alert img.evidence_jpeg');"
+            "return i && i.complete && i.naturalWidth > 0"), 10, "the alert's evidence picture")
+        size = browser.execute_script(
+            "const i = document.querySelector('#timeline li.alert img.evidence_jpeg'); return [i.naturalWidth, i.naturalHeight]")
+        assert size == [shot.shape[1], shot.shape[0]]  # the last Shot, the same size
+        assert browser.execute_script(
+            "const i = document.querySelector('#timeline li.alert img.strip_jpeg'); return i !== null")
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#timeline li.alert")) == 1  # held off after it
+        wait_for(lambda: "alert when" in browser.find_element(By.ID, "standing").text, 10, "the alert rule listed")
+
         path = tmp_path / "console.png"
         assert browser.save_screenshot(str(path))
         import cv2
