@@ -11,8 +11,8 @@
 5. Resident memory at the start and during a long replay (default 100,000 frames, ActionShot on):
    it must stay flat.
 6. With --console: end-to-end Shots/s with the web console off and on (an SSE client reading the events
-   and a poller doing what an open page does: status, list_streams and the latest Shot's JPEG every
-   second), a standing question publishing answers in both; runs interleaved, the median of each.
+   and a poller doing what an open page does: status, list_streams, the latest Shot's JPEG and the memory
+   sheet every second), a standing question publishing answers in both; runs interleaved, the median of each.
 
     python benchmarks/engine.py                  # full run (the long replay takes a few minutes)
     python benchmarks/engine.py --quick          # 10,000 frames, fewer questions
@@ -41,7 +41,7 @@ from mixmalmm.model import MALMM
 from mixmalmm.streamer.console import Console
 from mixmalmm.streamer.engine import Engine, EngineConfig
 from mixmalmm.streamer.preprocess import preprocess
-from mixmalmm.streamer.server import Server
+from mixmalmm.streamer.server import EventFanout, Server
 from mixmalmm.streamer.sources import open_source
 
 EVERY_FRAME = P.ActionShotSettings(enabled=False, sample_fps=None)  # every decoded frame is a Shot
@@ -136,8 +136,8 @@ def metrics_cost(model: MALMM, shots: int, runs: int) -> list[tuple[str, str]]:
 def console_rate(model: MALMM, shots: int, on: bool) -> tuple[float, int, int]:
     """engine_rate with a standing question answering every 1 s, and with `on` the console serving an
     SSE client and a page-like poller. Returns (Shots/s, events the SSE client read, page polls)."""
-    box: list = []
-    engine = Engine(model, EngineConfig(), publish=lambda event: [sink.publish(event) for sink in box]).start()
+    box = EventFanout()  # as serve does
+    engine = Engine(model, EngineConfig(), publish=box.publish).start()
     stop = threading.Event()
     counts = {"events": 0, "polls": 0}
     threads = []
@@ -145,7 +145,7 @@ def console_rate(model: MALMM, shots: int, on: bool) -> tuple[float, int, int]:
     try:
         if on:
             console = Console(engine, address="127.0.0.1:0").start()
-            box.append(console)
+            box.add(console)
             host, port = console.url[len("http://"):].rstrip("/").rsplit(":", 1)
 
             def sse() -> None:
@@ -161,11 +161,12 @@ def console_rate(model: MALMM, shots: int, on: bool) -> tuple[float, int, int]:
                         with urllib.request.urlopen(urllib.request.Request(
                                 console.url + "api/request", data=body, headers={"Content-Type": "application/json"})) as r:
                             json.loads(r.read())
-                    try:
-                        with urllib.request.urlopen(console.url + "api/streams/e2e/shot.jpg") as r:
-                            r.read()
-                    except urllib.error.HTTPError:  # before the first Shot
-                        pass
+                    for picture in ("shot.jpg", "memory.jpg"):  # the page's thumbnail and memory sheet
+                        try:
+                            with urllib.request.urlopen(console.url + f"api/streams/e2e/{picture}") as r:
+                                r.read()
+                        except urllib.error.HTTPError:  # before the first Shot
+                            pass
                     counts["polls"] += 1
 
             threads = [threading.Thread(target=f, daemon=True) for f in (sse, page)]

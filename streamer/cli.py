@@ -117,7 +117,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from .console import Console, check_console_security
     from .engine import Engine, EngineConfig
-    from .server import CurveKeys, Server, ServerError, check_bind_security, is_local_endpoint
+    from .server import CurveKeys, EventFanout, Server, ServerError, check_bind_security, is_local_endpoint
 
     settings = actionshot_settings(args)
     try:  # checked before the model loads: cheap mistakes first
@@ -179,8 +179,8 @@ def run_serve(args: argparse.Namespace) -> int:
             raise UserError(str(exc)) from exc
     model, name = load_model(args)
     stopping = threading.Event()
-    sinks: list = []  # the ZeroMQ server, then the console and the webhook: each gets every event
-    engine = Engine(model, config, publish=lambda event: [sink.publish(event) for sink in sinks], model_name=name)
+    sinks = EventFanout()  # the ZeroMQ server, then the console and the webhook: each gets every event, numbered
+    engine = Engine(model, config, publish=sinks.publish, model_name=name)
     try:
         limits = P.Limits(max_message_bytes=args.max_message_bytes, max_question_chars=args.max_question_chars)
         server = Server(engine, request_endpoint=args.bind, event_endpoint=args.events, curve=curve,
@@ -188,9 +188,9 @@ def run_serve(args: argparse.Namespace) -> int:
         console = Console(engine, address=args.http, limits=limits, insecure=args.insecure) if args.http else None
     except (ServerError, ValueError) as exc:
         raise UserError(str(exc)) from exc
-    sinks.append(server)
+    sinks.add(server)
     if webhook is not None:
-        sinks.append(webhook.start())
+        sinks.add(webhook.start())
     metrics = None
     if metrics_address is not None:
         from .metrics import EngineMetrics
@@ -206,7 +206,7 @@ def run_serve(args: argparse.Namespace) -> int:
         server.start()
         if console is not None:
             console.start()
-            sinks.append(console)
+            sinks.add(console)
             log.info("console on %s", console.url)
     except ServerError as exc:
         engine.shutdown(save=False)
@@ -256,7 +256,7 @@ def run_cluster_serve(args: argparse.Namespace, config, curve, webhook=None) -> 
 
     from . import cluster as C
     from .options import add_model_arguments
-    from .server import Server, ServerError
+    from .server import EventFanout, Server, ServerError
 
     if not args.state_store:
         raise UserError("--cluster needs --state-store DIR, the directory every worker snapshots into")
@@ -300,17 +300,16 @@ def run_cluster_serve(args: argparse.Namespace, config, curve, webhook=None) -> 
     except C.ClusterError as exc:
         ray.shutdown()
         raise UserError(str(exc)) from exc
-    box: list = []  # the ZeroMQ server, then the webhook: each gets every event
-    front = C.FrontDoor(ray, workers, config.state_dir, publish=lambda event: [sink.publish(event) for sink in box],
-                        max_streams=config.max_streams)
+    box = EventFanout()  # the ZeroMQ server, then the webhook: each gets every event, numbered
+    front = C.FrontDoor(ray, workers, config.state_dir, publish=box.publish, max_streams=config.max_streams)
     try:
         limits = P.Limits(max_message_bytes=args.max_message_bytes, max_question_chars=args.max_question_chars)
         server = Server(front, request_endpoint=args.bind, event_endpoint=args.events, curve=curve,
                         insecure=args.insecure, limits=limits, ask_workers=args.max_questions)
-        box.append(server)
+        box.add(server)
         server.start()
         if webhook is not None:
-            box.append(webhook.start())
+            box.add(webhook.start())
     except (ServerError, ValueError) as exc:
         front.shutdown()
         ray.shutdown()

@@ -68,6 +68,10 @@ HTTP_STATUS = {
 
 #: Events kept per SSE client that does not read; beyond it the oldest are dropped.
 CLIENT_QUEUE = 256
+#: Requests (POST /api/request and the pictures) the console serves at once; beyond, 503 busy.
+MAX_IN_FLIGHT = 32
+#: Event streams (GET /api/events) open at once; beyond, 503 busy.
+MAX_EVENT_CLIENTS = 16
 
 
 def parse_http_address(address: str) -> tuple[str, int]:
@@ -95,7 +99,8 @@ class Console:
     from the engine's publish callback beside ``Server.publish``."""
 
     def __init__(self, handler: Handler, engine=None, *, address: str = "127.0.0.1:8080",
-                 limits: Limits = DEFAULT_LIMITS, insecure: bool = False) -> None:
+                 limits: Limits = DEFAULT_LIMITS, insecure: bool = False, max_in_flight: int = MAX_IN_FLIGHT,
+                 max_event_clients: int = MAX_EVENT_CLIENTS) -> None:
         check_console_security(address, insecure)
         host, port = parse_http_address(address)
         self._handler = handler
@@ -105,6 +110,11 @@ class Console:
         self._loopback = is_local_endpoint(f"tcp://{host}:{port}")  # then only loopback Host names are answered
         self._clients: set[queue.Queue] = set()
         self._clients_lock = threading.Lock()
+        self._max_event_clients = max_event_clients
+        # Each HTTP connection is a thread: the bound keeps a flood of requests from piling up threads
+        # that all wait on the engine (the ZeroMQ server's bound is its worker pools).
+        self._in_flight = threading.BoundedSemaphore(max_in_flight)
+        self.max_in_flight = max_in_flight
         self._seq: dict[str, int] = {}
         self._stopping = threading.Event()
         self._httpd: http.server.ThreadingHTTPServer | None = None
@@ -165,7 +175,8 @@ class Console:
         with self._clients_lock:
             if not self._clients:
                 return
-            seq = self._seq.get(event.stream, 0) + 1
+            # numbered by the `server.EventFanout` for the PUB socket too; else counted here
+            seq = event.seq if event.seq > 0 else self._seq.get(event.stream, 0) + 1
             self._seq[event.stream] = seq
             try:
                 body = encode(msgspec.structs.replace(event, seq=seq))
@@ -182,9 +193,12 @@ class Console:
                     except (queue.Empty, queue.Full):
                         pass
 
-    def _subscribe(self) -> queue.Queue:
+    def _subscribe(self) -> queue.Queue | None:
+        """A new SSE client's queue; None when `max_event_clients` are open."""
         q: queue.Queue = queue.Queue(CLIENT_QUEUE)
         with self._clients_lock:
+            if len(self._clients) >= self._max_event_clients:
+                return None
             self._clients.add(q)
         return q
 
@@ -292,14 +306,28 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
             return True
         return False
 
+    def _busy(self) -> None:
+        self._error(503, ErrorCode.BUSY, f"the console serves {self.console.max_in_flight} requests at once; "
+                                         "retry later")
+
     def do_GET(self) -> None:
         if self._refused():
             return
         path = unquote(urlsplit(self.path).path)
+        if path == "/api/events":
+            self._events()
+            return
+        if not self.console._in_flight.acquire(blocking=False):
+            self._busy()
+            return
+        try:
+            self._get(path)
+        finally:
+            self.console._in_flight.release()
+
+    def _get(self, path: str) -> None:
         if path in ("/", "/index.html"):
             self._send(200, self.console._page, "text/html; charset=utf-8")
-        elif path == "/api/events":
-            self._events()
         elif path.startswith("/api/streams/") and path.endswith(("/shot.jpg", "/memory.jpg")):
             sid, _, picture = path[len("/api/streams/"):].rpartition("/")
             try:
@@ -335,11 +363,21 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
             self._error(413, ErrorCode.TOO_LARGE, f"the request is {length} bytes, more than the limit of {limit}")
             return
         body = self.rfile.read(length)
-        status, reply = self.console.request(body)
+        if not self.console._in_flight.acquire(blocking=False):
+            self._busy()
+            return
+        try:
+            status, reply = self.console.request(body)
+        finally:
+            self.console._in_flight.release()
         self._send(status, reply)
 
     def _events(self) -> None:
         q = self.console._subscribe()
+        if q is None:
+            self._error(503, ErrorCode.BUSY, f"the console has {self.console._max_event_clients} event streams "
+                                             "open, its limit; close one")
+            return
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")

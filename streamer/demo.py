@@ -281,6 +281,7 @@ def run_demo(args: argparse.Namespace) -> int:
             raise UserError(f"{option} {endpoint!r}: the demo serves on loopback only (e.g. tcp://127.0.0.1:5555, "
                             "or tcp://127.0.0.1:* for a free port)")
     from .engine import Engine, EngineConfig  # (torch: after the cheap checks)
+    from .server import EventFanout
 
     started = time.perf_counter()
     model, name = load_model(args)
@@ -299,23 +300,23 @@ def run_demo(args: argparse.Namespace) -> int:
     say(f"mixmalmm demo: model {name} on {model.device}; memory {model.config.memory_bank_length} entries per bank")
     say(f"sample video: {sample.path} ({sample.frames} frames, {format_time(sample.duration)} at {sample.fps:g} fps; "
         f"{sample.world}); {len(log.shots)} Shots")
-    box: list = []  # the ZeroMQ server, then the console: each gets every event
+    box = EventFanout()  # the ZeroMQ server, then the console: each gets every event, numbered
     engine = Engine(model, EngineConfig(max_new_tokens=args.max_new_tokens, evidence_dir=str(out / "evidence"),
                                         evidence_keep=DEMO_EVIDENCE_KEEP),
-                    publish=lambda event: [sink.publish(event) for sink in box], model_name=name)
+                    publish=box.publish, model_name=name)
     engine.start()
     console = None
     try:
         server = _start(engine, args.bind, args.events)
-        box.append(server)
+        box.add(server)
         if args.console is not None:
             console = _start_console(engine, args.console)
-            box.append(console)
+            box.add(console)
             say(f"console: {console.url}")
     except UserError:
         engine.shutdown(save=False)
-        if box:
-            box[0].stop()
+        if box.sinks:
+            box.sinks[0].stop()
         raise
     try:
         try:

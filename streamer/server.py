@@ -68,6 +68,34 @@ DEFAULT_EVENT_ENDPOINT = "tcp://127.0.0.1:5556"
 SLOW_REQUESTS = (Ask, SaveSnapshot)
 
 
+class EventFanout:
+    """The engine's ``publish`` callback when several sinks take its events (the ZeroMQ server, the console,
+    an alert webhook): each event gets its stream's next ``seq`` (1, 2, ...) once, here, and every sink
+    gets it so numbered, so the console's server-sent events and the PUB socket carry the same numbers.
+    Sinks are called in order under one lock (each sink's ``publish`` only queues, never blocks), so the
+    numbers reach every sink in order."""
+
+    def __init__(self, sinks: list | None = None) -> None:
+        self.sinks: list = list(sinks or [])
+        self._seq: dict[str, int] = collections.defaultdict(int)
+        self._lock = threading.Lock()
+
+    def add(self, sink) -> None:
+        with self._lock:
+            self.sinks.append(sink)
+
+    def publish(self, event) -> None:
+        with self._lock:
+            seq = self._seq[event.stream] + 1
+            self._seq[event.stream] = seq
+            event = msgspec.structs.replace(event, seq=seq)
+            for sink in self.sinks:
+                try:
+                    sink.publish(event)
+                except Exception:  # one sink's bug must not keep the event from the others
+                    log.exception("a sink (%s) failed on an event", type(sink).__name__)
+
+
 class Handler(Protocol):
     """What the engine implements for the server.
 
@@ -435,7 +463,8 @@ class Server:
 
     def _send_event(self, pub: zmq.Socket, event: AnyEvent) -> None:
         try:
-            seq = self._seq[event.stream] + 1
+            # An `EventFanout` numbers events for every sink at once; one not numbered is numbered here.
+            seq = event.seq if event.seq > 0 else self._seq[event.stream] + 1
             body = encode(msgspec.structs.replace(event, seq=seq))
             topic = event.stream.encode("utf-8")
         except Exception:

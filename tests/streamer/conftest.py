@@ -151,13 +151,14 @@ def console_engine(model, config=None, limits=None):
     from mixmalmm.clients import protocol as P
     from mixmalmm.streamer.console import Console
     from mixmalmm.streamer.engine import Engine
-    from mixmalmm.streamer.server import Server
+    from mixmalmm.streamer.server import EventFanout, Server
 
-    box: list = []
-    engine = Engine(model, config, publish=lambda event: [sink.publish(event) for sink in box])
+    box = EventFanout()  # as serve does: the PUB and the console carry the same seq
+    engine = Engine(model, config, publish=box.publish)
     server = Server(engine, request_endpoint="tcp://127.0.0.1:*", event_endpoint="tcp://127.0.0.1:*")
     console = Console(engine, address="127.0.0.1:0", limits=limits or P.DEFAULT_LIMITS)
-    box += [server, console]
+    box.add(server)
+    box.add(console)
     engine.start()
     server.start()
     console.start()

@@ -140,7 +140,9 @@ def test_a_file_added_asked_saved_and_removed(model, media, tmp_path):
             "added question q1 on f (on request): what moved?\n")
         listed = one_json(mixmalmm(server, "streams", "list", "--json"))["streams"]
         assert [(s["stream"], s["state"], s["questions"]) for s in listed] == [
-            ("f", "finished", [{"stream": "f", "question_id": "q1", "text": "what moved?", "period_s": None}])]
+            ("f", "finished", [{"stream": "f", "question_id": "q1", "text": "what moved?", "period_s": None,
+                                "alert_when": None, "alert_on_change": False, "hold_off_s": None, "alerts": 0,
+                                "suppressed": 0}])]
         late = one_json(mixmalmm(server, "ask", "f", "what moved?", "--max-new-tokens", "5", "--json"))
         assert (late["standing"], late["question_id"], late["answer"]) == (False, "q1", answer["answer"])
         assert ok(mixmalmm(server, "questions", "remove", "f", "q1")) == (

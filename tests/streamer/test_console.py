@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -13,6 +14,7 @@ import msgspec
 import numpy as np
 import pytest
 
+from mixmalmm.clients import Subscriber
 from mixmalmm.clients import protocol as P
 from mixmalmm.model import MALMM
 from mixmalmm.streamer.console import Console, parse_http_address
@@ -167,9 +169,17 @@ def test_server_sent_events_deliver_state_changes_and_answers(served, media):
     reader.start()
     assert connected.wait(10)
     wait_for(lambda: console.clients == 1, 5, "the SSE client registered")
-    client.add_stream("cam", str(media.h264), pace="realtime", actionshot=EVERY_FRAME)
-    client.add_question("cam", "what", "what is happening?", period_s=0.3)
-    wait_for(lambda: any(e["type"] == "answer" for e in seen), 60, "an answer event")
+    server = engine._publish.__self__.sinks[0]  # the EventFanout's first sink: the ZeroMQ server
+    with Subscriber(server.event_address, ["cam"]) as sub:
+        time.sleep(0.3)  # the SUB socket joins
+        client.add_stream("cam", str(media.h264), pace="realtime", actionshot=EVERY_FRAME)
+        client.add_question("cam", "what", "what is happening?", period_s=0.3)
+        wait_for(lambda: any(e["type"] == "answer" for e in seen), 60, "an answer event")
+        wait_for(lambda: len(seen) >= 6, 30, "six events over SSE")
+        over_pub = [sub.recv(10) for _ in range(6)]
+    # the same events with the same numbers on the PUB socket as over SSE
+    assert [e.seq for e in over_pub] == [e["seq"] for e in seen[:6]]
+    assert [P.encode(e) for e in over_pub] == [P.encode(P.decode_event(json.dumps(e).encode())) for e in seen[:6]]
     assert (seen[0]["type"], seen[0]["state"], seen[0]["previous"]) == ("stream_state", "connecting", None)
     answer = next(e for e in seen if e["type"] == "answer")
     assert answer["stream"] == "cam" and answer["question_id"] == "what" and answer["question"] == "what is happening?"
@@ -185,3 +195,41 @@ def test_non_loopback_needs_insecure(model):
     Console(engine, address="0.0.0.0:0", insecure=True)  # allowed (not started)
     with pytest.raises(ValueError, match="HOST:PORT"):
         parse_http_address("8080")
+
+
+class GatedHandler:
+    """A Handler (the server's protocol) whose list_streams waits for `gate`: requests stay in flight."""
+
+    def __init__(self):
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def handle(self, request, arrived):
+        self.entered.set()
+        assert self.gate.wait(30)
+        return P.ListStreamsResult(streams=[])
+
+
+def test_the_console_bounds_requests_in_flight_and_event_streams():
+    handler = GatedHandler()
+    with Console(handler, address="127.0.0.1:0", max_in_flight=1, max_event_clients=1) as console:
+        body = b'{"id": 1, "type": "list_streams"}'
+        first: list = []
+        t = threading.Thread(target=lambda: first.append(post(console, body)), daemon=True)
+        t.start()
+        assert handler.entered.wait(10)
+        status, reply = post(console, body)  # the one slot is taken: refused at once, not queued
+        assert status == 503 and reply["error"]["code"] == "busy" and "1 requests at once" in reply["error"]["message"]
+        status, _kind, _ = get(console, "api/streams/x/shot.jpg")
+        assert status == 503
+        handler.gate.set()
+        t.join(10)
+        assert first[0] == (200, {"id": 1, "ok": True, "result": {"streams": []}})
+        assert post(console, body)[0] == 200  # the slot is free again
+
+        seen: list = []
+        connected = threading.Event()
+        threading.Thread(target=read_events, args=(console, 1, seen, connected), daemon=True).start()
+        assert connected.wait(10)
+        status, _kind, text = get(console, "api/events")  # a second event stream: over the limit of 1
+        assert status == 503 and b"event streams" in text
