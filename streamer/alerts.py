@@ -67,14 +67,23 @@ class AlertRule:
         return cls(alert_when=request.alert_when, alert_on_change=request.alert_on_change, hold_off_s=hold)
 
     def settings(self) -> dict:
-        """What a snapshot keeps of it (the condition; not what it has seen)."""
-        return {"alert_when": self.alert_when, "alert_on_change": self.alert_on_change, "hold_off_s": self.hold_off_s}
+        """What a snapshot keeps of it: the condition and what it has seen, so that a restart or a move to
+        another worker neither repeats an alert nor forgets a hold-off (its time as wall-clock seconds)."""
+        fired = None if self.last_fired is None else time.time() - (time.monotonic() - self.last_fired)
+        return {"alert_when": self.alert_when, "alert_on_change": self.alert_on_change, "hold_off_s": self.hold_off_s,
+                "previous": self.previous, "matched": self.matched, "seen": self.seen, "last_fired_time_s": fired,
+                "alerts": self.alerts, "suppressed": self.suppressed}
 
     @classmethod
     def from_settings(cls, saved: dict | None) -> AlertRule | None:
-        return None if not saved else cls(alert_when=saved.get("alert_when"),
-                                          alert_on_change=bool(saved.get("alert_on_change")),
-                                          hold_off_s=float(saved.get("hold_off_s", P.DEFAULT_HOLD_OFF_S)))
+        if not saved:
+            return None
+        fired = saved.get("last_fired_time_s")
+        return cls(alert_when=saved.get("alert_when"), alert_on_change=bool(saved.get("alert_on_change")),
+                   hold_off_s=float(saved.get("hold_off_s", P.DEFAULT_HOLD_OFF_S)), previous=saved.get("previous"),
+                   matched=bool(saved.get("matched")), seen=bool(saved.get("seen")),
+                   last_fired=None if fired is None else time.monotonic() - max(0.0, time.time() - fired),
+                   alerts=int(saved.get("alerts", 0)), suppressed=int(saved.get("suppressed", 0)))
 
     def decide(self, answer: str, now: float) -> tuple[str, str | None] | None:
         """Take one answer (at ``now``, monotonic seconds): (reason, previous answer) when it fires, else None."""

@@ -294,15 +294,22 @@ def test_alerts_fire_with_their_evidence_and_are_kept_in_the_evidence_dir(demo, 
         saved = json.loads(Path(e.evidence_path).with_suffix(".json").read_text())
         assert saved["answer"] == e.answer and saved["evidence_jpeg"] is None
 
-    # the alert settings are in the snapshot: a restart keeps them (and its first answer sets the baseline)
-    restored = Engine(load_default_model(), EngineConfig(state_dir=str(tmp_path / "state"))).start(restore=True)
+    # The snapshot keeps the alert settings and what they have seen: a restart (or a cluster's move) goes on
+    # where they were, so an answer that has not changed fires nothing again and the hold-off still runs.
+    restored_events: list = []
+    restored = Engine(load_default_model(), EngineConfig(state_dir=str(tmp_path / "state")),
+                      publish=restored_events.append).start(restore=True)
     try:
         again = {q.question_id: q for q in restored.stream_info(restored._get("demo")).questions}
         assert (again["three"].alert_when, again["three"].hold_off_s) == ("Three", 0.0)
-        assert (again["held"].alert_on_change, again["held"].hold_off_s, again["held"].alerts) == (True, 600.0, 0)
-        assert again["n"].period_s == 0.4
-        # a restored stream has no Shot of its own yet: the memory sheet is None, an alert would say why
+        assert (again["held"].alert_on_change, again["held"].hold_off_s, again["held"].alerts,
+                again["held"].suppressed) == (True, 600.0, 1, changes - 1)
+        assert again["n"].period_s == 0.4 and again["n"].alerts == len(want_n)
+        # a restored stream has no Shot of its own yet: no memory sheet to draw
         assert restored.memory_sheet("demo") is None
+        wait_for(lambda: sum(isinstance(e, P.AnswerEvent) for e in restored_events) >= 6, 30, "answers after the restart")
+        assert [e.answer for e in restored_events if isinstance(e, P.AnswerEvent)][-1] == answers["n"][-1]
+        assert not [e for e in restored_events if isinstance(e, P.AlertEvent)]  # the same answer: no alert again
     finally:
         restored.shutdown(save=False)
 
