@@ -28,7 +28,7 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/console.png", help="where the PNG goes (default docs/console.png)")
-    ap.add_argument("--size", default="1280x900", help="window WIDTHxHEIGHT in pixels (default 1280x900)")
+    ap.add_argument("--size", default="1280x1180", help="window WIDTHxHEIGHT in pixels (default 1280x1180: the memory sheet too)")
     ap.add_argument("--question", default="what colour is the square?", help="the question asked on the page")
     args = ap.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
