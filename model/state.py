@@ -166,3 +166,19 @@ class StateSnapshot:
             meta = json.loads(header["mixmalmm_state"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         return cls(tensors=tensors, meta=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "the snapshot") -> StateSnapshot:
+        """Read what `to_bytes` wrote (no pickle); `where` names it in errors."""
+        import struct
+
+        from safetensors.torch import load
+
+        try:  # the header: an 8-byte little-endian length, then that much JSON
+            (length,) = struct.unpack("<Q", data[:8])
+            header = json.loads(data[8 : 8 + length])
+        except (struct.error, ValueError) as exc:
+            raise ValueError(f"{where} is not a safetensors file: {exc}") from exc
+        if "mixmalmm_state" not in (header.get("__metadata__") or {}):
+            raise ValueError(f"{where} is a safetensors file but not a mixmalmm stream snapshot")
+        return cls(tensors=load(data), meta=json.loads(header["__metadata__"]["mixmalmm_state"]))

@@ -83,7 +83,9 @@ def add_serve_parser(commands) -> None:
     g.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9108); a non-loopback address "
                         "needs --insecure (CURVE does not cover HTTP)")
-    g.add_argument("--state-dir", metavar="DIR", help="snapshot streams here and restore them on start")
+    g.add_argument("--state-dir", metavar="DIR|URL",
+                   help="snapshot streams here and restore them on start: a directory, or an fsspec URL "
+                        "(s3://bucket/prefix ..., with the scheme's fsspec package installed)")
     g.add_argument("--snapshot-period", type=float, default=30.0, metavar="S", help="seconds between snapshots")
     g.add_argument("--max-batch", type=int, default=8, help="streams per vision-encoder batch")
     g.add_argument("--max-questions", type=int, default=32, metavar="N",
@@ -147,8 +149,10 @@ def run_serve(args: argparse.Namespace) -> int:
     elif args.curve_clients:
         raise UserError("--curve-clients needs --curve-secret, the server's key pair")
     if args.state_dir:  # checked before the model loads: cheap mistakes first
+        from .store import open_store
+
         try:
-            Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+            open_store(args.state_dir)  # a directory, or an fsspec URL (README: Persistence)
         except OSError as exc:
             raise UserError(f"--state-dir {args.state_dir}: {exc}") from exc
     try:

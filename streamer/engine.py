@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import logging
-import os
 import threading
 import time
 import weakref
@@ -56,10 +54,16 @@ from .preprocess import preprocess
 from .redact import redact_uri
 from .shotqueue import ShotQueue
 from .sources import Source, SourceError
+from .store import open_store
 
 log = logging.getLogger("mixmalmm.engine")
 
 SNAPSHOT_SUFFIX = ".state.safetensors"
+
+
+def snapshot_name(sid: str) -> str:
+    """A stream's snapshot's name in the state store."""
+    return f"{sid}{SNAPSHOT_SUFFIX}"
 
 
 @dataclass
@@ -211,8 +215,8 @@ class Engine:
         self._image_processor = model.processor.image_processor
         #: What a stream gets for the ActionShot fields its request leaves out (ValueError: the model's are bad).
         self.default_actionshot = self.config.default_actionshot.over(model_settings(model))
-        if self.config.state_dir:
-            Path(self.config.state_dir).mkdir(parents=True, exist_ok=True)
+        #: Where snapshots live (`store.open_store`: a directory or an fsspec URL); None without persistence.
+        self.store = open_store(self.config.state_dir) if self.config.state_dir else None
         self.evidence = (EvidenceStore(self.config.evidence_dir, self.config.evidence_keep)
                          if self.config.evidence_dir else None)
         self.alerts_sent = 0  # alert events published
@@ -362,8 +366,11 @@ class Engine:
                     del self._streams[sid]
             with stream.persist_lock:  # waits for a snapshot being written; none is written after
                 stream.removed = True
-                if self.config.state_dir:
-                    self._snapshot_path(sid).unlink(missing_ok=True)
+                if self.store is not None:
+                    try:
+                        self.store.remove(snapshot_name(sid))
+                    except OSError as exc:  # the stream is gone all the same; a restart would bring it back
+                        log.error("could not remove the snapshot of stream %s: %s", sid, exc)
         return stream
 
     def _get(self, sid: str) -> Stream:
@@ -752,8 +759,9 @@ class Engine:
 
     # ------------------------------------------------------------------ persistence
 
-    def _snapshot_path(self, sid: str) -> Path:
-        return Path(self.config.state_dir) / f"{sid}{SNAPSHOT_SUFFIX}"
+    def snapshot_where(self, sid: str) -> str:
+        """Where the stream's snapshot is (a path, or a URL in an fsspec store)."""
+        return self.store.where(snapshot_name(sid))
 
     def _save(self, stream: Stream) -> P.SavedSnapshot | None:
         """Write one stream's state atomically; on failure log it, remember it, return None.
@@ -776,30 +784,21 @@ class Engine:
                 "state": stream.state_name,
                 "live": stream.live,
             }
-        path = self._snapshot_path(stream.id)
-        tmp = path.with_name(path.name + ".tmp")
+        name = snapshot_name(stream.id)
         data = snap.to_bytes()
         try:
-            # Owner only: the saved request keeps the source's URI with its credentials (to reconnect).
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-                os.fchmod(f.fileno(), 0o600)  # also a leftover temporary file made with other permissions
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+            self.store.write(name, data)  # whole or not at all (store.LocalStore: temporary file, fsync, rename)
         except OSError as exc:
-            stream.save_error = f"could not save stream {stream.id!r} to '{path}': {exc}"
+            stream.save_error = f"could not save stream {stream.id!r} to '{self.store.where(name)}': {exc}"
             with self._stats_lock:
                 self.snapshot_failures += 1
             log.error("%s", stream.save_error)
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             return None
         stream.save_error = None
         with self._stats_lock:
             self.snapshots_written += 1
             self.last_snapshot_time = time.time()
-        return P.SavedSnapshot(stream=stream.id, path=str(path), size_bytes=path.stat().st_size, time_s=time.time())
+        return P.SavedSnapshot(stream=stream.id, path=self.store.where(name), size_bytes=len(data), time_s=time.time())
 
     @property
     def persist_error(self) -> str | None:
@@ -824,21 +823,38 @@ class Engine:
         return P.SaveSnapshotResult(saved=[snap for _, snap in written if snap is not None])
 
     def _restore_all(self) -> None:
-        for path in sorted(Path(self.config.state_dir).glob(f"*{SNAPSHOT_SUFFIX}")):
+        try:
+            names = self.store.names(SNAPSHOT_SUFFIX)
+        except OSError as exc:
+            self.restore_error = f"could not list the snapshots in '{self.config.state_dir}': {exc}"
+            log.error("%s", self.restore_error)
+            return
+        for name in names:
             try:
-                self.restore_stream(path)
+                self.restore_saved(name[: -len(SNAPSHOT_SUFFIX)])
             except Exception as exc:  # a bad file must not keep the others from loading
-                self.restore_error = f"could not restore '{path}': {exc}"
+                self.restore_error = f"could not restore '{self.store.where(name)}': {exc}"
 
-    def restore_stream(self, path: str | Path) -> Stream:
-        """Restore one stream from its snapshot file (memory, standing questions, source and position).
+    def restore_saved(self, sid: str) -> Stream:
+        """Restore stream `sid` from its snapshot in the state store (see `restore_stream`)."""
+        where = self.snapshot_where(sid)
+        try:
+            snap = StateSnapshot.from_bytes(self.store.read(snapshot_name(sid)), f"'{where}'")
+        except Exception as exc:
+            log.error("could not restore '%s': %s", where, exc)
+            raise
+        return self.restore_stream(snap, where)
+
+    def restore_stream(self, source: str | Path | StateSnapshot, where: str | None = None) -> Stream:
+        """Restore one stream from a snapshot file, or from a snapshot already read (`where` names it), with
+        its memory, standing questions, source and position.
 
         A replay saved in any state but "finished" resumes after the last Shot its memory holds; a live
         source reconnects. Raises (logged) when the file cannot be read or the stream not added.
         """
-        path = Path(path)
+        path = where or str(source)
         try:
-            snap = StateSnapshot.load(path)
+            snap = source if isinstance(source, StateSnapshot) else StateSnapshot.load(source)
             info = snap.meta["engine"]
             request = msgspec.convert(info["request"], P.AddStream)
             # A restored stream goes on with the settings it ran with (another model or other options
