@@ -599,9 +599,9 @@ class AlertEvent(Event, tag="alert", kw_only=True):
     evidence_error: str | None = None
 
 
-#: Largest evidence picture (each of AlertEvent.evidence_jpeg and strip_jpeg), in bytes before base64:
-#: two of them in base64 keep an alert event under the default 1 MiB message size.
-MAX_EVIDENCE_BYTES = 256 * 1024
+#: Largest evidence picture (each of AlertEvent.evidence_jpeg and strip_jpeg), in bytes before base64: an
+#: alert event stays under 360 KB, in every queue that holds events (PUB, console clients, cluster workers).
+MAX_EVIDENCE_BYTES = 128 * 1024
 
 AnyEvent = StreamStateEvent | AnswerEvent | AlertEvent
 EVENT_TYPES: dict[str, type[Event]] = {

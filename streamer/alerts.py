@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import logging
+import os
 import re
 import threading
 import time
@@ -34,6 +36,8 @@ import msgspec
 import numpy as np
 
 from mixmalmm.clients import protocol as P
+
+from .redact import redact_uri
 
 log = logging.getLogger("mixmalmm.alerts")
 
@@ -86,7 +90,10 @@ class AlertRule:
                    alerts=int(saved.get("alerts", 0)), suppressed=int(saved.get("suppressed", 0)))
 
     def decide(self, answer: str, now: float) -> tuple[str, str | None] | None:
-        """Take one answer (at ``now``, monotonic seconds): (reason, previous answer) when it fires, else None."""
+        """Take one answer (at ``now``, monotonic seconds): (reason, previous answer) when it fires, else None.
+        An answer with no letter or digit (the model said nothing) is no answer: it changes nothing."""
+        if not P.normalize_answer(answer):
+            return None
         previous, was_matched, seen = self.previous, self.matched, self.seen
         self.previous, self.seen = answer, True
         reason = None
@@ -147,7 +154,7 @@ class EvidenceStore:
     def __init__(self, root: str | Path, keep: int = DEFAULT_EVIDENCE_KEEP):
         if keep < 1:
             raise ValueError(f"--evidence-keep must be >= 1, got {keep}")
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # events name their files by absolute paths
         self.keep = keep
         self.root.mkdir(parents=True, exist_ok=True)  # OSError: the caller says which option
         self._lock = threading.Lock()
@@ -162,21 +169,24 @@ class EvidenceStore:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(event.time_s)) + f".{int(event.time_s * 1000) % 1000:03d}"
         base = self.root / _SAFE.sub("_", event.stream) / f"{stamp}-{_SAFE.sub('_', event.question_id)}"
         paths = {"evidence_path": None, "strip_path": None}
+        written: list[Path] = []
         try:
             base.parent.mkdir(parents=True, exist_ok=True)
             for key, data, suffix in (("evidence_path", evidence, ".jpg"), ("strip_path", strip, ".strip.jpg")):
                 if data is not None:
-                    path = base.with_name(base.name + suffix)
-                    path.write_bytes(data)
-                    paths[key] = str(path)
+                    paths[key] = str(_write_private(base.with_name(base.name + suffix), data, written))
             event = msgspec.structs.replace(event, **paths)
             record = msgspec.structs.replace(event, evidence_jpeg=None, strip_jpeg=None)
-            base.with_name(base.name + ".json").write_bytes(P.encode(record))
+            _write_private(base.with_name(base.name + ".json"), P.encode(record), written)  # last: it marks them kept
         except OSError as exc:
             self.errors += 1
+            for path in written:  # nothing half-kept: files that no .json names would never be deleted
+                with contextlib.suppress(OSError):
+                    path.unlink()
             log.error("could not write the evidence of an alert of %s/%s to '%s': %s", event.stream,
                       event.question_id, base.parent, exc)
-            return msgspec.structs.replace(event, **paths, evidence_error=f"could not write '{base}': {exc}")
+            return msgspec.structs.replace(event, evidence_path=None, strip_path=None,
+                                           evidence_error=f"could not write '{base}': {exc}")
         with self._lock:
             self._kept.append(base)
             self._prune()
@@ -200,12 +210,42 @@ class EvidenceStore:
 # the webhook
 
 
-def check_webhook_url(url: str) -> str:
-    """An http(s) URL with a host, else ValueError saying what is wrong."""
+def _write_private(path: Path, data: bytes, written: list[Path]) -> Path:
+    """Write a file readable by its owner only (camera pictures: as private as the snapshots)."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        written.append(path)
+        f.write(data)
+    return path
+
+
+def check_webhook_url(url: str, insecure: bool = True) -> str:
+    """An http(s) URL with a host (and a numeric port, if any), else ValueError saying what is wrong.
+    Plain http:// to a host that is not loopback needs ``insecure`` (the alerts carry camera pictures)."""
+    shown = redact_uri(url)
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"--alert-webhook {url!r}: expected an http:// or https:// URL with a host")
+        raise ValueError(f"--alert-webhook {shown!r}: expected an http:// or https:// URL with a host")
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        raise ValueError(f"--alert-webhook {shown!r}: a URL has no spaces or control characters (write %20)")
+    try:
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError as exc:
+        raise ValueError(f"--alert-webhook {shown!r}: {exc}") from None
+    if parts.scheme == "http" and not insecure and not _loopback_host(parts.hostname):
+        raise ValueError(f"--alert-webhook {shown!r}: refusing to send alerts (pictures) in plain HTTP off this "
+                         "machine without --insecure; use https:// or a loopback receiver")
     return url
+
+
+def _loopback_host(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -231,13 +271,15 @@ class Webhook:
     backoff_s: float = 1.0
     timeout_s: float = 5.0
     queue: int = 100
+    insecure: bool = True  # False (serve without --insecure): plain http:// only to loopback
     stats: WebhookStats = field(default_factory=WebhookStats)
 
     def __post_init__(self) -> None:
-        check_webhook_url(self.url)
+        check_webhook_url(self.url, self.insecure)
         self._pending: collections.deque[P.AlertEvent] = collections.deque()
         self._cv = threading.Condition()
         self._stop = False
+        self._deadline = 0.0
         self._thread: threading.Thread | None = None
 
     def start(self) -> Webhook:
@@ -246,12 +288,20 @@ class Webhook:
         return self
 
     def stop(self, drain_s: float = 2.0) -> None:
-        """Stop after the alerts waiting are tried once more for up to ``drain_s`` seconds."""
+        """Stop: the alerts waiting get one try each for up to ``drain_s`` seconds (a try under way ends its
+        retries); those left then are counted as dropped and logged."""
         with self._cv:
             self._stop = True
+            self._deadline = time.monotonic() + drain_s
             self._cv.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=drain_s + self.timeout_s)
+            self._thread.join(timeout=drain_s + self.timeout_s + 1.0)
+        with self._cv:
+            left = len(self._pending)
+            self._pending.clear()
+        if left:
+            self.stats.dropped += left
+            log.error("alert webhook: %d alert(s) not delivered before shutdown", left)
 
     def publish(self, event) -> None:
         if not isinstance(event, P.AlertEvent):
@@ -269,37 +319,55 @@ class Webhook:
             with self._cv:
                 while not self._pending and not self._stop:
                     self._cv.wait()
-                if not self._pending:
+                if not self._pending or (self._stop and time.monotonic() > self._deadline):
                     return
                 event = self._pending.popleft()
-                stopping = self._stop
-            self._deliver(event, attempts=1 if stopping else self.attempts)
+            try:
+                self._deliver(event)
+            except Exception:  # a bug: this alert is lost, the next ones are still sent
+                self.stats.failed += 1
+                log.exception("alert webhook: delivering an alert of %s/%s failed", event.stream, event.question_id)
 
-    def _deliver(self, event: P.AlertEvent, attempts: int) -> None:
+    def _deliver(self, event: P.AlertEvent) -> None:
         body = P.encode(event)
-        for attempt in range(attempts):
-            if attempt:
-                with self._cv:  # a stop ends the waiting, not the delivery under way
-                    self._cv.wait_for(lambda: self._stop, timeout=self.backoff_s * 2 ** (attempt - 1))
+        shown = redact_uri(self.url)
+        attempt = 0
+        while True:
             self.stats.attempts += 1
             request = urllib.request.Request(self.url, data=body, method="POST",
                                              headers={"Content-Type": "application/json",
                                                       "User-Agent": "mixmalmm-alerts"})
+            retry = True
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
+                with _OPENER.open(request, timeout=self.timeout_s) as reply:
                     reply.read()
                 self.stats.sent += 1
                 return
             except urllib.error.HTTPError as exc:
-                self.stats.last_error = f"HTTP {exc.code} from {self.url}"
-                if 400 <= exc.code < 500 and exc.code not in (408, 429):
+                self.stats.last_error = f"HTTP {exc.code} from {shown}"
+                retry = not (300 <= exc.code < 500) or exc.code in (408, 429)  # a refusal or a redirect: final
+            except Exception as exc:  # refused, timed out, not HTTP at all (http.client's errors are not OSError)
+                reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+                self.stats.last_error = f"{shown}: {reason}"
+            attempt += 1
+            if not retry or attempt >= self.attempts:
+                break
+            with self._cv:  # a stop ends the waiting and the retries
+                if self._cv.wait_for(lambda: self._stop, timeout=self.backoff_s * 2 ** (attempt - 1)):
                     break
-            except (urllib.error.URLError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                self.stats.last_error = f"{self.url}: {reason}"
         self.stats.failed += 1
         log.error("alert webhook: %s/%s not delivered after %d attempt(s): %s", event.stream, event.question_id,
-                  attempt + 1, self.stats.last_error)
+                  attempt, self.stats.last_error)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer (urllib would re-send a POST as a GET without its body, and count it sent)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def evidence_pictures(shot, strip: np.ndarray | None) -> tuple[bytes | None, bytes | None]:

@@ -183,7 +183,8 @@ def run_serve(args: argparse.Namespace) -> int:
             raise UserError(str(exc)) from exc
     model, name = load_model(args)
     stopping = threading.Event()
-    sinks = EventFanout()  # the ZeroMQ server, then the console and the webhook: each gets every event, numbered
+    # the ZeroMQ server, then the console and the webhook: each gets every event, numbered; held until they run
+    sinks = EventFanout(held=True)
     engine = Engine(model, config, publish=sinks.publish, model_name=name)
     try:
         limits = P.Limits(max_message_bytes=args.max_message_bytes, max_question_chars=args.max_question_chars)
@@ -212,6 +213,7 @@ def run_serve(args: argparse.Namespace) -> int:
             console.start()
             sinks.add(console)
             log.info("console on %s", console.url)
+        sinks.release()
     except ServerError as exc:
         engine.shutdown(save=False)
         server.stop()
@@ -247,7 +249,7 @@ def alert_webhook(args: argparse.Namespace):
     from .alerts import Webhook
 
     try:
-        return Webhook(args.alert_webhook)
+        return Webhook(args.alert_webhook, insecure=args.insecure)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 

@@ -169,6 +169,7 @@ class Stream:
         self.save_error: str | None = None  # why its last snapshot write failed (None: it succeeded)
         self.latest_shot = None  # the last Shot folded into memory (the console's thumbnail); None before it
         self.thumbnails = MemoryThumbnails()  # a few Shots of the memory, for alerts and the console
+        self.releasing = False  # release_stream under way: it answers and alerts nothing more here
 
     @property
     def state_name(self) -> str:
@@ -531,7 +532,10 @@ class Engine:
         now = time.time()
         for s, shot in batch:
             s.out_times.append(now)
-            s.thumbnails.offer(s.state.frames - 1, shot)
+            try:
+                s.thumbnails.offer(s.state.frames - 1, shot)
+            except Exception:  # a picture for alerts and the console: never the step's failure
+                log.exception("stream %s: keeping a thumbnail failed", s.id)
         metrics = self.metrics
         if metrics is not None:
             metrics.observe_step(time.perf_counter() - began)
@@ -644,7 +648,7 @@ class Engine:
         events: list[P.AnswerEvent | None] = []
         for stream, q, waiting, arrived in submitted:
             event = None
-            if waiting is not None:
+            if waiting is not None and not stream.releasing:  # a stream moving away: its new engine answers
                 try:
                     result = self._result(waiting, arrived)
                 except P.RequestError:  # nothing seen yet, or removed meanwhile
@@ -658,7 +662,10 @@ class Engine:
                                           span_end_s=result.span_end_s)
                     self._publish(event)
                     if q.alert is not None:
-                        self._check_alert(stream, q, event, waiting.shot)
+                        try:
+                            self._check_alert(stream, q, event, waiting.shot)
+                        except Exception:  # a bug: logged; the other answers of the round still go out
+                            log.exception("the alert check of %s/%s failed", stream.id, q.question_id)
             events.append(event)
         return events
 
@@ -779,8 +786,9 @@ class Engine:
             snap.meta["engine"] = {
                 "request": msgspec.to_builtins(stream.request),
                 "actionshot": msgspec.to_builtins(stream.actionshot),  # what it runs with, every field set
-                "standing": [[q.question_id, q.text, q.period_s, q.alert.settings() if q.alert else None]
-                             for q in stream.standing.values()],
+                "standing": [[q.question_id, q.text, q.period_s] for q in stream.standing.values()],
+                # apart, so that an engine from before alerts still restores the questions
+                "alerts": {q.question_id: q.alert.settings() for q in stream.standing.values() if q.alert},
                 "state": stream.state_name,
                 "live": stream.live,
             }
@@ -877,9 +885,10 @@ class Engine:
                 resume_after=state.last_time if replay else None,
             )
             with stream.lock:
-                for qid, text, period, *alert in info["standing"]:  # saved before alerts: three fields
+                alerts = info.get("alerts") or {}
+                for qid, text, period in info["standing"]:
                     stream.standing[qid] = Standing(qid, text, period, next_due=time.monotonic() + (period or 0.0),
-                                                    alert=AlertRule.from_settings(alert[0] if alert else None))
+                                                    alert=AlertRule.from_settings(alerts.get(qid)))
         except Exception:
             log.exception("could not restore '%s'", path)
             raise
@@ -893,8 +902,12 @@ class Engine:
         stream = self._get(sid)
         if not self.config.state_dir:
             raise P.RequestError(P.ErrorCode.BAD_REQUEST, "the engine runs without a state directory")
+        # From now on no standing answer is published or alert fired here: the front door drops this
+        # engine's events for the stream, and an alert's state would move with the snapshot as if sent.
+        stream.releasing = True
         snap_first = self._save(stream)
         if snap_first is None:  # the store takes no snapshot: the stream goes on here, untouched
+            stream.releasing = False
             raise P.RequestError(P.ErrorCode.UNAVAILABLE,
                                  f"I/O error: {stream.save_error or f'stream {sid!r} was removed'}")
         if stream.pipeline is not None:

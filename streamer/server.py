@@ -75,25 +75,42 @@ class EventFanout:
     Sinks are called in order under one lock (each sink's ``publish`` only queues, never blocks), so the
     numbers reach every sink in order."""
 
-    def __init__(self, sinks: list | None = None) -> None:
+    def __init__(self, sinks: list | None = None, held: bool = False) -> None:
         self.sinks: list = list(sinks or [])
         self._seq: dict[str, int] = collections.defaultdict(int)
         self._lock = threading.Lock()
+        #: With ``held``, events wait (in order, at most 10,000) until `release`: those of streams restored
+        #: while the engine starts, before the server that would send them is up.
+        self._held: collections.deque | None = collections.deque(maxlen=10_000) if held else None
 
     def add(self, sink) -> None:
         with self._lock:
             self.sinks.append(sink)
 
+    def release(self) -> None:
+        """Send the events held so far, then every event as it comes."""
+        with self._lock:
+            held, self._held = self._held, None
+            for event in held or ():
+                self._send(event)
+
     def publish(self, event) -> None:
         with self._lock:
-            seq = self._seq[event.stream] + 1
-            self._seq[event.stream] = seq
-            event = msgspec.structs.replace(event, seq=seq)
-            for sink in self.sinks:
-                try:
-                    sink.publish(event)
-                except Exception:  # one sink's bug must not keep the event from the others
-                    log.exception("a sink (%s) failed on an event", type(sink).__name__)
+            if self._held is not None:
+                self._held.append(event)
+                return
+            self._send(event)
+
+    def _send(self, event) -> None:
+        """Number the event and hand it to every sink; call with ``self._lock``."""
+        seq = self._seq[event.stream] + 1
+        self._seq[event.stream] = seq
+        event = msgspec.structs.replace(event, seq=seq)
+        for sink in self.sinks:
+            try:
+                sink.publish(event)
+            except Exception:  # one sink's bug must not keep the event from the others
+                log.exception("a sink (%s) failed on an event", type(sink).__name__)
 
 
 class Handler(Protocol):

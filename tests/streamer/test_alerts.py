@@ -9,10 +9,12 @@ its answer to "how many shapes are there now?" changes as shapes come and go, so
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -73,6 +75,28 @@ def test_alert_when_fires_on_the_edge_and_on_change_on_every_change_with_a_hold_
     assert (rule.alerts, rule.suppressed) == (2, 1)
 
 
+def test_an_empty_answer_neither_fires_nor_moves_the_baseline():
+    rule = AlertRule(alert_when="yes", hold_off_s=0.0)
+    assert [rule.decide(a, t) for t, a in enumerate(["yes", "", "...", "yes", "no", "yes"])] == [
+        ("match", None), None, None, None, None, ("match", "no")]
+    rule = AlertRule(alert_on_change=True, hold_off_s=0.0)
+    assert [rule.decide(a, t) for t, a in enumerate(["two", "", "two", "three"])] == [None, None, None,
+                                                                                     ("change", "two")]
+
+
+def test_a_rule_restored_from_its_settings_goes_on_where_it_was():
+    rule = AlertRule(alert_when="yes", hold_off_s=100.0)
+    now = time.monotonic()
+    assert rule.decide("yes", now) == ("match", None)
+    assert rule.decide("no", now + 1) is None
+    again = AlertRule.from_settings(json.loads(json.dumps(rule.settings())))  # as a snapshot keeps it
+    assert (again.previous, again.matched, again.seen, again.alerts) == ("no", False, True, 1)
+    assert again.decide("yes", time.monotonic()) is None and again.suppressed == 1  # the hold-off still runs
+    fresh = AlertRule.from_settings({**rule.settings(), "last_fired_time_s": time.time() - 200.0})
+    assert fresh.decide("yes", time.monotonic()) == ("match", "no")  # 200 s ago: the hold-off is over
+    assert AlertRule.from_settings(None) is None
+
+
 def test_add_question_refuses_an_alert_without_a_period():
     with pytest.raises(ValueError, match="needs period_s"):
         P.AddQuestion(id=1, stream="s", question_id="q", text="t", alert_on_change=True)
@@ -127,13 +151,23 @@ def test_evidence_store_keeps_the_newest_alerts_across_restarts(tmp_path):
     assert not Path(written[-2].evidence_path).exists()
 
 
-def test_an_evidence_write_that_fails_is_said_in_the_event(tmp_path):
+def test_an_evidence_write_that_fails_is_said_in_the_event_and_leaves_nothing_behind(tmp_path):
     store = EvidenceStore(tmp_path / "ev", keep=3)
     (tmp_path / "ev" / "cam").write_text("a file where the stream's folder would go")
     event = store.write(_alert(0), b"jpeg", None)
     assert event.evidence_path is None and "could not write" in event.evidence_error
     assert store.errors == 1 and store.kept() == 0
-    assert store.write(_alert(1, stream="other"), b"jpeg", None).evidence_path  # another stream's goes on
+    good = store.write(_alert(1, stream="other"), b"jpeg", None)  # another stream's goes on
+    assert Path(good.evidence_path).is_absolute() and Path(good.evidence_path).stat().st_mode & 0o777 == 0o600
+    # Failing half-way (the picture written, then the strip cannot be): the picture is removed again.
+    event = _alert(3, stream="half")
+    stamp = Path(store.write(event, b"jpeg", None).evidence_path)
+    for suffix in (".jpg", ".json"):
+        stamp.with_suffix(suffix).unlink()
+    stamp.with_name(stamp.name.replace(".jpg", ".strip.jpg")).mkdir()  # the strip's name is taken by a folder
+    failed = store.write(event, b"jpeg", b"strip")
+    assert failed.evidence_path is None and failed.strip_path is None and failed.evidence_error
+    assert not stamp.exists() and not stamp.with_suffix(".json").exists()  # the picture written first: removed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,6 +231,83 @@ def test_webhook_retries_with_backoff_and_gives_up_on_a_refusal():
         dead.stop()
     with pytest.raises(ValueError, match="http:// or https://"):
         Webhook("ftp://example.com/x")
+    for url, message in (("http://h:abc/x", "Port could not be cast"), ("http://h/a b", "no spaces"),
+                         ("http://10.0.0.5/hook", "without --insecure")):
+        with pytest.raises(ValueError, match=message):
+            Webhook(url, insecure=False)
+    assert Webhook("https://10.0.0.5/hook", insecure=False) and Webhook("http://localhost:9/x", insecure=False)
+    with pytest.raises(ValueError) as shown:
+        Webhook("ftp://user:secret@example.com/x")
+    assert "secret" not in str(shown.value)
+
+
+class Garbage:
+    """A TCP server on 127.0.0.1 whose first `bad` connections get bytes that are not HTTP (a TLS alert),
+    the next ones a plain HTTP 200."""
+
+    def __init__(self, bad: int):
+        self.bad, self.connections = bad, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    request = b""
+                    while b"\r\n\r\n" not in request:  # the whole request, so that closing sends no reset
+                        request += conn.recv(65536)
+                    head, _, body = request.partition(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    while len(body) < length:
+                        body += conn.recv(65536)
+                    self.connections += 1
+                    conn.sendall(b"\x15\x03\x01\x00\x02\x02\x50" if self.connections <= self.bad
+                                 else b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_reply_that_is_not_http_is_retried_and_the_webhook_goes_on():
+    garbage = Garbage(bad=3)
+    hook = Webhook(garbage.url, attempts=3, backoff_s=0.01).start()
+    try:
+        hook.publish(_alert(0))  # three tries, three garbage replies: given up, counted
+        wait_for(lambda: hook.stats.failed == 1, 10, "the alert given up")
+        assert hook.stats.attempts == 3 and "BadStatusLine" in hook.stats.last_error
+        hook.publish(_alert(1))  # the thread is still there: the next alert goes out
+        wait_for(lambda: hook.stats.sent == 1, 10, "the next alert delivered")
+    finally:
+        hook.stop()
+        garbage.close()
+
+
+def test_a_redirect_is_not_followed_and_stop_drops_what_cannot_be_sent_in_time():
+    receiver = Receiver([302])
+    hook = Webhook(receiver.url, attempts=5, backoff_s=0.01).start()
+    try:
+        hook.publish(_alert(0))
+        wait_for(lambda: hook.stats.failed == 1, 10, "the redirected alert given up")
+        assert len(receiver.bodies) == 1 and hook.stats.last_error.startswith("HTTP 302")
+    finally:
+        hook.stop()
+        receiver.close()
+    dead = Webhook(f"http://127.0.0.1:{free_port()}/hook", attempts=5, backoff_s=10.0)  # long backoffs
+    for i in range(3):
+        dead.publish(_alert(i))
+    dead.start()
+    wait_for(lambda: dead.stats.attempts >= 1, 10, "the first try")
+    began = time.monotonic()
+    dead.stop(drain_s=0.5)  # ends the backoff at once; what is left is counted, not waited for
+    assert time.monotonic() - began < 5.0
+    assert dead.stats.failed + dead.stats.dropped == 3 and dead.stats.sent == 0
 
 
 def test_a_full_webhook_queue_drops_the_oldest_alert():
