@@ -85,7 +85,7 @@ def test_the_page_shows_streams_answers_and_events(media, tmp_path):
         assert size == [shot.shape[1], shot.shape[0]]  # the last Shot, the same size
         assert browser.execute_script(
             "const i = document.querySelector('#timeline li.alert img.strip_jpeg'); return i !== null")
-        assert len(browser.find_elements(By.CSS_SELECTOR, "#timeline li.alert")) == 1  # held off after it
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#timeline li.alert")) == 1  # the same answer: no second alert
         wait_for(lambda: "alert when" in browser.find_element(By.ID, "standing").text, 10, "the alert rule listed")
 
         path = tmp_path / "console.png"
