@@ -153,14 +153,16 @@ class FrontDoor:
 
     def __init__(self, ray, workers: list[Worker], store: str, publish, max_streams: int,
                  call_timeout_s: float = 120.0, dead_after_s: float = 30.0, poll_s: float = 0.5,
-                 merge_timeout_s: float = 10.0) -> None:
+                 merge_timeout_s: float = 10.0, rebalance: bool = False) -> None:
         self.ray = ray
         self.store = Path(store)
         self._publish = publish
         self.max_streams = max_streams
         self.call_timeout_s = call_timeout_s
         self.merge_timeout_s = merge_timeout_s  # status / list_streams / save_snapshot: each worker's share
+        self.rebalance = rebalance
         self._moving: set[str] = set()  # streams a move_stream is under way for
+        self._rebalance_lock = threading.Lock()  # one rebalance at a time
         self.dead_after_s = dead_after_s
         self.poll_s = poll_s
         self._lock = threading.RLock()
@@ -203,6 +205,36 @@ class FrontDoor:
         with self._lock:
             self.workers[worker.name] = worker
         self._watch_events(worker)
+        if self.rebalance:
+            threading.Thread(target=self.rebalance_now, name="mixmalmm-cluster-rebalance", daemon=True).start()
+
+    def rebalance_now(self) -> list[P.MoveStreamResult]:
+        """Move streams from the most loaded workers (streams, then Shots/s) onto the least loaded with
+        ``move`` until their stream counts differ by at most one (``--rebalance``: after a worker joins)."""
+        moved: list[P.MoveStreamResult] = []
+        with self._rebalance_lock:
+            while not self._stop.is_set():
+                with self._lock:
+                    alive = [w for w in self.workers.values() if w.alive]
+                    if len(alive) < 2:
+                        break
+                    load = {w.name: (self._count(w.name), w.shots_per_s, w.name) for w in alive}
+                    most = max(alive, key=lambda w: load[w.name])
+                    least = min(alive, key=lambda w: load[w.name])
+                    if load[most.name][0] - load[least.name][0] <= 1 or self._count(least.name) >= self.max_streams:
+                        break
+                    candidates = sorted(sid for sid, name in self.owner.items()
+                                        if name == most.name and sid not in self._moving)
+                if not candidates:
+                    break
+                try:
+                    moved.append(self.move(candidates[-1], least.name))
+                    log.info("rebalance: %s moved from %s to %s", candidates[-1], most.name, least.name)
+                except Exception as exc:  # (e.g. a worker died meanwhile): stop; the next join tries again
+                    log.warning("rebalance: %s not moved from %s to %s: %s", candidates[-1], most.name,
+                                least.name, exc)
+                    break
+        return moved
 
     # ------------------------------------------------------------------ events and health
 

@@ -42,7 +42,7 @@ def test_cluster_suite_in_a_loopback_namespace():
     run = subprocess.run(["unshare", "-n", "bash", "-c", inner], capture_output=True, text=True, timeout=900)
     tail = (run.stdout + run.stderr)[-6000:]
     assert run.returncode == 0, tail
-    assert "10 passed" in run.stdout, tail  # every test inside ran (none skipped)
+    assert "11 passed" in run.stdout, tail  # every test inside ran (none skipped)
 
 
 pytestmark_inner = pytest.mark.skipif(not INSIDE, reason="runs inside a loopback-only namespace (see above)")
@@ -239,6 +239,43 @@ def test_a_node_added_gets_the_new_streams(cluster, media):
     new = max(front.workers, key=lambda n: int(n[1:]))
     info = client.add_stream("n", str(media.h264), pace="fast", actionshot=EVERY_FRAME)
     assert info.worker == new
+
+
+@pytestmark_inner
+def test_rebalance_moves_streams_onto_a_node_that_joins(cluster):
+    client, front, events = cluster["client"], cluster["front"], cluster["events"]
+    files = [f"s{i}" for i in range(1, 6)] + ["m", "n"]
+    wait_for(lambda: all(s.state == "finished" for s in client.status().streams if s.stream in files), 90,
+             "the files to finish")
+    before = {sid: client.ask(sid, "what is there?", max_new_tokens=3) for sid in files}
+    shots = {s.stream: s.shots for s in client.status().streams}
+    seq = {sid: max((e.seq for e in events if e.stream == sid), default=0) for sid in shots}
+    alive = {n for n, w in front.workers.items() if w.alive}
+    front.rebalance = True
+    try:
+        cluster["cluster"].add_node(num_cpus=1)  # grow_per_node (started above) gives it a worker
+        wait_for(lambda: len({n for n, w in front.workers.items() if w.alive} - alive) == 1, 120,
+                 "a worker on the joined node")
+        (new,) = {n for n, w in front.workers.items() if w.alive} - alive
+
+        def spread():
+            per = [w.streams for w in client.status().workers if w.alive]
+            return max(per) - min(per) <= 1 and not front._moving
+        wait_for(spread, 120, "the streams spread")
+    finally:
+        front.rebalance = False
+    status = client.status()
+    there = [s for s in status.streams if s.worker == new]
+    assert there and len(there) == next(w.streams for w in status.workers if w.worker == new)
+    for s in there:  # moved with their memory: same Shots, same answer, seq still growing
+        assert s.shots == shots[s.stream], (s, shots)
+        moved = [e for e in events if isinstance(e, P.StreamStateEvent) and e.stream == s.stream
+                 and e.message and f"to {new}" in e.message]
+        assert moved and moved[-1].seq > seq[s.stream]
+        if s.stream in before:
+            again = client.ask(s.stream, "what is there?", max_new_tokens=3)
+            assert (again.answer, again.span_end_s) == (before[s.stream].answer, before[s.stream].span_end_s)
+    assert any(s.stream in before for s in there)  # a finished file among them: its answer compared
 
 
 @pytestmark_inner
