@@ -22,7 +22,7 @@ import pytest
 from mixmalmm.clients import Client, EngineError, Subscriber
 from mixmalmm.clients import protocol as P
 
-from .conftest import NUM_FRAMES, skip_unless_ci, wait_for
+from .conftest import NUM_FRAMES, _server, skip_unless_ci, wait_for
 
 ray = pytest.importorskip("ray")
 INSIDE = os.environ.get("MIXMALMM_IN_NETNS") == "1"
@@ -46,6 +46,12 @@ def test_cluster_suite_in_a_loopback_namespace():
 
 
 pytestmark_inner = pytest.mark.skipif(not INSIDE, reason="runs inside a loopback-only namespace (see above)")
+
+
+@pytest.fixture(scope="module")
+def live(media):
+    """The test RTSP server (GStreamer, on the namespace's loopback) for the whole module: a live camera."""
+    yield from _server(media.rtsp)
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +114,10 @@ def _worker_of(client, sid):
 
 
 @pytestmark_inner
-def test_six_streams_spread_asked_and_standing_questions_fire(cluster, media):
+def test_six_streams_spread_asked_and_standing_questions_fire(cluster, media, live):
     client = cluster["client"]
-    for i in range(6):
+    client.add_stream("s0", live.url, actionshot=LONG)  # a live camera (the test RTSP server)
+    for i in range(1, 6):
         client.add_stream(f"s{i}", str(media.rtsp), actionshot=LONG)  # 30 s files at their own pace
     status = client.status()
     per = {w.worker: w.streams for w in status.workers}
@@ -144,6 +151,8 @@ def test_a_killed_node_s_streams_answer_elsewhere_with_their_memory(cluster):
     client, front, events = cluster["client"], cluster["front"], cluster["events"]
     victim = _worker_of(client, "s0")
     lost = sorted(s.stream for s in client.status().streams if s.worker == victim)
+    assert "s0" in lost  # the live RTSP stream is among them
+    wait_for(lambda: client.status("s0").streams[0].state == "live", 30, "s0 live")
     saved = {s.stream: s.shots for s in client.status().streams if s.stream in lost}
     client.save_snapshot()  # holds at least those Shots
     seq_before = max(e.seq for e in events if e.stream == "s0")
@@ -162,6 +171,9 @@ def test_a_killed_node_s_streams_answer_elsewhere_with_their_memory(cluster):
         if s.stream in lost:
             assert s.worker != victim and s.shots >= saved[s.stream], (s, saved)
     assert not next(x for x in status.workers if x.worker == victim).alive
+    # The camera reconnected from its new worker: live again, its memory the restored one growing.
+    wait_for(lambda: client.status("s0").streams[0].state == "live", 30, "s0 live again on its new worker")
+    assert client.status("s0").streams[0].shots >= saved["s0"]
     moved = [e for e in events if isinstance(e, P.StreamStateEvent) and e.message and f"after worker {victim} died"
              in e.message]
     assert {e.stream for e in moved} == set(lost)
