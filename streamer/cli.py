@@ -110,6 +110,9 @@ def add_serve_parser(commands) -> None:
                    help="engine workers: N, or one per node that can hold one (default: N for local:N, else per-node)")
     c.add_argument("--worker-resources", metavar="JSON", help='Ray resources of each worker (default {"CPU": 1})')
     c.add_argument("--state-store", metavar="DIR", help="the shared state store (a directory every node sees)")
+    c.add_argument("--rebalance", action="store_true",
+                   help="when a worker joins, move streams onto it (move_stream: each move is a short gap) until "
+                        "the workers' stream counts differ by at most one (default: off, new streams go there)")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=run_serve)
 
@@ -167,8 +170,8 @@ def run_serve(args: argparse.Namespace) -> int:
                         "the cluster's engines are in its workers)")
     if args.cluster:
         return run_cluster_serve(args, config, curve, webhook)
-    if args.workers or args.worker_resources or args.state_store:
-        raise UserError("--workers, --worker-resources and --state-store need --cluster")
+    if args.workers or args.worker_resources or args.state_store or args.rebalance:
+        raise UserError("--workers, --worker-resources, --state-store and --rebalance need --cluster")
     metrics_address = None
     if args.metrics:
         from .metrics import parse_address
@@ -307,7 +310,8 @@ def run_cluster_serve(args: argparse.Namespace, config, curve, webhook=None) -> 
         ray.shutdown()
         raise UserError(str(exc)) from exc
     box = EventFanout()  # the ZeroMQ server, then the webhook: each gets every event, numbered
-    front = C.FrontDoor(ray, workers, config.state_dir, publish=box.publish, max_streams=config.max_streams)
+    front = C.FrontDoor(ray, workers, config.state_dir, publish=box.publish, max_streams=config.max_streams,
+                        rebalance=args.rebalance)
     try:
         limits = P.Limits(max_message_bytes=args.max_message_bytes, max_question_chars=args.max_question_chars)
         server = Server(front, request_endpoint=args.bind, event_endpoint=args.events, curve=curve,

@@ -152,12 +152,17 @@ class FrontDoor:
     """
 
     def __init__(self, ray, workers: list[Worker], store: str, publish, max_streams: int,
-                 call_timeout_s: float = 120.0, dead_after_s: float = 30.0, poll_s: float = 0.5) -> None:
+                 call_timeout_s: float = 120.0, dead_after_s: float = 30.0, poll_s: float = 0.5,
+                 merge_timeout_s: float = 10.0, rebalance: bool = False) -> None:
         self.ray = ray
         self.store = Path(store)
         self._publish = publish
         self.max_streams = max_streams
         self.call_timeout_s = call_timeout_s
+        self.merge_timeout_s = merge_timeout_s  # status / list_streams / save_snapshot: each worker's share
+        self.rebalance = rebalance
+        self._moving: set[str] = set()  # streams a move_stream is under way for
+        self._rebalance_lock = threading.Lock()  # one rebalance at a time
         self.dead_after_s = dead_after_s
         self.poll_s = poll_s
         self._lock = threading.RLock()
@@ -200,6 +205,36 @@ class FrontDoor:
         with self._lock:
             self.workers[worker.name] = worker
         self._watch_events(worker)
+        if self.rebalance:
+            threading.Thread(target=self.rebalance_now, name="mixmalmm-cluster-rebalance", daemon=True).start()
+
+    def rebalance_now(self) -> list[P.MoveStreamResult]:
+        """Move streams from the most loaded workers (streams, then Shots/s) onto the least loaded with
+        ``move`` until their stream counts differ by at most one (``--rebalance``: after a worker joins)."""
+        moved: list[P.MoveStreamResult] = []
+        with self._rebalance_lock:
+            while not self._stop.is_set():
+                with self._lock:
+                    alive = [w for w in self.workers.values() if w.alive]
+                    if len(alive) < 2:
+                        break
+                    load = {w.name: (self._count(w.name), w.shots_per_s, w.name) for w in alive}
+                    most = max(alive, key=lambda w: load[w.name])
+                    least = min(alive, key=lambda w: load[w.name])
+                    if load[most.name][0] - load[least.name][0] <= 1 or self._count(least.name) >= self.max_streams:
+                        break
+                    candidates = sorted(sid for sid, name in self.owner.items()
+                                        if name == most.name and sid not in self._moving)
+                if not candidates:
+                    break
+                try:
+                    moved.append(self.move(candidates[-1], least.name))
+                    log.info("rebalance: %s moved from %s to %s", candidates[-1], most.name, least.name)
+                except Exception as exc:  # (e.g. a worker died meanwhile): stop; the next join tries again
+                    log.warning("rebalance: %s not moved from %s to %s: %s", candidates[-1], most.name,
+                                least.name, exc)
+                    break
+        return moved
 
     # ------------------------------------------------------------------ events and health
 
@@ -287,13 +322,13 @@ class FrontDoor:
     def _count(self, name: str) -> int:
         return sum(1 for owner in self.owner.values() if owner == name)
 
-    def _restore(self, sid: str, wanted: str | None, message: str) -> P.StreamInfo:
+    def _restore(self, sid: str, wanted: str | None, message: str, exclude: str | None = None) -> P.StreamInfo:
         """Restore ``sid`` from the store on a worker (or add it again from its request: never
         snapshotted), and say where with a stream_state event."""
         from .engine import SNAPSHOT_SUFFIX
 
         with self._lock:
-            target = self._pick(wanted)
+            target = self._pick(wanted, exclude=exclude)
             self.owner[sid] = target.name  # before the restore: its first events are the stream's
         try:
             if (self.store / f"{sid}{SNAPSHOT_SUFFIX}").exists() or sid not in self.requests:
@@ -339,17 +374,22 @@ class FrontDoor:
         with self._lock:
             return [w for w in self.workers.values() if w.alive]
 
-    def _all(self, request, result_type) -> list[tuple[Worker, object]]:
+    def _all(self, request, result_type) -> tuple[list[tuple[Worker, object]], list[Worker]]:
+        """A merged request sent to every alive worker at once, each given ``merge_timeout_s`` (one
+        stalled worker must not hold the reply for ``call_timeout_s``): (the answers, the silent)."""
         refs = [(w, w.actor.handle.remote(P.encode(request))) for w in self._alive()]
-        out = []
+        deadline = time.monotonic() + self.merge_timeout_s
+        out, silent = [], []
         for w, ref in refs:
             try:
-                out.append((w, _decode(self.ray.get(ref, timeout=self.call_timeout_s), result_type)))
+                out.append((w, _decode(self.ray.get(ref, timeout=max(0.0, deadline - time.monotonic())),
+                                       result_type)))
             except P.RequestError:
                 raise
             except Exception as exc:
                 log.warning("worker %s did not answer %s: %s", w.name, type(request).__name__, exc)
-        return out
+                silent.append(w)
+        return out, silent
 
     def handle(self, request: P.AnyRequest, arrived: float | None = None) -> msgspec.Struct:
         match request:
@@ -383,14 +423,21 @@ class FrontDoor:
                 result = self._call(w, request, P.StatusResult)
                 return self._merge_status([(w, result)])
             case P.Status():
-                return self._merge_status(self._all(request, P.StatusResult))
-            case P.ListStreams():
+                return self._merge_status(*self._all(request, P.StatusResult))
+            case P.ListStreams():  # (a silent worker's streams are left out: status says which one)
                 return P.ListStreamsResult(streams=[msgspec.structs.replace(s, worker=w.name)
-                                                    for w, r in self._all(request, P.ListStreamsResult)
+                                                    for w, r in self._all(request, P.ListStreamsResult)[0]
                                                     for s in r.streams])
             case P.SaveSnapshot(stream=None):
-                return P.SaveSnapshotResult(saved=[s for _, r in self._all(request, P.SaveSnapshotResult)
-                                                   for s in r.saved])
+                answers, silent = self._all(request, P.SaveSnapshotResult)
+                saved = [s for _, r in answers for s in r.saved]
+                if silent:
+                    with self._lock:
+                        unsaved = sorted(sid for sid, name in self.owner.items() if name in {w.name for w in silent})
+                    raise P.RequestError(P.ErrorCode.UNAVAILABLE, (
+                        f"{', '.join(w.name for w in silent)} did not answer in {self.merge_timeout_s:g} s: "
+                        f"not saved {', '.join(unsaved) or '(none)'}; saved {len(saved)} other stream(s)"))
+                return P.SaveSnapshotResult(saved=saved)
             case P.Ask() | P.AddQuestion() | P.RemoveQuestion() | P.SaveSnapshot():
                 w = self._owner_of(request.stream)
                 result = self._call(w, request, P.RESULT_TYPES[type(request)])
@@ -403,7 +450,9 @@ class FrontDoor:
         """A new stream or standing question goes into the store at once (not one period later)."""
         w.actor.handle.remote(P.encode(P.SaveSnapshot(id="front-door", stream=sid)))
 
-    def _merge_status(self, results: list[tuple[Worker, P.StatusResult]]) -> P.StatusResult:
+    def _merge_status(self, results: list[tuple[Worker, P.StatusResult]], silent: list[Worker] = ()) -> P.StatusResult:
+        """silent: workers that did not answer this status: shown ``alive: false`` (not answering), their
+        streams left out."""
         streams = [msgspec.structs.replace(s, worker=w.name) for w, r in results for s in r.streams]
         engines = [r.engine for _, r in results]
 
@@ -421,18 +470,32 @@ class FrontDoor:
             persist_error=next((e.persist_error for e in engines if e.persist_error), None),
         )
         with self._lock:
-            workers = [P.WorkerStatus(worker=w.name, node=w.node, alive=w.alive, streams=self._count(w.name),
+            quiet = {w.name for w in silent}
+            workers = [P.WorkerStatus(worker=w.name, node=w.node, alive=w.alive and w.name not in quiet,
+                                      streams=self._count(w.name),
                                       max_streams=self.max_streams, shots_per_s=w.shots_per_s)
                        for w in sorted(self.workers.values(), key=lambda w: w.name)]
         return P.StatusResult(engine=engine, streams=streams, workers=workers)
 
     def move(self, sid: str, to: str) -> P.MoveStreamResult:
-        """Final snapshot on the stream's worker, then restore on ``to`` (a name or "auto")."""
+        """Final snapshot on the stream's worker, then restore on ``to`` (a name or "auto"). A second move
+        of the same stream while one runs is refused (``unavailable``)."""
+        with self._lock:
+            if sid in self._moving:
+                raise P.RequestError(P.ErrorCode.UNAVAILABLE, f"stream {sid!r} is moving; retry once it has moved")
+            self._moving.add(sid)
+        try:
+            return self._move(sid, to)
+        finally:
+            with self._lock:
+                self._moving.discard(sid)
+
+    def _move(self, sid: str, to: str) -> P.MoveStreamResult:
         source = self._owner_of(sid)
         if to == source.name:
             raise P.RequestError(P.ErrorCode.BAD_REQUEST, f"stream {sid!r} already runs on {to!r}")
-        target = self._pick(to, exclude=source.name)
         with self._lock:
+            target = self._pick(to, exclude=source.name)
             self.owner[sid] = None  # the old worker's stop events are not the stream's
         t0 = time.perf_counter()
         try:
@@ -445,10 +508,26 @@ class FrontDoor:
             self.owner.pop(sid, None)
         try:
             info = self._restore(sid, target.name, f"moved from {source.name} to {{target}}")
-        except P.RequestError:  # back where it was
-            info = self._restore(sid, source.name, f"moved back to {{target}} (the move to {target.name} failed)")
-            raise P.RequestError(P.ErrorCode.UNAVAILABLE, f"{target.name} could not take {sid!r}; it stays on "
-                                 f"{source.name}") from None
+        except Exception as exc:  # back where it was (or elsewhere), from the snapshot just written
+            why = exc.message if isinstance(exc, P.RequestError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, P.RequestError):  # Ray: the target died or stalled; it may hold a half-restore
+                threading.Thread(target=self._give_up, args=(target, f"the restore of {sid} failed: {why}"),
+                                 daemon=True).start()
+            message = f"restored on {{target}} after the move to {target.name} failed ({why})"
+            for wanted in (source.name, None):
+                try:
+                    back = self._restore(sid, wanted, message, exclude=target.name)
+                    break
+                except Exception as again:
+                    log.error("stream %s not restored on %s after the failed move: %s", sid, wanted or "auto", again)
+            else:
+                self._publish(P.StreamStateEvent(stream=sid, state="failed", previous=None, message=(
+                    f"the move to {target.name} failed ({why}) and no worker could take it back; its snapshot "
+                    "stays in the state store")))
+                raise P.RequestError(P.ErrorCode.UNAVAILABLE, f"{target.name} could not take {sid!r} and no "
+                                     "worker could take it back: it is in the state store") from None
+            raise P.RequestError(P.ErrorCode.UNAVAILABLE, f"{target.name} could not take {sid!r} ({why}); it "
+                                 f"runs on {back.worker} again") from None
         return P.MoveStreamResult(stream=sid, source=source.name, target=target.name,
                                   pause_s=time.perf_counter() - t0, state=info.state)
 

@@ -22,7 +22,7 @@ import pytest
 from mixmalmm.clients import Client, EngineError, Subscriber
 from mixmalmm.clients import protocol as P
 
-from .conftest import NUM_FRAMES, skip_unless_ci, wait_for
+from .conftest import NUM_FRAMES, _server, skip_unless_ci, wait_for
 
 ray = pytest.importorskip("ray")
 INSIDE = os.environ.get("MIXMALMM_IN_NETNS") == "1"
@@ -39,13 +39,19 @@ def test_cluster_suite_in_a_loopback_namespace():
         skip_unless_ci("needs root, unshare and ip (iproute2) to make a loopback-only network namespace")
     inner = (f"ip link set lo up && MIXMALMM_IN_NETNS=1 exec {sys.executable} -m pytest -x -q -p no:cacheprovider "
              f"{__file__}")
-    run = subprocess.run(["unshare", "-n", "bash", "-c", inner], capture_output=True, text=True, timeout=600)
+    run = subprocess.run(["unshare", "-n", "bash", "-c", inner], capture_output=True, text=True, timeout=900)
     tail = (run.stdout + run.stderr)[-6000:]
     assert run.returncode == 0, tail
-    assert "8 passed" in run.stdout, tail  # every test inside ran (none skipped)
+    assert "11 passed" in run.stdout, tail  # every test inside ran (none skipped)
 
 
 pytestmark_inner = pytest.mark.skipif(not INSIDE, reason="runs inside a loopback-only namespace (see above)")
+
+
+@pytest.fixture(scope="module")
+def live(media):
+    """The test RTSP server (GStreamer, on the namespace's loopback) for the whole module: a live camera."""
+    yield from _server(media.rtsp)
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +114,10 @@ def _worker_of(client, sid):
 
 
 @pytestmark_inner
-def test_six_streams_spread_asked_and_standing_questions_fire(cluster, media):
+def test_six_streams_spread_asked_and_standing_questions_fire(cluster, media, live):
     client = cluster["client"]
-    for i in range(6):
+    client.add_stream("s0", live.url, actionshot=LONG)  # a live camera (the test RTSP server)
+    for i in range(1, 6):
         client.add_stream(f"s{i}", str(media.rtsp), actionshot=LONG)  # 30 s files at their own pace
     status = client.status()
     per = {w.worker: w.streams for w in status.workers}
@@ -144,8 +151,10 @@ def test_a_killed_node_s_streams_answer_elsewhere_with_their_memory(cluster):
     client, front, events = cluster["client"], cluster["front"], cluster["events"]
     victim = _worker_of(client, "s0")
     lost = sorted(s.stream for s in client.status().streams if s.worker == victim)
-    client.save_snapshot()
+    assert "s0" in lost  # the live RTSP stream is among them
+    wait_for(lambda: client.status("s0").streams[0].state == "live", 30, "s0 live")
     saved = {s.stream: s.shots for s in client.status().streams if s.stream in lost}
+    client.save_snapshot()  # holds at least those Shots
     seq_before = max(e.seq for e in events if e.stream == "s0")
     w = front.workers[victim]
     node = next(n for n in cluster["nodes"] if n.node_id == w.node)
@@ -162,6 +171,9 @@ def test_a_killed_node_s_streams_answer_elsewhere_with_their_memory(cluster):
         if s.stream in lost:
             assert s.worker != victim and s.shots >= saved[s.stream], (s, saved)
     assert not next(x for x in status.workers if x.worker == victim).alive
+    # The camera reconnected from its new worker: live again, its memory the restored one growing.
+    wait_for(lambda: client.status("s0").streams[0].state == "live", 30, "s0 live again on its new worker")
+    assert client.status("s0").streams[0].shots >= saved["s0"]
     moved = [e for e in events if isinstance(e, P.StreamStateEvent) and e.message and f"after worker {victim} died"
              in e.message]
     assert {e.stream for e in moved} == set(lost)
@@ -199,6 +211,35 @@ def test_move_stream_keeps_the_memory(cluster, media):
 
 
 @pytestmark_inner
+def test_two_moves_of_one_stream_at_once_one_is_refused(cluster):
+    client, server = cluster["client"], cluster["server"]
+    before = client.ask("m", "what is there?", max_new_tokens=4)
+    barrier = threading.Barrier(2)
+    results: list = []
+
+    def move() -> None:
+        with Client(server.request_address, timeout_s=120, retries=0) as c:
+            barrier.wait()
+            try:
+                results.append(c.move_stream("m", "auto"))
+            except EngineError as exc:
+                results.append(exc)
+
+    threads = [threading.Thread(target=move) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    moved = [r for r in results if isinstance(r, P.MoveStreamResult)]
+    refused = [r for r in results if isinstance(r, EngineError)]
+    assert len(moved) == 1 and len(refused) == 1, results
+    assert refused[0].code == P.ErrorCode.UNAVAILABLE and "stream 'm' is moving" in refused[0].message
+    after = client.ask("m", "what is there?", max_new_tokens=4)
+    assert (after.answer, after.span_end_s) == (before.answer, before.span_end_s)
+    assert _worker_of(client, "m") == moved[0].target and client.status("m").streams[0].shots == NUM_FRAMES
+
+
+@pytestmark_inner
 def test_a_node_added_gets_the_new_streams(cluster, media):
     from mixmalmm.streamer import cluster as C
 
@@ -210,6 +251,43 @@ def test_a_node_added_gets_the_new_streams(cluster, media):
     new = max(front.workers, key=lambda n: int(n[1:]))
     info = client.add_stream("n", str(media.h264), pace="fast", actionshot=EVERY_FRAME)
     assert info.worker == new
+
+
+@pytestmark_inner
+def test_rebalance_moves_streams_onto_a_node_that_joins(cluster):
+    client, front, events = cluster["client"], cluster["front"], cluster["events"]
+    files = [f"s{i}" for i in range(1, 6)] + ["m", "n"]
+    wait_for(lambda: all(s.state == "finished" for s in client.status().streams if s.stream in files), 90,
+             "the files to finish")
+    before = {sid: client.ask(sid, "what is there?", max_new_tokens=3) for sid in files}
+    shots = {s.stream: s.shots for s in client.status().streams}
+    seq = {sid: max((e.seq for e in events if e.stream == sid), default=0) for sid in shots}
+    alive = {n for n, w in front.workers.items() if w.alive}
+    front.rebalance = True
+    try:
+        cluster["cluster"].add_node(num_cpus=1)  # grow_per_node (started above) gives it a worker
+        wait_for(lambda: len({n for n, w in front.workers.items() if w.alive} - alive) == 1, 120,
+                 "a worker on the joined node")
+        (new,) = {n for n, w in front.workers.items() if w.alive} - alive
+
+        def spread():
+            per = [w.streams for w in client.status().workers if w.alive]
+            return max(per) - min(per) <= 1 and not front._moving
+        wait_for(spread, 120, "the streams spread")
+    finally:
+        front.rebalance = False
+    status = client.status()
+    there = [s for s in status.streams if s.worker == new]
+    assert there and len(there) == next(w.streams for w in status.workers if w.worker == new)
+    for s in there:  # moved with their memory: same Shots, same answer, seq still growing
+        assert s.shots == shots[s.stream], (s, shots)
+        moved = [e for e in events if isinstance(e, P.StreamStateEvent) and e.stream == s.stream
+                 and e.message and f"to {new}" in e.message]
+        assert moved and moved[-1].seq > seq[s.stream]
+        if s.stream in before:
+            again = client.ask(s.stream, "what is there?", max_new_tokens=3)
+            assert (again.answer, again.span_end_s) == (before[s.stream].answer, before[s.stream].span_end_s)
+    assert any(s.stream in before for s in there)  # a finished file among them: its answer compared
 
 
 @pytestmark_inner
@@ -253,6 +331,49 @@ def test_a_single_serve_refuses_worker_and_move_stream(tmp_path):
 
 
 @pytestmark_inner
+def test_a_stalled_worker_holds_no_merged_reply_and_a_move_onto_it_loses_nothing(cluster):
+    """A worker stopped (SIGSTOP, as a hung process): status / save_snapshot answer within the front door's
+    per-worker share and name it; a move onto it times out in Ray and the stream comes back on its source
+    from the snapshot just written, with a stream_state event saying so; the stalled worker is given up."""
+    client, front, events = cluster["client"], cluster["front"], cluster["events"]
+    source = _worker_of(client, "m")
+    stalled = next(w for n, w in sorted(front.workers.items()) if w.alive and n != source)
+    kept = sorted(s.stream for s in client.status().streams if s.worker == stalled.name)
+    before = client.ask("m", "what is there?", max_new_tokens=4)
+    front.merge_timeout_s, front.call_timeout_s = 3.0, 5.0
+    os.kill(stalled.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        status = client.status()
+        assert time.monotonic() - t0 < 10
+        rows = {w.worker: w.alive for w in status.workers}
+        assert rows[stalled.name] is False and rows[source] is True
+        assert not any(s.worker == stalled.name for s in status.streams)
+        with pytest.raises(EngineError) as err:
+            client.save_snapshot()
+        assert err.value.code == P.ErrorCode.UNAVAILABLE and f"{stalled.name} did not answer" in err.value.message
+        with pytest.raises(EngineError) as err:
+            client.move_stream("m", stalled.name)
+        assert err.value.code == P.ErrorCode.UNAVAILABLE and f"runs on {source} again" in err.value.message
+        after = client.ask("m", "what is there?", max_new_tokens=4)
+        assert (after.answer, after.span_end_s) == (before.answer, before.span_end_s)
+        assert _worker_of(client, "m") == source and client.status("m").streams[0].shots == NUM_FRAMES
+        said = [e for e in events if isinstance(e, P.StreamStateEvent) and e.stream == "m" and e.message
+                and f"after the move to {stalled.name} failed" in e.message]
+        assert said and f"restored on {source}" in said[-1].message
+        wait_for(lambda: not front.workers[stalled.name].alive, 30, "the stalled worker given up")
+        for sid in kept:  # its streams answer elsewhere
+            wait_for(lambda sid=sid: _try_ask(client, sid), 90, f"{sid} answering again")
+        # Its node is alive: grow_per_node (started above) gives it a new worker.
+        wait_for(lambda: any(w.alive and w.node == stalled.node for w in front.workers.values()), 120,
+                 "a new worker on the stalled worker's node")
+    finally:
+        front.merge_timeout_s, front.call_timeout_s = 10.0, 120.0
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stalled.pid, signal.SIGKILL)
+
+
+@pytestmark_inner
 def test_a_front_door_restarted_on_the_store_restores_every_stream(cluster):
     """The front door dies (its workers with it: they are its actors); a new one on the same store restores
     every stream on new workers, memory included."""
@@ -260,8 +381,9 @@ def test_a_front_door_restarted_on_the_store_restores_every_stream(cluster):
     from mixmalmm.streamer.server import Server
 
     client, front, store = cluster["client"], cluster["front"], cluster["store"]
-    client.save_snapshot()
+    cluster["grow_stop"].set()  # the old front door's grow_per_node dies with it
     saved = {s.stream: s.shots for s in client.status().streams}
+    client.save_snapshot()  # holds at least those Shots
     front._stop.set()  # the old front door stops watching (it is "dead")
     for w in front.workers.values():
         if w.alive:
