@@ -109,7 +109,8 @@ def add_serve_parser(commands) -> None:
     c.add_argument("--workers", default=None, metavar="N|per-node",
                    help="engine workers: N, or one per node that can hold one (default: N for local:N, else per-node)")
     c.add_argument("--worker-resources", metavar="JSON", help='Ray resources of each worker (default {"CPU": 1})')
-    c.add_argument("--state-store", metavar="DIR", help="the shared state store (a directory every node sees)")
+    c.add_argument("--state-store", metavar="DIR|URL",
+                   help="the shared state store: a directory every node sees, or an fsspec URL (s3://bucket/prefix ...)")
     c.add_argument("--rebalance", action="store_true",
                    help="when a worker joins, move streams onto it (move_stream: each move is a short gap) until "
                         "the workers' stream counts differ by at most one (default: off, new streams go there)")
@@ -268,11 +269,13 @@ def run_cluster_serve(args: argparse.Namespace, config, curve, webhook=None) -> 
     from .server import EventFanout, Server, ServerError
 
     if not args.state_store:
-        raise UserError("--cluster needs --state-store DIR, the directory every worker snapshots into")
+        raise UserError("--cluster needs --state-store DIR|URL, the shared store every worker snapshots into")
     if args.state_dir:
         raise UserError("--cluster takes --state-store (shared by the workers), not --state-dir")
+    from .store import is_url, open_store
+
     try:
-        Path(args.state_store).mkdir(parents=True, exist_ok=True)
+        open_store(args.state_store)  # a shared directory, or an fsspec URL every node reaches
         resources = C.parse_resources(args.worker_resources)
         per_node = args.workers == "per-node" or (args.workers is None and not args.cluster.startswith("local:"))
         if per_node:
@@ -287,7 +290,10 @@ def run_cluster_serve(args: argparse.Namespace, config, curve, webhook=None) -> 
         raise UserError(f"--state-store {args.state_store}: {exc}") from exc
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    config = dataclasses.replace(config, state_dir=str(Path(args.state_store).resolve()))
+    # Workers run elsewhere (another working directory, another node): they get absolute paths.
+    config = dataclasses.replace(
+        config, state_dir=args.state_store if is_url(args.state_store) else str(Path(args.state_store).resolve()),
+        evidence_dir=str(Path(args.evidence_dir).resolve()) if args.evidence_dir else None)
     probe = argparse.ArgumentParser()
     add_model_arguments(probe)
     model_options = {a.dest: getattr(args, a.dest) for a in probe._actions if a.dest != "help"}

@@ -34,6 +34,8 @@ import msgspec
 
 from mixmalmm.clients import protocol as P
 
+from .store import open_store
+
 log = logging.getLogger("mixmalmm.cluster")
 
 #: Worker-side decoding: the front door already enforced the server's limits.
@@ -55,21 +57,34 @@ def import_ray():
 class EngineWorker:
     """One engine worker (wrapped by ``ray.remote`` in ``start_workers``)."""
 
-    def __init__(self, name: str, model_options: dict, config, event_buffer: int = 10_000) -> None:
+    def __init__(self, name: str, model_options: dict, config, event_buffer: int = 10_000,
+                 event_bytes: int = 64 << 20) -> None:
+        import dataclasses
+
         from .engine import Engine
         from .options import load_model
 
         self.name = name
+        # The events not yet read by the front door, at most `event_buffer` of them and `event_bytes` in all
+        # (an alert carries pictures: up to some 360 KB).
         self._events: collections.deque[bytes] = collections.deque(maxlen=event_buffer)
+        self._event_bytes, self._max_event_bytes = 0, event_bytes
         self._next = 0  # index of the next event put
         self._cond = threading.Condition()
+        if config.evidence_dir:  # each worker keeps its own newest alerts, in its own folder of the shared one
+            config = dataclasses.replace(config, evidence_dir=str(Path(config.evidence_dir) / name))
         model, model_name = load_model(argparse.Namespace(**model_options))
         self.engine = Engine(model, config, publish=self._put, model_name=model_name).start(restore=False)
 
     def _put(self, event) -> None:
         body = P.encode(event)
         with self._cond:
+            if len(self._events) == self._events.maxlen:
+                self._event_bytes -= len(self._events[0])  # the append below drops it
             self._events.append(body)
+            self._event_bytes += len(body)
+            while self._event_bytes > self._max_event_bytes and len(self._events) > 1:
+                self._event_bytes -= len(self._events.popleft())
             self._next += 1
             self._cond.notify_all()
 
@@ -105,7 +120,7 @@ class EngineWorker:
 
     def restore(self, sid: str) -> bytes:
         try:
-            stream = self.engine.restore_stream(self.engine._snapshot_path(sid))
+            stream = self.engine.restore_saved(sid)
             return P.ok_reply(None, self.engine.stream_info(stream))
         except P.RequestError as exc:
             return P.error_reply(None, exc.code, exc.message)
@@ -155,7 +170,7 @@ class FrontDoor:
                  call_timeout_s: float = 120.0, dead_after_s: float = 30.0, poll_s: float = 0.5,
                  merge_timeout_s: float = 10.0, rebalance: bool = False) -> None:
         self.ray = ray
-        self.store = Path(store)
+        self.store = open_store(store)  # the workers' state store: a shared directory or an fsspec URL
         self._publish = publish
         self.max_streams = max_streams
         self.call_timeout_s = call_timeout_s
@@ -181,8 +196,8 @@ class FrontDoor:
         if restore:
             from .engine import SNAPSHOT_SUFFIX
 
-            for path in sorted(self.store.glob(f"*{SNAPSHOT_SUFFIX}")):
-                sid = path.name[: -len(SNAPSHOT_SUFFIX)]
+            for name in self.store.names(SNAPSHOT_SUFFIX):
+                sid = name[: -len(SNAPSHOT_SUFFIX)]
                 try:
                     self._restore(sid, None, "restored from the state store")
                 except Exception as exc:
@@ -325,13 +340,13 @@ class FrontDoor:
     def _restore(self, sid: str, wanted: str | None, message: str, exclude: str | None = None) -> P.StreamInfo:
         """Restore ``sid`` from the store on a worker (or add it again from its request: never
         snapshotted), and say where with a stream_state event."""
-        from .engine import SNAPSHOT_SUFFIX
+        from .engine import snapshot_name
 
         with self._lock:
             target = self._pick(wanted, exclude=exclude)
             self.owner[sid] = target.name  # before the restore: its first events are the stream's
         try:
-            if (self.store / f"{sid}{SNAPSHOT_SUFFIX}").exists() or sid not in self.requests:
+            if self.store.exists(snapshot_name(sid)) or sid not in self.requests:
                 info = _decode(self.ray.get(target.actor.restore.remote(sid), timeout=self.call_timeout_s),
                                P.StreamInfo)
             else:

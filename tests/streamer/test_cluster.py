@@ -42,7 +42,7 @@ def test_cluster_suite_in_a_loopback_namespace():
     run = subprocess.run(["unshare", "-n", "bash", "-c", inner], capture_output=True, text=True, timeout=900)
     tail = (run.stdout + run.stderr)[-6000:]
     assert run.returncode == 0, tail
-    assert "11 passed" in run.stdout, tail  # every test inside ran (none skipped)
+    assert "12 passed" in run.stdout, tail  # every test inside ran (none skipped)
 
 
 pytestmark_inner = pytest.mark.skipif(not INSIDE, reason="runs inside a loopback-only namespace (see above)")
@@ -204,6 +204,16 @@ def test_move_stream_keeps_the_memory(cluster, media):
     assert (after.answer, after.span_start_s, after.span_end_s) == (before.answer, before.span_start_s,
                                                                     before.span_end_s)
     assert client.status("m").streams[0].shots == NUM_FRAMES and _worker_of(client, "m") == moved.target
+    # an alert made on the target worker reaches the front door's PUB (the memory no longer changes: the
+    # standing answer is the one asked; the moved stream has no Shot of its own there yet, and says so)
+    expected = client.ask("m", "what is there?").answer
+    assert expected.strip(), "the tiny model said nothing: no answer to match"
+    client.add_question("m", "seen", "what is there?", period_s=0.3, alert_when=expected)
+    alert = wait_for(lambda: next((e for e in cluster["events"] if isinstance(e, P.AlertEvent) and e.stream == "m"),
+                                  None), 30, "an alert through the front door")
+    assert (alert.question_id, alert.reason, alert.answer) == ("seen", "match", expected)
+    assert alert.evidence_jpeg is None and "restored" in alert.evidence_error and alert.seq > 1
+    client.remove_question("m", "seen")
     with pytest.raises(EngineError) as err:
         client.move_stream("m", "nobody")
     assert err.value.code == P.ErrorCode.BAD_REQUEST
@@ -328,6 +338,35 @@ def test_a_single_serve_refuses_worker_and_move_stream(tmp_path):
         with pytest.raises(P.RequestError) as err:
             engine.handle(request)
         assert err.value.code == P.ErrorCode.BAD_REQUEST and said in err.value.message
+
+
+def test_a_worker_keeps_its_unread_events_within_a_byte_bound_and_its_evidence_in_its_own_folder(tmp_path):
+    """The worker class itself (what Ray runs as an actor), in this process: alerts carry pictures, so
+    the events the front door has not read yet are bounded in bytes as well as in count."""
+    from mixmalmm.streamer import cluster as C
+    from mixmalmm.streamer.engine import EngineConfig
+
+    worker = C.EngineWorker("w7", MODEL_OPTIONS, EngineConfig(evidence_dir=str(tmp_path / "ev")), event_buffer=50,
+                            event_bytes=8000)
+    try:
+        assert worker.engine.evidence.root == (tmp_path / "ev" / "w7").resolve()
+        big = P.AlertEvent(stream="s", question_id="q", question="?", answer="yes", reason="match",
+                           evidence_jpeg="A" * 1500)
+        for _ in range(3):
+            worker._put(big)
+        small = [P.StreamStateEvent(stream="s", state="live") for _ in range(60)]
+        for event in small:
+            worker._put(event)
+        nxt, lost, bodies = worker.events(0, 0.0)
+        assert nxt == 63 and len(bodies) == 50 and lost == 13  # the count bound: the oldest 13 dropped
+        assert worker._event_bytes == sum(len(b) for b in bodies)
+        for _ in range(3):
+            worker._put(big)
+        nxt, lost, bodies = worker.events(0, 0.0)
+        assert sum(len(b) for b in bodies) <= 8000 and len(bodies) < 50 and P.decode_event(bodies[-1]) == big
+        assert nxt == 66 and lost == 66 - len(bodies)  # what was dropped is counted as lost, as before
+    finally:
+        worker.engine.shutdown(save=False)
 
 
 @pytestmark_inner
