@@ -567,19 +567,24 @@ def parse_resources(text: str | None) -> dict[str, float]:
 def connect(ray, cluster: str) -> None:
     """``auto`` (a running cluster: RAY_ADDRESS or the local one), ``local:N`` (a new local Ray with N
     CPUs), or a Ray address (``HOST:PORT``, ``ray://HOST:PORT``). Raises ``ClusterError``."""
-    try:
-        if cluster.startswith("local:"):
+    n = 0
+    if cluster.startswith("local:"):
+        try:
             n = int(cluster.split(":", 1)[1])
-            if n < 1:
-                raise ValueError
-            ray.init(num_cpus=n, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ClusterError(f"--cluster {cluster!r}: local:N needs a whole number N >= 1")
+    try:
+        if n:
+            # address="local": always a new local Ray, never one an earlier (killed) front door left running
+            ray.init(address="local", num_cpus=n, include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=False)
         else:
             _probe(cluster)
             ray.init(address=cluster, logging_level=logging.WARNING, log_to_driver=False)
-    except ValueError as exc:
-        if cluster.startswith("local:"):
-            raise ClusterError(f"--cluster {cluster!r}: local:N needs N >= 1") from exc
-        raise ClusterError(f"--cluster {cluster!r}: {exc}") from exc
+    except ValueError as exc:  # Ray's own message: what it refused
+        raise ClusterError(f"--cluster {cluster!r}: Ray refused: {exc}") from exc
     except (ConnectionError, RuntimeError, TimeoutError) as exc:
         raise ClusterError(f"cannot reach the Ray cluster {cluster!r}: {exc}") from exc
 

@@ -42,7 +42,7 @@ def test_cluster_suite_in_a_loopback_namespace():
     run = subprocess.run(["unshare", "-n", "bash", "-c", inner], capture_output=True, text=True, timeout=900)
     tail = (run.stdout + run.stderr)[-6000:]
     assert run.returncode == 0, tail
-    assert "12 passed" in run.stdout, tail  # every test inside ran (none skipped)
+    assert "13 passed" in run.stdout, tail  # every test inside ran (none skipped)
 
 
 pytestmark_inner = pytest.mark.skipif(not INSIDE, reason="runs inside a loopback-only namespace (see above)")
@@ -447,3 +447,60 @@ def test_a_front_door_restarted_on_the_store_restores_every_stream(cluster):
     finally:
         again.shutdown()
         server.stop()
+
+
+@pytestmark_inner
+def test_serve_cluster_sigkilled_then_run_again_restores_its_streams(tmp_path, media):
+    """`mixmalmm serve --cluster local:2` as a user runs it, killed with SIGKILL: Ray's local cluster and
+    the engine workers go with it, and the same command again restores the stream from the store with
+    its memory, and it answers."""
+    from .conftest import free_port
+
+    store = tmp_path / "store"
+
+    def serve(*extra: str):
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        log = open(tmp_path / f"serve-{time.monotonic_ns()}.log", "w")  # noqa: SIM115 (closed below)
+        proc = subprocess.Popen([*CLI, "serve", "--cluster", "local:2", "--state-store", str(store),
+                                 "--snapshot-period", "1", "--bind", endpoint, "--events",
+                                 f"tcp://127.0.0.1:{free_port()}", *extra], stdout=log, stderr=subprocess.STDOUT)
+        return proc, endpoint, log
+
+    first, endpoint, log1 = serve(f"f={media.rtsp}", "--sample-fps", "2")  # a 30 s file at its own pace
+    try:
+        with Client(endpoint, timeout_s=5, retries=0) as c:
+            status = wait_for(lambda: _try_status(c, "f", lambda s: s.shots >= 3), 120, "the stream's first Shots")
+        time.sleep(1.5)  # a snapshot period
+        before = status.shots
+    finally:
+        first.kill()
+        first.wait(30)
+        log1.close()
+
+    def ray_left():
+        ps = subprocess.run(["ps", "-eo", "cmd"], capture_output=True, text=True).stdout.splitlines()
+        return [line for line in ps if "gcs_server" in line or "raylet" in line or "EngineWorker" in line]
+    wait_for(lambda: not ray_left(), 30, "the killed front door's Ray processes to end")
+    again, endpoint, log2 = serve()
+    try:
+        with Client(endpoint, timeout_s=60, retries=0) as c:
+            status = wait_for(lambda: _try_status(c, "f", lambda s: True), 120, "the stream restored")
+            assert status.shots >= before and status.worker in ("w0", "w1")
+            assert c.ask("f", "what is there?", max_new_tokens=3).span_end_s is not None
+    finally:
+        again.send_signal(signal.SIGINT)
+        try:
+            again.wait(60)
+        finally:
+            if again.poll() is None:
+                again.kill()
+            log2.close()
+
+
+def _try_status(client, sid, predicate):
+    try:
+        streams = {s.stream: s for s in client.status().streams}
+    except Exception:  # not up yet
+        return None
+    s = streams.get(sid)
+    return s if s is not None and predicate(s) else None
