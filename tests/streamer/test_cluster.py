@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -472,14 +473,15 @@ def test_serve_cluster_sigkilled_then_run_again_restores_its_streams(tmp_path, m
             status = wait_for(lambda: _try_status(c, "f", lambda s: s.shots >= 3), 120, "the stream's first Shots")
         time.sleep(1.5)  # a snapshot period
         before = status.shots
+        ours = _descendants(first.pid)  # its Ray (GCS, raylet) and workers: not the suite's own cluster's
+        assert any("raylet" in _cmdline(pid) for pid in ours), [_cmdline(pid) for pid in ours]
     finally:
         first.kill()
         first.wait(30)
         log1.close()
 
     def ray_left():
-        ps = subprocess.run(["ps", "-eo", "cmd"], capture_output=True, text=True).stdout.splitlines()
-        return [line for line in ps if "gcs_server" in line or "raylet" in line or "EngineWorker" in line]
+        return [cmd for cmd in map(_cmdline, ours) if any(k in cmd for k in ("gcs_server", "raylet", "EngineWorker"))]
     wait_for(lambda: not ray_left(), 30, "the killed front door's Ray processes to end")
     again, endpoint, log2 = serve()
     try:
@@ -495,6 +497,33 @@ def test_serve_cluster_sigkilled_then_run_again_restores_its_streams(tmp_path, m
             if again.poll() is None:
                 again.kill()
             log2.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` now (from /proc: each process's parent)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state, past "(comm)"
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    """The process's command line; "" once it has ended."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _try_status(client, sid, predicate):
