@@ -237,14 +237,10 @@ class Console:
 
     def shot_jpeg(self, sid: str) -> bytes | None:
         """The stream's last Shot as JPEG; None before its first Shot. RequestError: unknown stream."""
-        import cv2
+        from .alerts import encode_jpeg
 
-        stream = self._engine._get(sid)
-        shot = stream.latest_shot
-        if shot is None:
-            return None
-        ok, data = cv2.imencode(".jpg", shot.image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 80])
-        return bytes(data) if ok else None
+        shot = self._engine._get(sid).latest_shot
+        return None if shot is None else encode_jpeg(shot.image, max_bytes=1 << 22, quality=80)
 
     def memory_jpeg(self, sid: str) -> bytes | None:
         """The stream's memory contact sheet as JPEG; None before its first Shot. RequestError: unknown stream."""

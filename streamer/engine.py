@@ -220,7 +220,6 @@ class Engine:
         self.store = open_store(self.config.state_dir) if self.config.state_dir else None
         self.evidence = (EvidenceStore(self.config.evidence_dir, self.config.evidence_keep)
                          if self.config.evidence_dir else None)
-        self.alerts_sent = 0  # alert events published
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -695,8 +694,6 @@ class Engine:
         )
         if self.evidence is not None:
             event = self.evidence.write(event, evidence, strip)
-        with self._stats_lock:
-            self.alerts_sent += 1
         log.info("alert %s/%s (%s): %s", stream.id, q.question_id, reason, answer.answer)
         self._publish(event)
         return event
